@@ -1,0 +1,41 @@
+"""Devices, streams, events, completion, execution contexts, memory and sessions."""
+
+from ._backends import DeviceInfo as DeviceInfo
+from ._completion import BridgeStats as BridgeStats
+from ._completion import CompletionBridge as CompletionBridge
+from ._completion import default_bridge as default_bridge
+from ._context import ContextState as ContextState
+from ._context import ContextUsage as ContextUsage
+from ._context import ExecutionContext as ExecutionContext
+from ._runtime import Runtime as Runtime
+from ._session import context_session as context_session
+from ._session import current_context as current_context
+from ._session import current_stream as current_stream
+from ._session import hook_event_loop as hook_event_loop
+from ._stream import Event as Event
+from ._stream import HandleState as HandleState
+from ._stream import Stream as Stream
+from ._tiers import QoSPolicy as QoSPolicy
+
+__all__ = (
+    "BridgeStats",
+    "CompletionBridge",
+    "ContextState",
+    "ContextUsage",
+    "DeviceInfo",
+    "Event",
+    "ExecutionContext",
+    "HandleState",
+    "QoSPolicy",
+    "Runtime",
+    "Stream",
+    "context_session",
+    "current_context",
+    "current_stream",
+    "default_bridge",
+    "hook_event_loop",
+)
+
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

@@ -1,0 +1,352 @@
+"""The CUDA backend, on CuPy (>= 14.1). CuPy is imported here and nowhere else.
+
+CuPy's errors never leave this module untranslated: CUDA runtime errors become
+:class:`~pygpukit.CudaError`, allocation failures :class:`~pygpukit.VRAMBudgetExceeded`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument
+from ._base import Backend, DeviceInfo, Grower, RawEvent, RawPool, RawStream, Shrinker, Signal
+
+try:
+    import cupy
+    from cupy.cuda import runtime as _rt
+except ImportError as exc:  # pragma: no cover - exercised on machines without CuPy
+    raise BackendUnavailable(
+        "the cuda backend needs CuPy >= 14.1; install it with "
+        "pip install 'pygpukit[cuda12]' (CUDA 12) or 'pygpukit[cuda13]' (CUDA 13), "
+        "or use backend='host'"
+    ) from exc
+
+__all__ = ("CudaBackend",)
+
+_NOT_READY = 600  # cudaErrorNotReady
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """Map CuPy's CUDA errors to ours at the boundary."""
+    try:
+        yield
+    except _rt.CUDARuntimeError as exc:
+        raise CudaError(f"CUDA error: {exc}", status=exc.status) from exc
+
+
+def _check(status: int, what: str) -> bool:
+    """``True`` for success, ``False`` for not-ready; raise for a device error."""
+    if status == 0:
+        return True
+    if status == _NOT_READY:
+        return False
+    raise CudaError(
+        f"{what} failed: CUDA error {status} ({_error_name(status)}); the CUDA context is "
+        "unusable after a device fault — restart the process",
+        status=status,
+    )
+
+
+def _error_name(status: int) -> str:
+    try:
+        return str(_rt.getErrorName(status))
+    except Exception:  # pragma: no cover - an unknown code
+        return "unknown"
+
+
+def _push_from_python(arg: tuple[Signal, int]) -> None:
+    signal, slot = arg
+    signal.push(slot)
+
+
+class CudaEvent(RawEvent):
+    def __init__(self, backend: CudaBackend, timing: bool) -> None:
+        with _translated():
+            self._ev = cupy.cuda.Event(block=False, disable_timing=not timing)
+        self.handle = int(self._ev.ptr)
+        self._backend = backend
+        self.origin: CudaStream | None = None
+
+    def query(self) -> bool:
+        return _check(_rt.eventQuery(self.handle), "cudaEventQuery")
+
+    def synchronize(self) -> None:
+        with _translated():
+            self._ev.synchronize()
+
+    def elapsed_ms(self, end: RawEvent) -> float:
+        if not isinstance(end, CudaEvent):
+            raise InvalidArgument("elapsed time needs two events of the same backend")
+        with _translated():
+            return float(cupy.cuda.get_elapsed_time(self._ev, end._ev))
+
+    def signal_when_done(self, slot: int, signal: Signal) -> None:
+        origin = self.origin
+        if origin is None:  # never recorded: complete, as CUDA reports it
+            signal.push(slot)
+            return
+        # A companion stream of the origin waits for the event, then signals; the origin
+        # stream itself may already have later work queued behind the event.
+        companion = origin.companion()
+        companion.wait_event(self)
+        companion.signal_when_done(slot, signal)
+
+    def close(self) -> None:
+        self._ev = None  # CuPy destroys the handle when the object goes
+
+
+class CudaStream(RawStream):
+    def __init__(self, backend: CudaBackend, priority: int) -> None:
+        with _translated(), cupy.cuda.Device(backend.device_id):
+            self.cp = cupy.cuda.Stream(non_blocking=True, priority=priority)
+        self.handle = int(self.cp.ptr)
+        self.priority = priority
+        self._backend = backend
+        self._companion: CudaStream | None = None
+        self._torch: Any = None
+        self._closed = False
+
+    def companion(self) -> CudaStream:
+        if self._companion is None:
+            self._companion = CudaStream(self._backend, self.priority)
+        return self._companion
+
+    def torch_stream(self) -> Any:
+        if self._torch is None:
+            import torch
+
+            self._torch = torch.cuda.ExternalStream(self.handle, device=self._backend.device_id)
+        return self._torch
+
+    def synchronize(self) -> None:
+        with _translated():
+            self.cp.synchronize()
+
+    def query(self) -> bool:
+        return _check(_rt.streamQuery(self.handle), "cudaStreamQuery")
+
+    def record(self, event: RawEvent) -> None:
+        assert isinstance(event, CudaEvent)
+        with _translated():
+            event._ev.record(self.cp)
+        event.origin = self
+
+    def wait_event(self, event: RawEvent) -> None:
+        assert isinstance(event, CudaEvent)
+        with _translated():
+            self.cp.wait_event(event._ev)
+
+    def launch_host_func(self, fn: Callable[[], object]) -> None:
+        with _translated():
+            self.cp.launch_host_func(lambda _arg: fn(), None)
+
+    def signal_when_done(self, slot: int, signal: Signal) -> None:
+        native = signal.native
+        if native is not None:
+            status = native.launch(self.handle, slot)
+            if status != 0:
+                raise CudaError(
+                    f"cuLaunchHostFunc failed with CUDA driver error {status}", status=status
+                )
+        else:
+            with _translated():
+                self.cp.launch_host_func(_push_from_python, (signal, slot))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.cp.synchronize()
+        except _rt.CUDARuntimeError:
+            pass
+        if self._companion is not None:
+            self._companion.close()
+
+
+class _Grant:
+    """Owns one cudaMalloc'd block; its death gives the bytes back to the budget."""
+
+    __slots__ = ("__weakref__", "mem")
+
+    def __init__(self, mem: Any) -> None:
+        self.mem = mem
+
+
+class CudaPool(RawPool):
+    """A CuPy memory pool whose new device memory is charged through ``grow``/``shrink``.
+
+    CuPy caches freed blocks in the pool; cached blocks stay charged (they occupy the
+    device) until :meth:`release_cached` gives them back.
+    """
+
+    def __init__(self, backend: CudaBackend, grow: Grower, shrink: Shrinker) -> None:
+        self._grow = grow
+        self._shrink = shrink
+        self._device = backend.device_id
+        self._pool = cupy.cuda.MemoryPool(allocator=self._allocate)
+
+    def _allocate(self, size: int) -> Any:
+        # Called by CuPy's pool only on a cache miss, with the size already rounded.
+        self._grow(size)
+        try:
+            mem = cupy.cuda.Memory(size)
+        except BaseException:
+            self._shrink(size)
+            raise  # CuPy frees its cached blocks on a CUDA OOM and calls us again
+        grant = _Grant(mem)
+        weakref.finalize(grant, self._shrink, size)
+        owned = cupy.cuda.UnownedMemory(mem.ptr, size, grant, self._device)
+        return cupy.cuda.MemoryPointer(owned, 0)
+
+    def malloc(self, nbytes: int) -> Any:
+        return self._pool.malloc(nbytes)
+
+    def used_bytes(self) -> int:
+        return int(self._pool.used_bytes())
+
+    def release_cached(self) -> None:
+        self._pool.free_all_blocks()
+
+
+class CudaBackend(Backend):
+    """One CUDA device through CuPy."""
+
+    name = "cuda"
+
+    def __init__(self, device_id: int = 0) -> None:
+        try:
+            count = _rt.getDeviceCount()
+        except _rt.CUDARuntimeError as exc:
+            raise BackendUnavailable(
+                f"no usable CUDA GPU ({exc}); use backend='host' or check the driver"
+            ) from exc
+        if count == 0:
+            raise BackendUnavailable("no CUDA GPU is visible; use backend='host'")
+        if not 0 <= device_id < count:
+            raise InvalidArgument(
+                f"device_id={device_id} does not exist; this machine has {count} CUDA "
+                f"device(s), numbered 0 to {count - 1}"
+            )
+        self.device_id = device_id
+        with _translated(), cupy.cuda.Device(device_id):
+            props = _rt.getDeviceProperties(device_id)
+            _rt.memGetInfo()  # make the primary context current on this thread
+            least, greatest = _priority_range()
+        name = props["name"]
+        self._info = DeviceInfo(
+            backend="cuda",
+            device_id=device_id,
+            name=name.decode() if isinstance(name, bytes) else str(name),
+            total_memory=int(props["totalGlobalMem"]),
+            priority_range=(least, greatest),
+            multiprocessor_count=int(props["multiProcessorCount"]),
+            compute_capability=f"{props['major']}.{props['minor']}",
+            driver=_version(_rt.driverGetVersion()),
+        )
+        self._local = threading.local()
+        self._closed = False
+
+    def info(self) -> DeviceInfo:
+        return self._info
+
+    def mem_get_info(self) -> tuple[int, int]:
+        with _translated(), cupy.cuda.Device(self.device_id):
+            free, total = _rt.memGetInfo()
+        return int(free), int(total)
+
+    def create_stream(self, priority: int) -> CudaStream:
+        return CudaStream(self, priority)
+
+    def create_event(self, *, timing: bool = False) -> CudaEvent:
+        return CudaEvent(self, timing)
+
+    def create_pool(self, grow: Grower, shrink: Shrinker) -> CudaPool:
+        return CudaPool(self, grow, shrink)
+
+    def install_router(self, router: Callable[[int], Any]) -> None:
+        cupy.cuda.set_allocator(router)
+
+    def bind_stream(self, stream: RawStream | None) -> object:
+        prev = cupy.cuda.get_current_stream()
+        torch = sys.modules.get("torch")
+        torch_on = torch is not None and torch.cuda.is_initialized()
+        torch_prev = torch.cuda.current_stream(self.device_id) if torch_on else None
+        if isinstance(stream, CudaStream):
+            if stream.cp is not prev:
+                stream.cp.use()
+            if torch_on:
+                torch.cuda.set_stream(stream.torch_stream())
+        return (prev, torch_prev)
+
+    def restore_stream(self, token: object) -> None:
+        prev, torch_prev = token  # type: ignore[misc]
+        if cupy.cuda.get_current_stream() is not prev:
+            prev.use()
+        if torch_prev is not None:
+            sys.modules["torch"].cuda.set_stream(torch_prev)
+
+    def fault(self, streams: list[RawStream]) -> BaseException | None:
+        if not getattr(self._local, "device_set", False):
+            _rt.setDevice(self.device_id)
+            self._local.device_set = True
+        for s in streams:
+            status = _rt.streamQuery(s.handle)
+            if status not in (0, _NOT_READY):
+                return CudaError(
+                    f"the CUDA context faulted: error {status} ({_error_name(status)}); "
+                    "pending GPU work will never complete — restart the process",
+                    status=status,
+                )
+        return None
+
+    @property
+    def xp(self) -> Any:
+        return cupy
+
+    def alloc_raw(self, nbytes: int) -> Any:
+        with _translated(), cupy.cuda.Device(self.device_id):
+            return cupy.cuda.Memory(nbytes)
+
+    def copy_to_host(self, buf: Any, nbytes: int) -> Any:
+        import numpy as np
+
+        with _translated(), cupy.cuda.Device(self.device_id):
+            pinned = cupy.cuda.alloc_pinned_memory(nbytes)
+            host = np.frombuffer(pinned, dtype=np.uint8, count=nbytes)
+            _rt.memcpy(host.ctypes.data, buf.ptr, nbytes, _rt.memcpyDeviceToHost)
+        return host
+
+    def copy_from_host(self, buf: Any, host: Any, nbytes: int) -> None:
+        import numpy as np
+
+        arr = np.frombuffer(host, dtype=np.uint8, count=nbytes)
+        with _translated(), cupy.cuda.Device(self.device_id):
+            _rt.memcpy(buf.ptr, arr.ctypes.data, nbytes, _rt.memcpyHostToDevice)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def _priority_range() -> tuple[int, int]:
+    """``(least, greatest)`` stream priority of the current context, from the driver."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    least, greatest = ctypes.c_int(), ctypes.c_int()
+    status = lib.cuCtxGetStreamPriorityRange(ctypes.byref(least), ctypes.byref(greatest))
+    if status != 0:
+        raise CudaError(f"cuCtxGetStreamPriorityRange failed: {status}", status=status)
+    return least.value, greatest.value
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+backend_class = CudaBackend

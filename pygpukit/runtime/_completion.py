@@ -1,0 +1,349 @@
+"""Awaiting GPU completion without blocking the event loop.
+
+A waiter takes a *slot*. The backend enqueues, at the point in the stream the waiter waits
+for, a signal that pushes the slot into a ring and writes an eventfd (on CUDA a host
+function written in C that never takes the GIL: ``_cbridge.c``). Each event loop watches
+that one fd and, when it is readable, resolves every finished waiter in one batch.
+
+Host functions are not called once a CUDA context has faulted, so a watchdog thread
+queries the streams of pending waiters while there are any and fails them with
+:class:`~pygpukit.CudaError`. A cancelled await gives up its future at once and its slot
+when the signal arrives; nothing is left behind either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._exceptions import PygpukitError
+from ._backends._base import RawStream
+
+if TYPE_CHECKING:
+    from ._backends import Backend, RawEvent
+
+__all__ = ("BridgeStats", "CompletionBridge", "default_bridge")
+
+CAPACITY = 1 << 18  # live waiters at most; the ring holds exactly this many
+
+
+class _Channel(Protocol):
+    native: Any
+    fd: int
+
+    def push(self, slot: int) -> None: ...
+    def drain(self) -> list[int]: ...
+
+
+class _NativeChannel:
+    """The compiled ring: host functions that never take the GIL."""
+
+    def __init__(self, module: Any) -> None:
+        self.native = module
+        self.fd: int = module.open(CAPACITY)
+        self.push: Callable[[int], None] = module.notify
+        self.drain: Callable[[], list[int]] = module.drain
+
+
+class _PythonChannel:
+    """The fallback when the extension is not built: same shape, GIL-taking producers."""
+
+    native = None
+
+    def __init__(self) -> None:
+        self._slots: collections.deque[int] = collections.deque()
+        if hasattr(os, "eventfd"):
+            self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._wfd = self.fd
+        else:  # pragma: no cover - non-Linux
+            self.fd, self._wfd = os.pipe()
+            os.set_blocking(self.fd, False)
+
+    def push(self, slot: int) -> None:
+        self._slots.append(slot)  # deque.append is atomic under the GIL
+        os.write(self._wfd, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    def drain(self) -> list[int]:
+        try:
+            os.read(self.fd, 4096)
+        except BlockingIOError:
+            pass
+        out = []
+        pop = self._slots.popleft
+        while True:
+            try:
+                out.append(pop())
+            except IndexError:
+                return out
+
+
+class _Waiter:
+    __slots__ = ("backend", "failed", "resolve", "stream")
+
+    def __init__(
+        self,
+        resolve: Callable[[BaseException | None], None],
+        backend: Backend,
+        stream: RawStream | None,
+    ) -> None:
+        self.resolve = resolve
+        self.backend = backend
+        self.stream = stream
+        self.failed = False
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+def _asyncio_resolver(
+    fut: asyncio.Future[None], loop: asyncio.AbstractEventLoop
+) -> Callable[[BaseException | None], None]:
+    def resolve(exc: BaseException | None) -> None:
+        if asyncio._get_running_loop() is loop:
+            _settle(fut, exc)
+        else:
+            try:
+                loop.call_soon_threadsafe(_settle, fut, exc)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+    return resolve
+
+
+class BridgeStats:
+    """A snapshot of the bridge: live waiters, free slots, and which channel it uses."""
+
+    __slots__ = ("capacity", "free_slots", "native", "pending")
+
+    def __init__(self, pending: int, free_slots: int, capacity: int, native: bool) -> None:
+        self.pending = pending
+        self.free_slots = free_slots
+        self.capacity = capacity
+        self.native = native
+
+    def __repr__(self) -> str:
+        return (
+            f"BridgeStats(pending={self.pending}, free_slots={self.free_slots}, "
+            f"capacity={self.capacity}, native={self.native})"
+        )
+
+
+class CompletionBridge:
+    """Turns stream positions into awaitables; one per process is enough."""
+
+    def __init__(self, channel: _Channel, *, watchdog_interval: float = 0.1) -> None:
+        self._ch = channel
+        self.native = channel.native  # the Signal protocol the backends use
+        self.push = channel.push
+        self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self._free = list(range(CAPACITY - 1, -1, -1))
+        self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._interval = watchdog_interval
+        self._wake = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    # -- waiting ------------------------------------------------------------------------
+    async def wait(self, target: RawStream | RawEvent, backend: Backend) -> None:
+        """Return once the work ``target`` marks has run on the device.
+
+        :raises CudaError: the device faulted while we waited
+        """
+        probe = target if isinstance(target, RawStream) else getattr(target, "origin", None)
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            await self._wait_asyncio(loop, target, backend, probe)  # type: ignore[arg-type]
+        else:
+            await self._wait_trio(target, backend, probe)  # type: ignore[arg-type]
+
+    async def _wait_asyncio(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: RawStream | RawEvent,
+        backend: Backend,
+        probe: RawStream | None,
+    ) -> None:
+        if loop not in self._loops:
+            loop.add_reader(self._ch.fd, self._on_readable)
+            self._loops.add(loop)
+        fut: asyncio.Future[None] = loop.create_future()
+        slot = self._register(_Waiter(_asyncio_resolver(fut, loop), backend, probe))
+        self._arm(slot, target)
+        await fut
+
+    async def _wait_trio(
+        self, target: RawStream | RawEvent, backend: Backend, probe: RawStream | None
+    ) -> None:
+        trio = sys.modules.get("trio")
+        if trio is None:
+            raise RuntimeError("awaiting GPU completion needs a running asyncio or trio loop")
+        self._attach_trio(trio)
+        token = trio.lowlevel.current_trio_token()
+        thread = threading.get_ident()
+        event = trio.Event()
+        outcome: list[BaseException | None] = []
+
+        def resolve(exc: BaseException | None) -> None:
+            def settle() -> None:
+                if not event.is_set():
+                    outcome.append(exc)
+                    event.set()
+
+            if threading.get_ident() == thread:
+                settle()
+            else:
+                try:
+                    token.run_sync_soon(settle)
+                except trio.RunFinishedError:
+                    pass
+
+        slot = self._register(_Waiter(resolve, backend, probe))
+        self._arm(slot, target)
+        await event.wait()
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+
+    def _attach_trio(self, trio: Any) -> None:
+        run_var = _trio_pumps.get("var")
+        if run_var is None:
+            run_var = _trio_pumps["var"] = trio.lowlevel.RunVar("pygpukit_bridge_pump")
+        if run_var.get(None) is None:
+            run_var.set(True)
+            trio.lowlevel.spawn_system_task(self._trio_pump, name="pygpukit-completion-pump")
+
+    async def _trio_pump(self) -> None:
+        import trio
+
+        while True:
+            await trio.lowlevel.wait_readable(self._ch.fd)
+            self._on_readable()
+
+    # -- slots --------------------------------------------------------------------------
+    def _register(self, waiter: _Waiter) -> int:
+        with self._lock:
+            if not self._free:
+                raise PygpukitError(
+                    f"more than {CAPACITY} GPU completions are awaited at once; await "
+                    "fewer at a time (e.g. gather in batches)"
+                )
+            slot = self._free.pop()
+            self._waiters[slot] = waiter
+        self._ensure_watchdog()
+        return slot
+
+    def _arm(self, slot: int, target: RawStream | RawEvent) -> None:
+        try:
+            target.signal_when_done(slot, self)
+        except BaseException:
+            with self._lock:
+                del self._waiters[slot]
+                self._free.append(slot)
+            raise
+
+    def _on_readable(self) -> None:
+        with self._drain_lock:
+            slots = self._ch.drain()
+        if not slots:
+            return
+        with self._lock:
+            done = [self._waiters.pop(s, None) for s in slots]
+            self._free.extend(slots)
+        for w in done:
+            if w is not None and not w.failed:
+                w.resolve(None)
+
+    def stats(self) -> BridgeStats:
+        with self._lock:
+            return BridgeStats(
+                len(self._waiters), len(self._free), CAPACITY, self.native is not None
+            )
+
+    # -- the watchdog ------------------------------------------------------------------
+    def _ensure_watchdog(self) -> None:
+        self._wake.set()
+        if self._watchdog is None:
+            with self._lock:
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(
+                        target=self._watch, name="pygpukit-completion-watchdog", daemon=True
+                    )
+                    self._watchdog.start()
+
+    def _watch(self) -> None:
+        while True:
+            self._wake.wait()
+            _stop.wait(self._interval)
+            if _stop.is_set():
+                return
+            with self._lock:
+                live = [w for w in self._waiters.values() if not w.failed]
+                if not live:
+                    self._wake.clear()
+                    continue
+            self.check_faults(live)
+
+    def check_faults(self, waiters: list[_Waiter] | None = None) -> int:
+        """Fail every pending waiter whose device has faulted; returns how many."""
+        if waiters is None:
+            with self._lock:
+                waiters = [w for w in self._waiters.values() if not w.failed]
+        by_backend: dict[int, tuple[Backend, list[_Waiter]]] = {}
+        for w in waiters:
+            by_backend.setdefault(id(w.backend), (w.backend, []))[1].append(w)
+        failed = 0
+        for backend, group in by_backend.values():
+            streams = list({id(w.stream): w.stream for w in group if w.stream}.values())
+            try:
+                error = backend.fault(streams)  # type: ignore[arg-type]
+            except Exception as exc:  # a query that itself fails is a fault too
+                error = exc
+            if error is None:
+                continue
+            for w in group:
+                w.failed = True
+                w.resolve(error)
+                failed += 1
+        return failed
+
+
+_stop = threading.Event()
+_trio_pumps: dict[str, Any] = {}
+_default: CompletionBridge | None = None
+_default_lock = threading.Lock()
+
+
+def make_channel(kind: str = "auto") -> _Channel:
+    """``"native"``, ``"python"``, or ``"auto"`` (native when built; ``PYGPUKIT_BRIDGE``)."""
+    if kind == "auto":
+        kind = os.environ.get("PYGPUKIT_BRIDGE", "auto").strip().lower() or "auto"
+    if kind in ("auto", "native"):
+        try:
+            from . import _cbridge  # type: ignore[attr-defined]
+        except ImportError:
+            if kind == "native":
+                raise
+        else:
+            return _NativeChannel(_cbridge)
+    return _PythonChannel()
+
+
+def default_bridge() -> CompletionBridge:
+    """The process-wide bridge (created on first use)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = CompletionBridge(make_channel())
+    return _default

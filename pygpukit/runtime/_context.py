@@ -1,0 +1,165 @@
+"""Execution contexts: one model's stream, budget and statistics."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._exceptions import ContextClosed, _fmt_bytes
+from ._tiers import QoSPolicy
+
+if TYPE_CHECKING:
+    from ._backends import RawPool
+    from ._ledger import Account
+    from ._runtime import Runtime
+    from ._stream import Event, Stream
+
+__all__ = ("ContextState", "ContextUsage", "ExecutionContext")
+
+
+class ContextState(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class ContextUsage:
+    """A snapshot of a context's memory and activity.
+
+    :ivar used: bytes in live arrays allocated in the context's sessions
+    :ivar held: device bytes the context's pool holds (``used`` plus cached free blocks);
+        this is what its budget is charged
+    :ivar peak: the largest ``held`` so far
+    :ivar max: the budget, ``max_vram``
+    :ivar base: ``base_vram`` (Burstable), else 0
+    :ivar reserved: bytes reserved for the context on the device
+    :ivar available: bytes the context could still get now
+    :ivar sessions: sessions entered so far
+    """
+
+    name: str
+    used: int
+    held: int
+    peak: int
+    max: int
+    base: int
+    reserved: int
+    available: int
+    sessions: int
+
+
+class _Stats:
+    __slots__ = ("sessions",)
+
+    def __init__(self) -> None:
+        self.sessions = 0
+
+
+class ExecutionContext:
+    """An isolated place for one model to run: a stream, a VRAM budget, a QoS tier.
+
+    Made by :meth:`Runtime.create_context` (or ``create_context``); enter it with
+    ``context_session(ctx)``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_account",
+        "_pool",
+        "_runtime",
+        "_stats",
+        "base_vram",
+        "max_vram",
+        "name",
+        "qos",
+        "state",
+        "stream",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "ExecutionContext objects cannot be instantiated directly; use "
+            "create_context(name, max_vram=...) or Runtime.create_context()"
+        )
+
+    @classmethod
+    def _make(
+        cls,
+        runtime: Runtime,
+        name: str,
+        qos: QoSPolicy,
+        max_vram: int,
+        base_vram: int,
+        stream: Stream,
+        account: Account,
+        pool: RawPool,
+    ) -> ExecutionContext:
+        self = object.__new__(cls)
+        self._runtime = runtime
+        self.name = name
+        self.qos = qos
+        self.max_vram = max_vram
+        self.base_vram = base_vram
+        self.stream = stream
+        self._account = account
+        self._pool = pool
+        self._stats = _Stats()
+        self.state = ContextState.OPEN
+        account.owner = self
+        account.trim = pool.release_cached
+        return self
+
+    @property
+    def device_id(self) -> int:
+        return self._runtime.device.device_id
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def _check_open(self) -> None:
+        if self.state is ContextState.CLOSED:
+            raise ContextClosed(self.name)
+
+    def usage(self) -> ContextUsage:
+        """Memory and activity now (see :class:`ContextUsage`)."""
+        ledger = self._runtime.ledger
+        a = self._account
+        return ContextUsage(
+            name=self.name,
+            used=self._pool.used_bytes(),
+            held=a.held,
+            peak=a.peak,
+            max=self.max_vram,
+            base=self.base_vram,
+            reserved=a.reserved,
+            available=0 if a.closed else ledger.available(a),
+            sessions=self._stats.sessions,
+        )
+
+    def record_event(self) -> Event:
+        """An event at the current end of this context's stream."""
+        self._check_open()
+        return self.stream.record()
+
+    def wait_event(self, event: Event) -> None:
+        """Make this context's later work wait for ``event`` (recorded anywhere)."""
+        self._check_open()
+        self.stream.wait_event(event)
+
+    async def synchronize(self) -> None:
+        """Return once the work enqueued on this context's stream so far has run."""
+        self._check_open()
+        await self.stream
+
+    def close(self) -> None:
+        """Destroy the context (same as ``destroy_context``); idempotent."""
+        self._runtime.destroy_context(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ExecutionContext {self.name!r} qos={self.qos.name} "
+            f"max_vram={_fmt_bytes(self.max_vram)} held={_fmt_bytes(self._account.held)} "
+            f"priority={self.stream.priority} state={self.state.value}>"
+        )

@@ -1,0 +1,193 @@
+"""The device's memory ledger: reservations, budgets, and pressure.
+
+Every byte a pool takes from the device is charged here *before* it is taken
+(:meth:`Ledger.grow`), and credited when it is given back (:meth:`Ledger.shrink`).
+The ledger splits the device's capacity into reservations (a Guaranteed context's
+``max_vram``, a Burstable context's ``base_vram``) and the shared remainder, from which
+Burstable bursts, BestEffort contexts and allocations made outside any session are served.
+
+A request that does not fit first drops cached free blocks (ours and everyone's: cached
+blocks are not usage), then asks the memory-pressure handlers; when they all agree the
+runtime collects garbage and tries once more. Nothing lifts a context past ``max_vram``.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .._exceptions import AdmissionRejected, ContextClosed, VRAMBudgetExceeded, _fmt_bytes
+from ._tiers import QoSPolicy
+
+__all__ = ("Account", "Ledger", "PressureHandler")
+
+PressureHandler = Callable[[Any, int, int], bool]
+"""``handler(ctx, requested, available) -> bool``: ``True`` lets the runtime make room."""
+
+
+class Account:
+    """One context's (or the unscoped allocations') line in the ledger."""
+
+    __slots__ = (
+        "closed",
+        "held",
+        "max_vram",
+        "name",
+        "owner",
+        "peak",
+        "reserved",
+        "tier",
+        "trim",
+    )
+
+    def __init__(
+        self, name: str | None, tier: QoSPolicy | None, max_vram: int, reserved: int
+    ) -> None:
+        self.name = name
+        self.tier = tier
+        self.max_vram = max_vram
+        self.reserved = reserved
+        self.held = 0
+        self.peak = 0
+        self.closed = False
+        self.owner: Any = None
+        self.trim: Callable[[], None] = _nothing
+
+
+def _nothing() -> None:
+    return None
+
+
+class Ledger:
+    """Thread-safe accounting of one device's memory (see the module docstring)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.RLock()  # trim() frees blocks, which re-enters shrink()
+        self._accounts: list[Account] = []
+        self.unscoped = Account(None, None, capacity, 0)
+        self._accounts.append(self.unscoped)
+        self.handlers: list[PressureHandler] = []
+
+    # -- derived totals (call with the lock held) -----------------------------------
+    def _reserved_total(self) -> int:
+        return sum(a.reserved for a in self._accounts)
+
+    def _shared_used(self) -> int:
+        return sum(max(0, a.held - a.reserved) for a in self._accounts)
+
+    def _shared_free(self) -> int:
+        return max(0, self.capacity - self._reserved_total() - self._shared_used())
+
+    def _available(self, a: Account) -> int:
+        from_reservation = max(0, a.reserved - a.held)
+        return max(0, min(a.max_vram - a.held, from_reservation + self._shared_free()))
+
+    # -- queries ------------------------------------------------------------------------
+    def available(self, account: Account | None = None) -> int:
+        """What ``account`` could still get; with no account, the unreserved free memory."""
+        with self._lock:
+            return self._shared_free() if account is None else self._available(account)
+
+    def reserved_total(self) -> int:
+        with self._lock:
+            return self._reserved_total()
+
+    def reservable(self) -> int:
+        """Memory a new reservation could take now."""
+        with self._lock:
+            return self._shared_free()
+
+    # -- accounts -----------------------------------------------------------------------
+    def open(self, name: str, tier: QoSPolicy, max_vram: int, base_vram: int) -> Account:
+        """Open an account, reserving what its tier promises.
+
+        :raises AdmissionRejected: the reservation does not fit the unreserved memory
+        """
+        reserve = {
+            QoSPolicy.GUARANTEED: max_vram,
+            QoSPolicy.BURSTABLE: base_vram,
+            QoSPolicy.BEST_EFFORT: 0,
+        }[tier]
+        with self._lock:
+            free = self._shared_free()
+            if reserve > free:
+                raise AdmissionRejected(
+                    f"context {name!r}",
+                    f"it must reserve {_fmt_bytes(reserve)} ({tier.name}) but only "
+                    f"{_fmt_bytes(free)} of the device is unreserved; lower its "
+                    f"{'max_vram' if tier is QoSPolicy.GUARANTEED else 'base_vram'}, use "
+                    "a lower tier, or destroy contexts that hold reservations",
+                )
+            account = Account(name, tier, max_vram, reserve)
+            self._accounts.append(account)
+            return account
+
+    def close(self, account: Account) -> None:
+        """Release the account's reservation; bytes still held stay charged until freed."""
+        with self._lock:
+            account.closed = True
+            account.reserved = 0
+            if account.held == 0 and account in self._accounts:
+                self._accounts.remove(account)
+
+    # -- charging -----------------------------------------------------------------------
+    def _try(self, a: Account, n: int) -> bool:
+        with self._lock:
+            if a.closed:
+                raise ContextClosed(a.name or "<unscoped>")
+            if n > self._available(a):
+                return False
+            a.held += n
+            if a.held > a.peak:
+                a.peak = a.held
+            return True
+
+    def grow(self, a: Account, n: int) -> None:
+        """Charge ``n`` new bytes to ``a`` or raise.
+
+        :raises VRAMBudgetExceeded: the bytes do not fit, after making room
+        :raises ContextClosed: the account's context was destroyed
+        """
+        if self._try(a, n):
+            return
+        self._drop_caches()
+        if self._try(a, n):
+            return
+        with self._lock:
+            available = self._available(a)
+            over_budget = a.held + n > a.max_vram
+        handlers = list(self.handlers)
+        approved = bool(handlers)
+        for handler in handlers:
+            if not handler(a.owner, n, available):
+                approved = False
+                break
+        if approved and not over_budget:
+            gc.collect()
+            self._drop_caches()
+            if self._try(a, n):
+                return
+            with self._lock:
+                available = self._available(a)
+        if over_budget:
+            reason = "past max_vram"
+        elif handlers and not approved:
+            reason = "a memory-pressure handler refused"
+        else:
+            reason = f"not enough unreserved memory for a {a.tier.name if a.tier else 'unscoped'} allocation"
+        raise VRAMBudgetExceeded(a.name, n, available, a.max_vram, reason)
+
+    def shrink(self, a: Account, n: int) -> None:
+        with self._lock:
+            a.held -= n
+            if a.closed and a.held == 0 and a in self._accounts:
+                self._accounts.remove(a)
+
+    def _drop_caches(self) -> None:
+        with self._lock:
+            trims = [a.trim for a in self._accounts]
+        for trim in trims:
+            trim()

@@ -1,0 +1,265 @@
+"""The Runtime: one device, its contexts, its memory ledger and the completion bridge."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from typing import Any
+
+from .._exceptions import (
+    ContextClosed,
+    DuplicateContextName,
+    InvalidArgument,
+)
+from .._units import MB
+from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
+from ._completion import CompletionBridge, default_bridge
+from ._context import ContextState, ExecutionContext
+from ._ledger import Ledger, PressureHandler
+from ._session import _current, hook_running_loop, register_binder
+from ._stream import Event, Stream
+from ._tiers import QoSPolicy
+
+__all__ = ("Runtime",)
+
+# Memory left to the CUDA context, cuBLAS workspaces and libraries that bypass our pools.
+CUDA_HEADROOM = 256 * MB
+
+_live: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+class Runtime:
+    """Owns one device: its backend, contexts, memory ledger and completion bridge.
+
+    :param device_id: which device
+    :param backend: ``"auto"`` (CUDA when a GPU is visible; ``PYGPUKIT_BACKEND`` overrides),
+        ``"cuda"`` or ``"host"``
+    :param vram_limit: bytes the runtime may hand out; by default the device's free memory
+        at start (less 256 MiB of headroom on CUDA)
+    :param bridge: the completion bridge (the process-wide one by default)
+    """
+
+    def __init__(
+        self,
+        device_id: int = 0,
+        backend: str = "auto",
+        *,
+        vram_limit: int | None = None,
+        bridge: CompletionBridge | None = None,
+    ) -> None:
+        if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
+            raise InvalidArgument(f"device_id must be a non-negative int, not {device_id!r}")
+        cls = backend_class(resolve_backend_name(backend))
+        self.backend: Backend = cls(device_id)
+        self.device: DeviceInfo = self.backend.info()
+        self.bridge = bridge or default_bridge()
+        free, _total = self.backend.mem_get_info()
+        if vram_limit is None:
+            capacity = free - CUDA_HEADROOM if self.backend.name == "cuda" else free
+        else:
+            _check_bytes("vram_limit", vram_limit)
+            capacity = min(vram_limit, free)
+        self.ledger = Ledger(max(0, capacity))
+        self._unscoped = self.backend.create_pool(
+            lambda n: self.ledger.grow(self.ledger.unscoped, n),
+            lambda n: self.ledger.shrink(self.ledger.unscoped, n),
+        )
+        self.ledger.unscoped.trim = self._unscoped.release_cached
+        self._contexts: dict[str, ExecutionContext] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self.backend.install_router(self._route)
+        register_binder(self.backend)
+        hook_running_loop()
+        _live.add(self)
+
+    # -- allocation routing ---------------------------------------------------------------
+    def _route(self, nbytes: int) -> Any:
+        ctx = _current.get()
+        if ctx is not None:
+            return ctx._pool.malloc(nbytes)
+        return self._unscoped.malloc(nbytes)
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace whose allocations are charged (CuPy, or NumPy on host)."""
+        return self.backend.xp
+
+    # -- streams and events ---------------------------------------------------------------
+    def create_stream(self, priority: int | None = None) -> Stream:
+        """A new non-blocking stream; ``priority`` defaults to the device's least."""
+        least, greatest = self.device.priority_range
+        if priority is None:
+            priority = least
+        lo, hi = min(least, greatest), max(least, greatest)
+        if not isinstance(priority, int) or not lo <= priority <= hi:
+            raise InvalidArgument(
+                f"stream priority {priority!r} is outside this device's range "
+                f"{greatest} (greatest) to {least} (least)"
+            )
+        return Stream._wrap(self.backend.create_stream(priority), self.backend, self.bridge)
+
+    def create_event(self, *, timing: bool = False) -> Event:
+        return Event._wrap(self.backend.create_event(timing=timing), self.backend, self.bridge)
+
+    # -- contexts -------------------------------------------------------------------------
+    def create_context(
+        self,
+        name: str,
+        max_vram: int,
+        base_vram: int | None = None,
+        qos: QoSPolicy | str = QoSPolicy.BURSTABLE,
+        partition: str | None = None,
+    ) -> ExecutionContext:
+        """Create an execution context with its own stream and an enforced VRAM budget.
+
+        :param max_vram: the most device memory the context may ever hold
+        :param base_vram: Burstable only: the part reserved for it (default 0)
+        :param qos: the tier; Guaranteed reserves ``max_vram`` now
+        :raises InvalidArgument: a bad name, budget or tier
+        :raises DuplicateContextName: a live context has this name
+        :raises AdmissionRejected: the tier's reservation does not fit
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidArgument(f"context name must be a non-empty str, not {name!r}")
+        _check_bytes("max_vram", max_vram)
+        tier = QoSPolicy.coerce(qos)
+        if base_vram is not None:
+            _check_bytes("base_vram", base_vram, allow_zero=True)
+            if tier is not QoSPolicy.BURSTABLE:
+                raise InvalidArgument(
+                    f"base_vram applies to BURSTABLE contexts only; {tier.name} "
+                    f"{'reserves max_vram' if tier is QoSPolicy.GUARANTEED else 'reserves nothing'}"
+                    " — drop base_vram or use qos=QoSPolicy.BURSTABLE"
+                )
+            if base_vram > max_vram:
+                raise InvalidArgument(
+                    f"base_vram ({base_vram}) must not exceed max_vram ({max_vram}); "
+                    "raise max_vram or lower base_vram"
+                )
+        if partition is not None:
+            raise InvalidArgument(
+                "partitions are not available in this version; create the context "
+                "without partition="
+            )
+        if max_vram > self.ledger.capacity:
+            raise InvalidArgument(
+                f"max_vram ({max_vram}) exceeds what this runtime manages "
+                f"({self.ledger.capacity} bytes on {self.device.name}); lower it"
+            )
+        hook_running_loop()
+        with self._lock:
+            if name in self._contexts:
+                raise DuplicateContextName(name)
+            account = self.ledger.open(name, tier, max_vram, base_vram or 0)
+            try:
+                priority = tier.stream_priority(self.device.priority_range)
+                stream = Stream._wrap(
+                    self.backend.create_stream(priority), self.backend, self.bridge
+                )
+                pool = self.backend.create_pool(
+                    lambda n: self.ledger.grow(account, n),
+                    lambda n: self.ledger.shrink(account, n),
+                )
+            except BaseException:
+                self.ledger.close(account)
+                raise
+            ctx = ExecutionContext._make(
+                self, name, tier, max_vram, base_vram or 0, stream, account, pool
+            )
+            self._contexts[name] = ctx
+        return ctx
+
+    def destroy_context(self, ctx: ExecutionContext) -> None:
+        """Finish the context's work, release its reservation and cached memory.
+
+        Arrays it allocated stay charged to it until they are freed. Idempotent.
+        """
+        if not isinstance(ctx, ExecutionContext):
+            raise InvalidArgument(
+                f"destroy_context() takes an ExecutionContext, not {type(ctx).__name__}"
+            )
+        if ctx._runtime is not self:
+            raise InvalidArgument(f"context {ctx.name!r} belongs to another runtime")
+        with self._lock:
+            if ctx.state is ContextState.CLOSED:
+                return
+            ctx.state = ContextState.CLOSED
+            if self._contexts.get(ctx.name) is ctx:
+                del self._contexts[ctx.name]
+        try:
+            ctx.stream.close()
+        finally:
+            ctx._pool.release_cached()
+            self.ledger.close(ctx._account)
+
+    def get_context(self, name: str) -> ExecutionContext:
+        try:
+            return self._contexts[name]
+        except KeyError:
+            raise InvalidArgument(f"no live context is named {name!r}") from None
+
+    @property
+    def contexts(self) -> tuple[ExecutionContext, ...]:
+        return tuple(self._contexts.values())
+
+    # -- memory -----------------------------------------------------------------------------
+    def available_vram(self) -> int:
+        """Unreserved device memory not in use: what a new reservation could take."""
+        return self.ledger.available()
+
+    def on_memory_pressure(self, handler: PressureHandler) -> PressureHandler:
+        """Register ``handler(ctx, requested, available) -> bool`` (usable as a decorator)."""
+        if not callable(handler):
+            raise InvalidArgument("on_memory_pressure() takes a callable handler")
+        self.ledger.handlers.append(handler)
+        return handler
+
+    def remove_memory_pressure_handler(self, handler: PressureHandler) -> None:
+        self.ledger.handlers.remove(handler)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ContextClosed("<runtime>")
+
+    def close(self) -> None:
+        """Destroy every context and finish outstanding work; idempotent."""
+        if self._closed:
+            return
+        for ctx in list(self._contexts.values()):
+            self.destroy_context(ctx)
+        self._closed = True
+        self.backend.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Runtime backend={self.backend.name} device={self.device.name!r} "
+            f"contexts={len(self._contexts)} {'closed' if self._closed else 'open'}>"
+        )
+
+
+def _check_bytes(what: str, value: object, *, allow_zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be an int number of bytes (e.g. 4 * GB), not {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidArgument(f"{what} must be positive, got {value}; e.g. {what}=2 * GB")
+
+
+@atexit.register
+def _shutdown() -> None:
+    # Finish all device work so that no host function fires into a dying interpreter.
+    for rt in list(_live):
+        for ctx in list(rt._contexts.values()):
+            try:
+                ctx.stream.synchronize()
+            except Exception:
+                pass

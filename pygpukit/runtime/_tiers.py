@@ -1,0 +1,50 @@
+"""QoS tiers: what a context is promised, and the stream priority that follows from it."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ("QoSPolicy",)
+
+
+class QoSPolicy(enum.Enum):
+    """The three tiers (DESIGN §6).
+
+    - ``GUARANTEED``: ``max_vram`` reserved at creation; greatest stream priority.
+    - ``BURSTABLE``: ``base_vram`` reserved; bursts to ``max_vram`` from unreserved memory;
+      middle priority.
+    - ``BEST_EFFORT``: nothing reserved, spare capacity only; least priority.
+    """
+
+    GUARANTEED = "guaranteed"
+    BURSTABLE = "burstable"
+    BEST_EFFORT = "best_effort"
+
+    def stream_priority(self, priority_range: tuple[int, int]) -> int:
+        """This tier's stream priority inside the device's ``(least, greatest)`` range."""
+        least, greatest = priority_range
+        if self is QoSPolicy.GUARANTEED:
+            return greatest
+        if self is QoSPolicy.BEST_EFFORT:
+            return least
+        return least + (greatest - least) // 2
+
+    @classmethod
+    def coerce(cls, value: object) -> QoSPolicy:
+        """Accept a member or its name/value (``"guaranteed"``, ``"BEST_EFFORT"``).
+
+        :raises InvalidArgument: anything else
+        """
+        from .._exceptions import InvalidArgument
+
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().replace("-", "_")
+            for member in cls:
+                if key in (member.value, member.name.lower()):
+                    return member
+        raise InvalidArgument(
+            f"unknown QoS tier {value!r}; use QoSPolicy.GUARANTEED, QoSPolicy.BURSTABLE "
+            "or QoSPolicy.BEST_EFFORT"
+        )

@@ -1,0 +1,24 @@
+"""Builds the optional native completion bridge (pygpukit.runtime._cbridge).
+
+The extension is plain C with no CUDA headers: it finds ``cuLaunchHostFunc`` in the
+driver library at run time, so it compiles on machines without a GPU. If no C compiler is
+available the build goes on without it and pygpukit uses its pure-Python bridge.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+ext_modules = []
+if sys.platform.startswith("linux"):
+    ext_modules.append(
+        Extension(
+            "pygpukit.runtime._cbridge",
+            sources=["pygpukit/runtime/_cbridge.c"],
+            libraries=["dl"],
+            extra_compile_args=["-O2", "-std=c11"],
+            optional=True,
+        )
+    )
+
+setup(ext_modules=ext_modules)
