@@ -8,20 +8,18 @@ programs build :class:`~pygpukit.runtime.Runtime` objects directly instead.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
-from ._exceptions import InvalidArgument
+from ._exceptions import InvalidArgument as _InvalidArgument
 from ._units import GB, KB, MB
-from .runtime import (
-    ContextUsage,
-    Event,
-    ExecutionContext,
-    QoSPolicy,
-    Runtime,
-    Stream,
-    context_session,
-)
-from .runtime._ledger import PressureHandler
-from .runtime._session import hook_future_loops
+from .runtime import ExecutionContext as _ExecutionContext
+from .runtime import QoSPolicy, context_session
+from .runtime import Runtime as _Runtime
+from .runtime._session import hook_future_loops as _hook_future_loops
+
+if TYPE_CHECKING:
+    from .runtime import ContextUsage, Event, ExecutionContext, Runtime, Stream
+    from .runtime._ledger import PressureHandler
 
 __all__ = (
     "GB",
@@ -64,14 +62,14 @@ def initialize(
                 _default.backend.name,
             )
             if not same:
-                raise InvalidArgument(
+                raise _InvalidArgument(
                     f"the default runtime already runs on {_default.backend.name} device "
                     f"{_default.device.device_id}; call shutdown() before initializing "
                     "another"
                 )
             return _default
-        _default = Runtime(device_id, backend, vram_limit=vram_limit)
-    hook_future_loops()
+        _default = _Runtime(device_id, backend, vram_limit=vram_limit)
+    _hook_future_loops()
     return _default
 
 
@@ -103,7 +101,7 @@ def create_context(
     """Create an execution context on the default runtime (see :meth:`Runtime.create_context`)."""
     rt = get_runtime()
     if device_id is not None and device_id != rt.device.device_id:
-        raise InvalidArgument(
+        raise _InvalidArgument(
             f"device_id={device_id} but the default runtime runs on device "
             f"{rt.device.device_id}; build a Runtime(device_id={device_id}) for another GPU"
         )
@@ -111,8 +109,8 @@ def create_context(
 
 
 def _runtime_of(ctx: object, what: str) -> Runtime:
-    if not isinstance(ctx, ExecutionContext):
-        raise InvalidArgument(
+    if not isinstance(ctx, _ExecutionContext):
+        raise _InvalidArgument(
             f"{what}() takes an ExecutionContext, not {type(ctx).__name__}; "
             "create one with create_context(name, max_vram=...)"
         )

@@ -251,7 +251,8 @@ def _check_bytes(what: str, value: object, *, allow_zero: bool = False) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidArgument(f"{what} must be an int number of bytes (e.g. 4 * GB), not {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise InvalidArgument(f"{what} must be positive, got {value}; e.g. {what}=2 * GB")
+        rule = "must not be negative" if allow_zero else "must be positive"
+        raise InvalidArgument(f"{what} {rule}, got {value}; e.g. {what}=2 * GB")
 
 
 @atexit.register

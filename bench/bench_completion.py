@@ -1,0 +1,189 @@
+"""Benchmark 1: awaiting a trivial kernel's completion, against the usual ways to do it.
+
+Each sample launches a trivial kernel on a stream (on the host backend: a no-op stream
+item) and measures, on the event loop, the time from just before the launch until the
+awaiting coroutine runs again. One sample at a time, after a warm-up. Methods, all in the
+same process, on the same stream:
+
+- ``pygpukit``      ``await stream`` through the completion bridge (native channel)
+- ``pygpukit-py``   the same bridge on its pure-Python channel (extension not built)
+- ``hostfn+cst``    a Python host function calling ``loop.call_soon_threadsafe``
+- ``to_thread``     ``await asyncio.to_thread(event.synchronize)``
+- ``poll``          ``while not event.query(): await asyncio.sleep(0)``
+
+Prints a table of p50/p99 in microseconds per loop flavour, the ratio of each baseline's
+p50 to pygpukit's, and writes everything as JSON with ``--json``.
+
+    python -m bench.bench_completion [--backend auto|cuda|host] [--n 2000] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pygpukit.runtime import CompletionBridge, Runtime, Stream
+from pygpukit.runtime._completion import make_channel
+
+Method = Callable[[Stream], Awaitable[None]]
+
+
+def _launcher(rt: Runtime) -> Callable[[Stream], None]:
+    if rt.backend.name == "host":
+        return lambda s: s.launch_host_func(_noop)
+    import cupy
+
+    kernel = cupy.RawKernel(r'extern "C" __global__ void noop() {}', "noop")
+
+    def launch(s: Stream) -> None:
+        kernel((1,), (1,), (), stream=s.raw.cp)
+
+    return launch
+
+
+def _noop() -> None:
+    return None
+
+
+def _methods(rt_native: Runtime, rt_python: Runtime) -> dict[str, tuple[Runtime, Method]]:
+    async def bridge(s: Stream) -> None:
+        await s
+
+    async def hostfn(s: Stream) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        s.launch_host_func(lambda: loop.call_soon_threadsafe(fut.set_result, None))
+        await fut
+
+    async def to_thread(s: Stream) -> None:
+        ev = s.record()
+        await asyncio.to_thread(ev.synchronize)
+
+    async def poll(s: Stream) -> None:
+        ev = s.record()
+        while not ev.query():
+            await asyncio.sleep(0)
+
+    return {
+        "pygpukit": (rt_native, bridge),
+        "pygpukit-py": (rt_python, bridge),
+        "hostfn+cst": (rt_native, hostfn),
+        "to_thread": (rt_native, to_thread),
+        "poll": (rt_native, poll),
+    }
+
+
+async def _measure(
+    rt: Runtime, method: Method, stream: Stream, n: int, warmup: int
+) -> list[float]:
+    launch = _launcher(rt)
+    samples = []
+    clock = time.perf_counter_ns
+    for i in range(warmup + n):
+        t0 = clock()
+        launch(stream)
+        await method(stream)
+        t1 = clock()
+        if i >= warmup:
+            samples.append((t1 - t0) / 1e3)
+    return samples
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+async def _run_all(backend: str, n: int, warmup: int) -> dict[str, Any]:
+    rt_native = Runtime(backend=backend)
+    rt_python = Runtime(backend=backend, bridge=CompletionBridge(make_channel("python")))
+    results: dict[str, Any] = {}
+    try:
+        methods = _methods(rt_native, rt_python)
+        streams = {id(rt): rt.create_stream() for rt in (rt_native, rt_python)}
+        # Interleave rounds so drift (clocks, other load) hits every method alike.
+        rounds = 4
+        per = max(1, n // rounds)
+        raw: dict[str, list[float]] = {k: [] for k in methods}
+        for _ in range(rounds):
+            for name, (rt, method) in methods.items():
+                raw[name] += await _measure(rt, method, streams[id(rt)], per, warmup)
+        for name, xs in raw.items():
+            results[name] = {
+                "p50_us": _pct(xs, 50),
+                "p99_us": _pct(xs, 99),
+                "mean_us": statistics.fmean(xs),
+                "n": len(xs),
+            }
+        results["_device"] = rt_native.device.name
+        results["_native_bridge"] = rt_native.bridge.stats().native
+    finally:
+        rt_native.close()
+        rt_python.close()
+    return results
+
+
+def run(backend: str, n: int, warmup: int, loops: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "benchmark": "completion",
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "loops": {},
+    }
+    for flavour in loops:
+        if flavour == "uvloop":
+            try:
+                import uvloop
+            except ImportError:
+                print("uvloop not installed; skipping", file=sys.stderr)
+                continue
+            res = uvloop.run(_run_all(backend, n, warmup))
+        else:
+            res = asyncio.run(_run_all(backend, n, warmup))
+        out["device"] = res.pop("_device")
+        out["native_bridge"] = res.pop("_native_bridge")
+        out["loops"][flavour] = res
+    try:
+        import cupy
+
+        out["cupy"] = cupy.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"completion latency on {result['device']} (python {result['python']})")
+    print(f"{'loop':<8} {'method':<12} {'p50 us':>9} {'p99 us':>9} {'p50 vs pygpukit':>16}")
+    for flavour, res in result["loops"].items():
+        base = res["pygpukit"]["p50_us"]
+        for name, r in res.items():
+            ratio = r["p50_us"] / base if base else float("nan")
+            print(f"{flavour:<8} {name:<12} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {ratio:>15.2f}x")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--n", type=int, default=2000, help="samples per method and loop")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--loops", default="asyncio,uvloop")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    result = run(args.backend, args.n, args.warmup, args.loops.split(","))
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

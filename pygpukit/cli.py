@@ -1,0 +1,63 @@
+"""``pygpukit info`` (and, as they land, ``demo`` and ``bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from ._exceptions import _fmt_bytes
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .runtime import Runtime
+
+    with Runtime(backend=args.backend) as rt:
+        d = rt.device
+        free, total = rt.backend.mem_get_info()
+        bridge = rt.bridge.stats()
+        rows = {
+            "backend": d.backend,
+            "device": f"{d.device_id}: {d.name}",
+            "total memory": _fmt_bytes(total),
+            "free memory": _fmt_bytes(free),
+            "managed by pygpukit": _fmt_bytes(rt.ledger.capacity),
+            "stream priorities": f"{d.priority_range[0]} (least) .. {d.priority_range[1]} (greatest)",
+            "multiprocessors": str(d.multiprocessor_count),
+            "compute capability": d.compute_capability or "-",
+            "driver": d.driver or "-",
+            "completion bridge": "native (GIL-free host function + eventfd)"
+            if bridge.native
+            else "pure Python (extension not built)",
+        }
+        if args.json:
+            print(json.dumps({**d.__dict__, "free_memory": free, "bridge_native": bridge.native}))
+        else:
+            width = max(map(len, rows))
+            for key, value in rows.items():
+                print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pygpukit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="show the device pygpukit would use")
+    info.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as exc:  # a clear line, not a traceback, for expected failures
+        from ._exceptions import PygpukitError
+
+        if isinstance(exc, PygpukitError):
+            print(f"pygpukit: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

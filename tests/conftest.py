@@ -1,0 +1,79 @@
+"""Shared fixtures: a fresh runtime per test, and async tests over asyncio, uvloop, trio."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+
+import pytest
+
+from pygpukit import scheduler
+from pygpukit.runtime import Runtime
+
+HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+
+
+def _gpu() -> bool:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+CUDA = _gpu()
+
+BACKENDS = [
+    pytest.param("host", id="host"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU")],
+    ),
+]
+
+ANYIO_BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop not installed"),
+    ),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+@pytest.fixture(params=ANYIO_BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def rt(backend: str) -> Iterator[Runtime]:
+    """A fresh runtime on each backend (host always; CUDA where a GPU is visible)."""
+    runtime = Runtime(backend=backend, vram_limit=1 << 30)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@pytest.fixture
+def host_rt() -> Iterator[Runtime]:
+    runtime = Runtime(backend="host", vram_limit=1 << 30)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_default_runtime() -> Iterator[None]:
+    yield
+    scheduler.shutdown()

@@ -1,0 +1,170 @@
+"""Awaiting GPU completion: streams, events, cancellation, faults, both channels."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from pygpukit import CudaError
+from pygpukit.runtime import Runtime
+from pygpukit.runtime._completion import CAPACITY, CompletionBridge, make_channel
+
+pytestmark = pytest.mark.anyio
+
+
+def _gate(stream) -> threading.Event:  # type: ignore[no-untyped-def]
+    """Hold a host-backend ``stream`` until the returned event is set.
+
+    (Not for CUDA: the driver runs host functions on one thread, so a blocking one would
+    hold every other stream's host functions too. CUDA tests use :func:`_busy`.)
+    """
+    gate = threading.Event()
+    stream.launch_host_func(lambda: gate.wait(10))
+    return gate
+
+
+def _busy(rt: Runtime, stream, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """Keep ``stream`` busy for about ``seconds`` of device time."""
+    if rt.backend.name == "host":
+        stream.launch_host_func(lambda: time.sleep(seconds))
+        return
+    import cupy
+
+    spin = cupy.RawKernel(
+        r"""extern "C" __global__ void spin(long long ns) {
+            long long start; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+            long long now = start;
+            while (now - start < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); }
+        }""",
+        "spin",
+    )
+    with stream.raw.cp:
+        spin((1,), (1,), (cupy.int64(int(seconds * 1e9)),))
+
+
+async def test_await_stream_returns_after_the_work(rt: Runtime) -> None:
+    stream = rt.create_stream()
+    ran: list[float] = []
+    stream.launch_host_func(lambda: (time.sleep(0.05), ran.append(time.perf_counter())))
+    await stream
+    assert ran, "the await returned before the stream's work ran"
+    assert stream.query()
+
+
+async def test_await_event_waits_for_its_record_only(rt: Runtime) -> None:
+    stream = rt.create_stream()
+    first = threading.Event()
+    stream.launch_host_func(first.set)
+    event = stream.record()
+    _busy(rt, stream, 0.5)  # work queued after the event must not delay it
+    with anyio.fail_after(5):
+        await event
+    assert first.is_set()
+    assert not stream.query()
+    await stream
+
+
+async def test_loop_is_not_blocked_while_awaiting(rt: Runtime) -> None:
+    stream = rt.create_stream()
+    stream.launch_host_func(lambda: time.sleep(0.3))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await stream
+        tg.cancel_scope.cancel()
+    assert ticks >= 10, f"the loop ran only {ticks} ticks during a 300 ms await"
+
+
+async def test_10000_awaits_resolve_and_cancelled_half_leaves_nothing(host_rt: Runtime) -> None:
+    rt = host_rt
+    ctx = rt.create_context("many", max_vram=256 << 20)
+    from pygpukit import context_session
+
+    stream = ctx.stream
+    gate = _gate(stream)
+    n = 10_000
+    resolved = 0
+    scopes: list[anyio.CancelScope] = []
+
+    async def waiter(scope: anyio.CancelScope) -> None:
+        nonlocal resolved
+        with scope:
+            async with context_session(ctx):
+                buf = rt.xp.empty(1024, dtype="uint8")  # a charge the cancel must return
+                await stream
+                del buf
+                resolved += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            scope = anyio.CancelScope()
+            scopes.append(scope)
+            tg.start_soon(waiter, scope)
+        await anyio.wait_all_tasks_blocked()
+        assert rt.bridge.stats().pending >= n
+        assert ctx.usage().used == n * 1024
+        for scope in scopes[::2]:
+            scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert resolved == n // 2
+    with anyio.fail_after(5):
+        while rt.bridge.stats().pending:  # cancelled slots come back when the signal lands
+            await anyio.sleep(0.01)
+    stats = rt.bridge.stats()
+    assert stats.pending == 0
+    assert stats.free_slots == CAPACITY
+    assert ctx.usage().used == 0
+
+
+async def test_fault_fails_pending_await_within_a_second(host_rt: Runtime) -> None:
+    stream = host_rt.create_stream()
+    gate = _gate(stream)
+
+    def bad_kernel() -> None:
+        raise IndexError("out of bounds")
+
+    stream.launch_host_func(bad_kernel)
+    gate.set()
+    start = time.perf_counter()
+    with anyio.fail_after(5), pytest.raises(CudaError, match=r"^host device faulted"):
+        await stream
+    assert time.perf_counter() - start < 1.0
+
+
+async def test_await_after_fault_raises_too(host_rt: Runtime) -> None:
+    stream = host_rt.create_stream()
+    stream.launch_host_func(lambda: 1 / 0)
+    with anyio.fail_after(5), pytest.raises(CudaError):
+        await stream
+    with anyio.fail_after(5), pytest.raises(CudaError):
+        await stream
+    with pytest.raises(CudaError):
+        stream.synchronize()
+
+
+async def test_python_channel_bridge_works_the_same() -> None:
+    bridge = CompletionBridge(make_channel("python"))
+    assert bridge.stats().native is False
+    with Runtime(backend="host", bridge=bridge) as rt:
+        stream = rt.create_stream()
+        done = threading.Event()
+        stream.launch_host_func(lambda: (time.sleep(0.02), done.set()))
+        await stream
+        assert done.is_set()
+        assert bridge.stats().pending == 0
+
+
+async def test_native_channel_is_built() -> None:
+    bridge = CompletionBridge(make_channel("native"))
+    assert bridge.stats().native is True

@@ -1,0 +1,106 @@
+"""Per-task binding: interleaved tasks see their own context, stream and budget."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from pygpukit import MB, context_session, current_context, current_stream
+from pygpukit.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+
+
+def _array_lib_stream(rt: Runtime) -> int | None:
+    """The array library's current stream on this thread (CUDA), else None."""
+    if rt.backend.name != "cuda":
+        return None
+    import cupy
+
+    return int(cupy.cuda.get_current_stream().ptr)
+
+
+async def test_interleaved_tasks_see_their_own_context_stream_and_budget(rt: Runtime) -> None:
+    a = rt.create_context("a", max_vram=64 * MB)
+    b = rt.create_context("b", max_vram=64 * MB)
+    log: list[str] = []
+    kept: dict[str, list[object]] = {"a": [], "b": []}
+    sizes = {"a": 4096, "b": 8192}
+
+    async def worker(ctx) -> None:  # type: ignore[no-untyped-def]
+        async with context_session(ctx):
+            for _ in range(25):
+                assert current_context() is ctx
+                assert current_stream() is ctx.stream
+                if rt.backend.name == "cuda":
+                    assert _array_lib_stream(rt) == ctx.stream.id
+                kept[ctx.name].append(rt.xp.empty(sizes[ctx.name], dtype="uint8"))
+                log.append(ctx.name)
+                ctx.stream.launch_host_func(lambda: None)
+                await ctx.stream  # a real GPU wait: the other task runs meanwhile
+                await anyio.sleep(0)
+        assert current_context() is None
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker, a)
+        tg.start_soon(worker, b)
+    switches = sum(1 for x, y in zip(log, log[1:], strict=False) if x != y)
+    assert switches >= 10, f"tasks did not interleave: {log}"
+    assert a.usage().used == 25 * 4096
+    assert b.usage().used == 25 * 8192
+    kept.clear()
+    assert a.usage().used == 0
+    assert b.usage().used == 0
+
+
+async def test_session_does_not_leak_into_a_sibling_task(rt: Runtime) -> None:
+    a = rt.create_context("a", max_vram=16 * MB)
+    seen: list[object] = []
+    entered = anyio.Event()
+    release = anyio.Event()
+
+    async def holder() -> None:
+        async with context_session(a):
+            entered.set()
+            await release.wait()
+
+    async def outsider() -> None:
+        await entered.wait()
+        seen.append(current_context())
+        if rt.backend.name == "cuda":
+            seen.append(_array_lib_stream(rt) == a.stream.id)
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        tg.start_soon(outsider)
+    assert seen[0] is None
+    if rt.backend.name == "cuda":
+        assert seen[1] is False
+
+
+def test_sync_session_is_per_thread(rt: Runtime) -> None:
+    a = rt.create_context("a", max_vram=16 * MB)
+    other: list[object] = []
+    with context_session(a) as ctx:
+        assert ctx is a
+        assert current_context() is a
+        t = threading.Thread(target=lambda: other.append(current_context()))
+        t.start()
+        t.join()
+        with context_session(rt.create_context("inner", max_vram=MB)) as inner:
+            assert current_context() is inner
+        assert current_context() is a
+    assert other == [None]
+    assert current_context() is None
+
+
+def test_allocations_outside_sessions_are_unscoped(rt: Runtime) -> None:
+    a = rt.create_context("a", max_vram=16 * MB)
+    before = rt.ledger.unscoped.held
+    x = rt.xp.empty(1 << 20, dtype="uint8")
+    assert a.usage().used == 0
+    assert rt.ledger.unscoped.held >= before + (1 << 20) or rt.backend.name == "cuda"
+    del x
