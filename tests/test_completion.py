@@ -165,6 +165,10 @@ async def test_python_channel_bridge_works_the_same() -> None:
         assert bridge.stats().pending == 0
 
 
-async def test_native_channel_is_built() -> None:
-    bridge = CompletionBridge(make_channel("native"))
-    assert bridge.stats().native is True
+def test_native_channel_is_built_and_has_one_bridge() -> None:
+    from pygpukit import InvalidArgument
+    from pygpukit.runtime import default_bridge
+
+    assert default_bridge().stats().native is True
+    with pytest.raises(InvalidArgument, match="process-wide"):
+        CompletionBridge(make_channel("native"))

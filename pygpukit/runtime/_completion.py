@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._exceptions import PygpukitError
+from .._exceptions import InvalidArgument, PygpukitError
 from ._backends._base import RawStream
 
 if TYPE_CHECKING:
@@ -42,7 +42,12 @@ class _Channel(Protocol):
 
 
 class _NativeChannel:
-    """The compiled ring: host functions that never take the GIL."""
+    """The compiled ring: host functions that never take the GIL.
+
+    The ring is static in the extension, so there is one per process and one bridge owns it.
+    """
+
+    owned = False
 
     def __init__(self, module: Any) -> None:
         self.native = module
@@ -84,7 +89,7 @@ class _PythonChannel:
 
 
 class _Waiter:
-    __slots__ = ("backend", "failed", "resolve", "stream")
+    __slots__ = ("backend", "resolve", "stream")
 
     def __init__(
         self,
@@ -95,7 +100,6 @@ class _Waiter:
         self.resolve = resolve
         self.backend = backend
         self.stream = stream
-        self.failed = False
 
 
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
@@ -143,7 +147,16 @@ class CompletionBridge:
     """Turns stream positions into awaitables; one per process is enough."""
 
     def __init__(self, channel: _Channel, *, watchdog_interval: float = 0.1) -> None:
+        if getattr(channel, "owned", False):
+            raise InvalidArgument(
+                "the native completion channel is process-wide and already has its bridge; "
+                "use default_bridge()"
+            )
+        if isinstance(channel, _NativeChannel):
+            channel.owned = True
         self._ch = channel
+        self._gen = [0] * CAPACITY  # bumped when a failed waiter's slot is reused early
+        self._trio_var: Any = None
         self.native = channel.native  # the Signal protocol the backends use
         self.push = channel.push
         self._lock = threading.Lock()
@@ -216,11 +229,10 @@ class CompletionBridge:
             raise outcome[0]
 
     def _attach_trio(self, trio: Any) -> None:
-        run_var = _trio_pumps.get("var")
-        if run_var is None:
-            run_var = _trio_pumps["var"] = trio.lowlevel.RunVar("pygpukit_bridge_pump")
-        if run_var.get(None) is None:
-            run_var.set(True)
+        if self._trio_var is None:
+            self._trio_var = trio.lowlevel.RunVar(f"pygpukit_bridge_pump_{id(self):x}")
+        if self._trio_var.get(None) is None:
+            self._trio_var.set(True)
             trio.lowlevel.spawn_system_task(self._trio_pump, name="pygpukit-completion-pump")
 
     async def _trio_pump(self) -> None:
@@ -231,6 +243,9 @@ class CompletionBridge:
             self._on_readable()
 
     # -- slots --------------------------------------------------------------------------
+    # A signal carries a token: the slot plus CAPACITY times the slot's generation, so a late
+    # signal for a waiter that the watchdog already failed (and whose slot was reused) is
+    # recognised and ignored.
     def _register(self, waiter: _Waiter) -> int:
         with self._lock:
             if not self._free:
@@ -240,29 +255,41 @@ class CompletionBridge:
                 )
             slot = self._free.pop()
             self._waiters[slot] = waiter
+            token = slot + CAPACITY * self._gen[slot]
         self._ensure_watchdog()
-        return slot
+        return token
 
-    def _arm(self, slot: int, target: RawStream | RawEvent) -> None:
+    def _arm(self, token: int, target: RawStream | RawEvent) -> None:
         try:
-            target.signal_when_done(slot, self)
+            target.signal_when_done(token, self)
         except BaseException:
-            with self._lock:
-                del self._waiters[slot]
-                self._free.append(slot)
+            self._release(token % CAPACITY)
             raise
+
+    def _release(self, slot: int) -> _Waiter | None:
+        with self._lock:
+            waiter = self._waiters.pop(slot, None)
+            if waiter is not None:
+                self._free.append(slot)
+            return waiter
 
     def _on_readable(self) -> None:
         with self._drain_lock:
-            slots = self._ch.drain()
-        if not slots:
+            tokens = self._ch.drain()
+        if not tokens:
             return
+        done = []
         with self._lock:
-            done = [self._waiters.pop(s, None) for s in slots]
-            self._free.extend(slots)
+            for token in tokens:
+                slot, gen = token % CAPACITY, token // CAPACITY
+                if gen != self._gen[slot]:
+                    continue  # its waiter was failed and the slot reused
+                waiter = self._waiters.pop(slot, None)
+                if waiter is not None:
+                    self._free.append(slot)
+                    done.append(waiter)
         for w in done:
-            if w is not None and not w.failed:
-                w.resolve(None)
+            w.resolve(None)
 
     def stats(self) -> BridgeStats:
         with self._lock:
@@ -288,38 +315,47 @@ class CompletionBridge:
             if _stop.is_set():
                 return
             with self._lock:
-                live = [w for w in self._waiters.values() if not w.failed]
+                live = list(self._waiters.items())
                 if not live:
                     self._wake.clear()
                     continue
             self.check_faults(live)
 
-    def check_faults(self, waiters: list[_Waiter] | None = None) -> int:
-        """Fail every pending waiter whose device has faulted; returns how many."""
+    def check_faults(self, waiters: list[tuple[int, _Waiter]] | None = None) -> int:
+        """Fail every pending waiter whose device has faulted; returns how many.
+
+        A failed waiter's slot is freed at once under a new generation: its signal will
+        never come on a faulted device, and if it does, it is ignored.
+        """
         if waiters is None:
             with self._lock:
-                waiters = [w for w in self._waiters.values() if not w.failed]
-        by_backend: dict[int, tuple[Backend, list[_Waiter]]] = {}
-        for w in waiters:
-            by_backend.setdefault(id(w.backend), (w.backend, []))[1].append(w)
+                waiters = list(self._waiters.items())
+        by_backend: dict[int, tuple[Backend, list[tuple[int, _Waiter]]]] = {}
+        for item in waiters:
+            by_backend.setdefault(id(item[1].backend), (item[1].backend, []))[1].append(item)
         failed = 0
         for backend, group in by_backend.values():
-            streams = list({id(w.stream): w.stream for w in group if w.stream}.values())
+            streams = list({id(w.stream): w.stream for _, w in group if w.stream}.values())
             try:
                 error = backend.fault(streams)  # type: ignore[arg-type]
             except Exception as exc:  # a query that itself fails is a fault too
                 error = exc
             if error is None:
                 continue
-            for w in group:
-                w.failed = True
+            for slot, w in group:
+                with self._lock:
+                    if self._waiters.get(slot) is not w:
+                        continue  # resolved meanwhile
+                    del self._waiters[slot]
+                    self._gen[slot] += 1
+                    self._free.append(slot)
                 w.resolve(error)
                 failed += 1
         return failed
 
 
 _stop = threading.Event()
-_trio_pumps: dict[str, Any] = {}
+_native_channel: _NativeChannel | None = None
 _default: CompletionBridge | None = None
 _default_lock = threading.Lock()
 
@@ -328,6 +364,7 @@ def make_channel(kind: str = "auto") -> _Channel:
     """``"native"``, ``"python"``, or ``"auto"`` (native when built; ``PYGPUKIT_BRIDGE``)."""
     if kind == "auto":
         kind = os.environ.get("PYGPUKIT_BRIDGE", "auto").strip().lower() or "auto"
+    global _native_channel
     if kind in ("auto", "native"):
         try:
             from . import _cbridge  # type: ignore[attr-defined]
@@ -335,7 +372,9 @@ def make_channel(kind: str = "auto") -> _Channel:
             if kind == "native":
                 raise
         else:
-            return _NativeChannel(_cbridge)
+            if _native_channel is None:
+                _native_channel = _NativeChannel(_cbridge)
+            return _native_channel
     return _PythonChannel()
 
 

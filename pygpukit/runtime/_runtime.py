@@ -257,10 +257,11 @@ def _check_bytes(what: str, value: object, *, allow_zero: bool = False) -> None:
 
 @atexit.register
 def _shutdown() -> None:
-    # Finish all device work so that no host function fires into a dying interpreter.
+    # Finish all device work (every stream, companions included) so that no host function
+    # fires into a dying interpreter.
     for rt in list(_live):
-        for ctx in list(rt._contexts.values()):
+        if not rt._closed:
             try:
-                ctx.stream.synchronize()
+                rt.backend.synchronize()
             except Exception:
                 pass

@@ -220,6 +220,9 @@ def _hook_trio() -> None:
         instrument = _TrioBinder()
         trio.lowlevel.add_instrument(instrument)
         _trio_var.set(instrument)
+        # We are inside a task step that began before the instrument existed: save the
+        # thread's binding now so that this step's after_task_step restores it.
+        instrument.before_task_step(trio.lowlevel.current_task())
 
 
 # -- sessions ---------------------------------------------------------------------------

@@ -66,6 +66,11 @@ class Stream:
     def backend(self) -> str:
         return self._backend.name
 
+    def _open(self) -> RawStream:
+        if self.state is HandleState.CLOSED:
+            raise InvalidArgument(f"{self!r} is closed; use an open stream")
+        return self._raw
+
     @property
     def raw(self) -> RawStream:
         """The backend's stream (a ``cupy.cuda.Stream`` is ``stream.raw.cp`` on CUDA)."""
@@ -92,7 +97,7 @@ class Stream:
                 f"record() takes a pygpukit Event, not {type(event).__name__}; "
                 "call stream.record() with no argument to get a new one"
             )
-        self._raw.record(event._raw)
+        self._open().record(event._open())
         return event
 
     def wait_event(self, event: Event) -> None:
@@ -102,11 +107,11 @@ class Stream:
                 f"wait_event() takes a pygpukit Event, not {type(event).__name__}; "
                 "get one from stream.record() or record_event(ctx)"
             )
-        self._raw.wait_event(event._raw)
+        self._open().wait_event(event._open())
 
     def launch_host_func(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on a host thread once the work before it has run."""
-        self._raw.launch_host_func(fn)
+        self._open().launch_host_func(fn)
 
     def __cuda_stream__(self) -> tuple[int, int]:
         """The CUDA stream protocol: ``(version, cudaStream_t)``."""
@@ -115,7 +120,7 @@ class Stream:
         return (0, self._raw.handle)
 
     def __await__(self) -> Generator[Any, None, None]:
-        return self._bridge.wait(self._raw, self._backend).__await__()
+        return self._bridge.wait(self._open(), self._backend).__await__()
 
     def close(self) -> None:
         """Wait for the stream's work and release it; idempotent."""
@@ -154,27 +159,32 @@ class Event:
     def id(self) -> int:
         return self._raw.handle
 
+    def _open(self) -> RawEvent:
+        if self.state is HandleState.CLOSED:
+            raise InvalidArgument(f"{self!r} is closed; record a new event")
+        return self._raw
+
     def record(self, stream: Stream) -> Event:
         """Record this event at the current end of ``stream``."""
         return stream.record(self)
 
     def query(self) -> bool:
-        return self._raw.query()
+        return self._open().query()
 
     @property
     def done(self) -> bool:
-        return self._raw.query()
+        return self._open().query()
 
     def synchronize(self) -> None:
         """Block the calling thread until the event completes (prefer ``await``)."""
-        self._raw.synchronize()
+        self._open().synchronize()
 
     def elapsed_time(self, end: Event) -> float:
         """Milliseconds from this event to ``end``; both created with ``timing=True``."""
-        return self._raw.elapsed_ms(end._raw)
+        return self._open().elapsed_ms(end._open())
 
     def __await__(self) -> Generator[Any, None, None]:
-        return self._bridge.wait(self._raw, self._backend).__await__()
+        return self._bridge.wait(self._open(), self._backend).__await__()
 
     def close(self) -> None:
         if self.state is HandleState.OPEN:

@@ -209,5 +209,9 @@ class Backend(ABC):
         """Copy ``host`` bytes back into device ``buf``."""
 
     @abstractmethod
+    def synchronize(self) -> None:
+        """Block until all work on every stream of the device has run."""
+
+    @abstractmethod
     def close(self) -> None:
         """Finish outstanding work; idempotent."""

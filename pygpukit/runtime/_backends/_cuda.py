@@ -99,7 +99,7 @@ class CudaEvent(RawEvent):
         companion.signal_when_done(slot, signal)
 
     def close(self) -> None:
-        self._ev = None  # CuPy destroys the handle when the object goes
+        """CuPy destroys the handle when the last reference goes; nothing to do early."""
 
 
 class CudaStream(RawStream):
@@ -109,13 +109,16 @@ class CudaStream(RawStream):
         self.handle = int(self.cp.ptr)
         self.priority = priority
         self._backend = backend
+        backend._ours.add(self.handle)
         self._companion: CudaStream | None = None
         self._torch: Any = None
         self._closed = False
 
     def companion(self) -> CudaStream:
         if self._companion is None:
-            self._companion = CudaStream(self._backend, self.priority)
+            with self._backend._lock:
+                if self._companion is None:
+                    self._companion = CudaStream(self._backend, self.priority)
         return self._companion
 
     def torch_stream(self) -> Any:
@@ -252,6 +255,8 @@ class CudaBackend(Backend):
             driver=_version(_rt.driverGetVersion()),
         )
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._ours: set[int] = set()  # handles of our streams, to spot a leaked binding
         self._closed = False
 
     def info(self) -> DeviceInfo:
@@ -284,6 +289,12 @@ class CudaBackend(Backend):
                 stream.cp.use()
             if torch_on:
                 torch.cuda.set_stream(stream.torch_stream())
+        elif prev.ptr in self._ours:
+            # Another task's session binding is still on this thread: a task outside any
+            # session must not run on it. (A stream the user chose themselves is kept.)
+            cupy.cuda.Stream.null.use()
+            if torch_on:
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device_id))
         return (prev, torch_prev)
 
     def restore_stream(self, token: object) -> None:
@@ -330,6 +341,10 @@ class CudaBackend(Backend):
         arr = np.frombuffer(host, dtype=np.uint8, count=nbytes)
         with _translated(), cupy.cuda.Device(self.device_id):
             _rt.memcpy(buf.ptr, arr.ctypes.data, nbytes, _rt.memcpyHostToDevice)
+
+    def synchronize(self) -> None:
+        with _translated(), cupy.cuda.Device(self.device_id):
+            _rt.deviceSynchronize()
 
     def close(self) -> None:
         self._closed = True

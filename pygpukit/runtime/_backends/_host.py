@@ -58,9 +58,9 @@ class HostEvent(RawEvent):
 
     # called by the executor, under its lock
     def _complete(self, generation: int) -> list[tuple[int, Signal]]:
-        self._completed = max(self._completed, generation)
-        if self._timing:
+        if self._timing and generation >= self._completed:
             self._time = time.perf_counter()
+        self._completed = max(self._completed, generation)
         ready = [(slot, sig) for g, slot, sig in self._signals if g <= self._completed]
         self._signals = [s for s in self._signals if s[0] > self._completed]
         return ready
@@ -115,7 +115,16 @@ class HostStream(RawStream):
         self._closed = False
 
     def _put(self, kind: str, arg: Any) -> None:
+        if self._closed:
+            raise CudaError("this host stream is closed; enqueue work on an open stream")
         self._ex.enqueue(self, _Item(kind, arg))
+
+    def _own(self, event: RawEvent) -> HostEvent:
+        if not isinstance(event, HostEvent) or event._ex is not self._ex:
+            raise InvalidArgument(
+                "an event can only be used with streams of the runtime that created it"
+            )
+        return event
 
     def synchronize(self) -> None:
         with self._ex.cv:
@@ -130,14 +139,14 @@ class HostStream(RawStream):
             return not (self.items or self.busy)
 
     def record(self, event: RawEvent) -> None:
-        assert isinstance(event, HostEvent)
+        event = self._own(event)
         with self._ex.cv:
             event._recorded += 1
             generation = event._recorded
         self._put("record", (event, generation))
 
     def wait_event(self, event: RawEvent) -> None:
-        assert isinstance(event, HostEvent)
+        event = self._own(event)
         with self._ex.cv:
             generation = event._recorded
         self._put("wait", (event, generation))
@@ -193,7 +202,7 @@ class _Executor:
             if not stream.items and not stream.busy:
                 stream.ready_seq = next(self._seq)
             stream.items.append(item)
-            self.cv.notify()
+            self.cv.notify_all()  # workers and synchronize() callers share this condition
 
     def _runnable(self, stream: HostStream) -> bool:
         if stream.busy or not stream.items:
@@ -372,7 +381,13 @@ class HostBackend(Backend):
         return None
 
     def fault(self, streams: list[RawStream]) -> BaseException | None:
+        if self._closed:
+            return CudaError("the host runtime was closed while work was awaited")
         return self._ex.fault_error
+
+    def synchronize(self) -> None:
+        for s in list(self._ex.streams):
+            s.synchronize()
 
     @property
     def xp(self) -> HostXP:
