@@ -33,6 +33,7 @@ from .runtime import context_session as context_session
 from .runtime import current_context as current_context
 from .runtime import current_stream as current_stream
 from .runtime import hook_event_loop as hook_event_loop
+from . import qos as _qos  # registers the per-tier task scheduler with every Runtime
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import InvalidArgument, PygpukitError
 from ._backends._base import RawStream
+from ._oneshot import Oneshot, running_library
 
 if TYPE_CHECKING:
     from ._backends import Backend, RawEvent
@@ -102,29 +102,6 @@ class _Waiter:
         self.stream = stream
 
 
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
-    if not fut.done():
-        if exc is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(exc)
-
-
-def _asyncio_resolver(
-    fut: asyncio.Future[None], loop: asyncio.AbstractEventLoop
-) -> Callable[[BaseException | None], None]:
-    def resolve(exc: BaseException | None) -> None:
-        if asyncio._get_running_loop() is loop:
-            _settle(fut, exc)
-        else:
-            try:
-                loop.call_soon_threadsafe(_settle, fut, exc)
-            except RuntimeError:  # that loop is closed: nobody is waiting any more
-                pass
-
-    return resolve
-
-
 class BridgeStats:
     """A snapshot of the bridge: live waiters, free slots, and which channel it uses."""
 
@@ -174,59 +151,37 @@ class CompletionBridge:
 
         :raises CudaError: the device faulted while we waited
         """
-        probe = target if isinstance(target, RawStream) else getattr(target, "origin", None)
-        loop = asyncio._get_running_loop()
-        if loop is not None:
-            await self._wait_asyncio(loop, target, backend, probe)  # type: ignore[arg-type]
-        else:
-            await self._wait_trio(target, backend, probe)  # type: ignore[arg-type]
+        self.attach()
+        one = Oneshot()
+        self.on_done(target, backend, lambda exc: one.set(None, exc))
+        await one.wait()
 
-    async def _wait_asyncio(
+    def on_done(
         self,
-        loop: asyncio.AbstractEventLoop,
         target: RawStream | RawEvent,
         backend: Backend,
-        probe: RawStream | None,
+        callback: Callable[[BaseException | None], None],
     ) -> None:
-        if loop not in self._loops:
-            loop.add_reader(self._ch.fd, self._on_readable)
-            self._loops.add(loop)
-        fut: asyncio.Future[None] = loop.create_future()
-        slot = self._register(_Waiter(_asyncio_resolver(fut, loop), backend, probe))
-        self._arm(slot, target)
-        await fut
+        """Call ``callback(None)`` once ``target``'s work has run, ``callback(error)`` if the
+        device faults first. It runs on whichever loop thread drains the bridge (or on the
+        watchdog thread), so it must be quick and thread-safe.
+        """
+        probe = target if isinstance(target, RawStream) else getattr(target, "origin", None)
+        token = self._register(_Waiter(callback, backend, probe))
+        self._arm(token, target)
 
-    async def _wait_trio(
-        self, target: RawStream | RawEvent, backend: Backend, probe: RawStream | None
-    ) -> None:
-        trio = sys.modules.get("trio")
-        if trio is None:
-            raise RuntimeError("awaiting GPU completion needs a running asyncio or trio loop")
-        self._attach_trio(trio)
-        token = trio.lowlevel.current_trio_token()
-        thread = threading.get_ident()
-        event = trio.Event()
-        outcome: list[BaseException | None] = []
+    def attach(self) -> None:
+        """Watch the bridge's fd from the running asyncio loop or trio run (idempotent)."""
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            if loop not in self._loops:
+                loop.add_reader(self._ch.fd, self._on_readable)
+                self._loops.add(loop)
+            return
+        if running_library() == "trio":
+            import trio
 
-        def resolve(exc: BaseException | None) -> None:
-            def settle() -> None:
-                if not event.is_set():
-                    outcome.append(exc)
-                    event.set()
-
-            if threading.get_ident() == thread:
-                settle()
-            else:
-                try:
-                    token.run_sync_soon(settle)
-                except trio.RunFinishedError:
-                    pass
-
-        slot = self._register(_Waiter(resolve, backend, probe))
-        self._arm(slot, target)
-        await event.wait()
-        if outcome and outcome[0] is not None:
-            raise outcome[0]
+            self._attach_trio(trio)
 
     def _attach_trio(self, trio: Any) -> None:
         if self._trio_var is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,10 @@ class ContextUsage:
     :ivar reserved: bytes reserved for the context on the device
     :ivar available: bytes the context could still get now
     :ivar sessions: sessions entered so far
+    :ivar tasks: ``submit`` calls finished (``failed`` of them raised)
+    :ivar queued: tasks waiting to launch now
+    :ivar in_flight: tasks launched whose GPU work has not finished
+    :ivar gpu_time_s: GPU time of finished tasks, measured with events on the stream
     """
 
     name: str
@@ -47,13 +52,27 @@ class ContextUsage:
     reserved: int
     available: int
     sessions: int
+    tasks: int = 0
+    failed: int = 0
+    queued: int = 0
+    in_flight: int = 0
+    gpu_time_s: float = 0.0
 
 
 class _Stats:
-    __slots__ = ("sessions",)
+    __slots__ = ("failed", "gpu_ms", "sessions", "submitted", "tasks")
 
     def __init__(self) -> None:
         self.sessions = 0
+        self.submitted = 0
+        self.tasks = 0
+        self.failed = 0
+        self.gpu_ms = 0.0
+
+    def record_task(self, gpu_ms: float, *, failed: bool) -> None:
+        self.tasks += 1
+        self.failed += failed
+        self.gpu_ms += gpu_ms
 
 
 class ExecutionContext:
@@ -126,6 +145,8 @@ class ExecutionContext:
         """Memory and activity now (see :class:`ContextUsage`)."""
         ledger = self._runtime.ledger
         a = self._account
+        sched = self._runtime.scheduler
+        d = getattr(sched, "dispatcher", None)
         return ContextUsage(
             name=self.name,
             used=self._pool.used_bytes(),
@@ -136,6 +157,11 @@ class ExecutionContext:
             reserved=a.reserved,
             available=0 if a.closed else ledger.available(a),
             sessions=self._stats.sessions,
+            tasks=self._stats.tasks,
+            failed=self._stats.failed,
+            queued=d.queued_ctx[self] if d else 0,
+            in_flight=d.in_flight_ctx[self] if d else 0,
+            gpu_time_s=self._stats.gpu_ms / 1e3,
         )
 
     def record_event(self) -> Event:
@@ -152,6 +178,35 @@ class ExecutionContext:
         """Return once the work enqueued on this context's stream so far has run."""
         self._check_open()
         await self.stream
+
+    async def submit(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        priority: int = 0,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` on this context's launcher thread; return its result
+        once the GPU work it enqueued has run.
+
+        The task is queued by tier, then ``priority`` (lower first), then arrival, and
+        launched when the tier's and the context's in-flight caps allow. The loop stays
+        free meanwhile. Cancelling before launch removes the task; after launch, the
+        caller stops waiting and the task finishes on its own.
+
+        :param deadline: a time on the runtime's clock (``time.monotonic()`` by default) by
+            which the task must launch
+        :raises QueueFull: too many tasks of this context are waiting
+        :raises DeadlineExceeded: it could not launch in time (and did not run)
+        :raises ContextClosed: the context was destroyed
+        """
+        self._check_open()
+        scheduler = self._runtime.scheduler
+        if scheduler is None:  # pragma: no cover - pygpukit.qos registers one on import
+            raise RuntimeError("no task scheduler is registered; import pygpukit")
+        return await scheduler.submit(self, fn, args, kwargs, priority, deadline)
 
     def close(self) -> None:
         """Destroy the context (same as ``destroy_context``); idempotent."""

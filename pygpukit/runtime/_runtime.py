@@ -16,6 +16,7 @@ from .._units import MB
 from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
 from ._completion import CompletionBridge, default_bridge
 from ._context import ContextState, ExecutionContext
+from ._hooks import make_scheduler
 from ._ledger import Ledger, PressureHandler
 from ._session import _current, hook_running_loop, register_binder
 from ._stream import Event, Stream
@@ -71,6 +72,7 @@ class Runtime:
         self._closed = False
         self.backend.install_router(self._route)
         register_binder(self.backend)
+        self.scheduler = make_scheduler(self)
         hook_running_loop()
         _live.add(self)
 
@@ -190,6 +192,8 @@ class Runtime:
             if self._contexts.get(ctx.name) is ctx:
                 del self._contexts[ctx.name]
         try:
+            if self.scheduler is not None:
+                self.scheduler.context_closed(ctx)
             ctx.stream.close()
         finally:
             ctx._pool.release_cached()
@@ -232,6 +236,8 @@ class Runtime:
         for ctx in list(self._contexts.values()):
             self.destroy_context(ctx)
         self._closed = True
+        if self.scheduler is not None:
+            self.scheduler.close()
         self.backend.close()
 
     def __enter__(self) -> Runtime:

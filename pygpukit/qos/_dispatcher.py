@@ -1,0 +1,261 @@
+"""The per-tier task scheduler behind ``await ctx.submit(fn, ...)``.
+
+Tasks wait in one priority queue ordered by tier (Guaranteed, Burstable, BestEffort), then
+task priority (lower runs first, like CUDA stream priorities), then arrival. A task is
+*launched* — handed to its context's launcher thread, which runs ``fn`` with the context's
+stream and budget bound — when its tier and its context are under their in-flight caps
+(BestEffort's is small by default) and, in strict mode, when no Guaranteed task is in
+flight if it is BestEffort. It stays in flight until the GPU work ``fn`` enqueued has run;
+then its caller gets ``fn``'s result. A task whose deadline passes before it can launch fails
+with :class:`~pygpukit.DeadlineExceeded` and never runs.
+
+Time is read only through the clock the dispatcher is given, so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._exceptions import DeadlineExceeded, QueueFull
+from ..runtime._tiers import QoSPolicy
+
+__all__ = ("DispatcherConfig", "Dispatcher", "Task", "TaskState")
+
+RANK = {QoSPolicy.GUARANTEED: 0, QoSPolicy.BURSTABLE: 1, QoSPolicy.BEST_EFFORT: 2}
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"  # launched: fn runs or its GPU work is in flight
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # removed from the queue before launch
+    EXPIRED = "expired"  # its deadline passed before it could launch
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    """Caps and bounds. ``None`` means unlimited.
+
+    :ivar tier_in_flight: tasks of a tier in flight at once
+    :ivar context_in_flight: tasks of one context in flight at once
+    :ivar max_queued: tasks of one context waiting to launch; more raise QueueFull
+    :ivar strict: hold BestEffort launches while any Guaranteed task is in flight
+    """
+
+    tier_in_flight: Mapping[QoSPolicy, int | None] = field(
+        default_factory=lambda: {
+            QoSPolicy.GUARANTEED: None,
+            QoSPolicy.BURSTABLE: None,
+            QoSPolicy.BEST_EFFORT: 2,
+        }
+    )
+    context_in_flight: int | None = 4
+    max_queued: int | None = 1024
+    strict: bool = False
+
+
+class Task:
+    """One submitted call. ``deliver(value, exc)`` hands the outcome to its caller."""
+
+    __slots__ = (
+        "args",
+        "context",
+        "deadline",
+        "deliver",
+        "fn",
+        "gpu_ms",
+        "kwargs",
+        "priority",
+        "seq",
+        "state",
+        "t_done",
+        "t_launched",
+        "t_queued",
+        "tier",
+    )
+
+    def __init__(
+        self,
+        context: Any,
+        tier: QoSPolicy,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int,
+        deadline: float | None,
+        deliver: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        self.context = context
+        self.tier = tier
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.priority = priority
+        self.deadline = deadline
+        self.deliver = deliver
+        self.state = TaskState.QUEUED
+        self.seq = 0
+        self.t_queued = self.t_launched = self.t_done = 0.0
+        self.gpu_ms = 0.0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (RANK[self.tier], self.priority, self.seq)
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
+        return f"<Task {name} ctx={getattr(self.context, 'name', '?')} {self.state.value}>"
+
+
+class Dispatcher:
+    """Orders and launches tasks; thread-safe, loop-agnostic.
+
+    :param launch: ``launch(task)`` hands a task to its context's launcher (must not block)
+    :param clock: the only source of time
+    """
+
+    def __init__(
+        self,
+        launch: Callable[[Task], None],
+        config: DispatcherConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or DispatcherConfig()
+        self.clock = clock
+        self._launch = launch
+        self._lock = threading.Lock()
+        self._heap: list[tuple[tuple[int, int, int], Task]] = []
+        self._seq = itertools.count(1)
+        self.in_flight_tier: Counter[QoSPolicy] = Counter()
+        self.in_flight_ctx: Counter[Any] = Counter()
+        self.queued_ctx: Counter[Any] = Counter()
+        self.launch_order: list[Task] = []  # kept only when record_order is set (tests)
+        self.record_order = False
+
+    # -- queue ------------------------------------------------------------------------
+    def enqueue(self, task: Task) -> None:
+        """Queue ``task`` and launch what can run.
+
+        :raises QueueFull: its context already has ``max_queued`` tasks waiting
+        """
+        limit = self.config.max_queued
+        with self._lock:
+            if limit is not None and self.queued_ctx[task.context] >= limit:
+                raise QueueFull(
+                    f"context {getattr(task.context, 'name', task.context)!r} already has "
+                    f"{limit} tasks waiting to launch; retry later, submit fewer at once, "
+                    "or raise DispatcherConfig.max_queued"
+                )
+            task.seq = next(self._seq)
+            task.t_queued = self.clock()
+            self.queued_ctx[task.context] += 1
+            heapq.heappush(self._heap, (task.key, task))
+        self.pump()
+
+    def cancel(self, task: Task) -> bool:
+        """Take a queued task out; ``False`` if it already launched (or ended)."""
+        with self._lock:
+            if task.state is not TaskState.QUEUED:
+                return False
+            task.state = TaskState.CANCELLED
+            self.queued_ctx[task.context] -= 1
+        self.pump()  # a cancelled head may have been holding nothing, but be exact
+        return True
+
+    def queued(self) -> list[Task]:
+        """Waiting tasks in launch order."""
+        with self._lock:
+            live = [t for _, t in self._heap if t.state is TaskState.QUEUED]
+        return sorted(live, key=lambda t: t.key)
+
+    # -- launching --------------------------------------------------------------------
+    def _eligible(self, task: Task) -> bool:
+        cap = self.config.tier_in_flight.get(task.tier)
+        if cap is not None and self.in_flight_tier[task.tier] >= cap:
+            return False
+        ctx_cap = self.config.context_in_flight
+        if ctx_cap is not None and self.in_flight_ctx[task.context] >= ctx_cap:
+            return False
+        return not (
+            self.config.strict
+            and task.tier is QoSPolicy.BEST_EFFORT
+            and self.in_flight_tier[QoSPolicy.GUARANTEED] > 0
+        )
+
+    def pump(self) -> None:
+        """Launch every queued task that may run now, in order; expire late ones."""
+        launch: list[Task] = []
+        expired: list[Task] = []
+        with self._lock:
+            now = self.clock()
+            blocked: list[tuple[tuple[int, int, int], Task]] = []
+            while self._heap:
+                entry = heapq.heappop(self._heap)
+                task = entry[1]
+                if task.state is not TaskState.QUEUED:
+                    continue
+                if task.deadline is not None and now > task.deadline:
+                    task.state = TaskState.EXPIRED
+                    self.queued_ctx[task.context] -= 1
+                    expired.append(task)
+                    continue
+                if not self._eligible(task):
+                    blocked.append(entry)
+                    continue
+                task.state = TaskState.RUNNING
+                task.t_launched = now
+                self.queued_ctx[task.context] -= 1
+                self.in_flight_tier[task.tier] += 1
+                self.in_flight_ctx[task.context] += 1
+                if self.record_order:
+                    self.launch_order.append(task)
+                launch.append(task)
+            for entry in blocked:
+                heapq.heappush(self._heap, entry)
+        for task in expired:
+            task.deliver(None, _expired(task, now))
+        for task in launch:
+            self._launch(task)
+
+    def expire(self, task: Task) -> bool:
+        """Fail a still-queued task whose deadline passed; ``False`` if it launched."""
+        with self._lock:
+            if task.state is not TaskState.QUEUED:
+                return False
+            task.state = TaskState.EXPIRED
+            self.queued_ctx[task.context] -= 1
+        task.deliver(None, _expired(task, self.clock()))
+        return True
+
+    def finished(self, task: Task, value: Any, exc: BaseException | None) -> None:
+        """Called once the task's GPU work has run (or failed): free its place, deliver."""
+        with self._lock:
+            task.state = TaskState.FAILED if exc is not None else TaskState.DONE
+            task.t_done = self.clock()
+            self.in_flight_tier[task.tier] -= 1
+            self.in_flight_ctx[task.context] -= 1
+        task.deliver(value, exc)
+        self.pump()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(self.in_flight_tier.values())
+
+
+def _expired(task: Task, now: float) -> DeadlineExceeded:
+    late = now - (task.deadline or now)
+    return DeadlineExceeded(
+        f"task {getattr(task.fn, '__qualname__', task.fn)!r} of context "
+        f"{getattr(task.context, 'name', '?')!r} could not launch before its deadline "
+        f"({late * 1e3:.1f} ms late); it did not run — give it a later deadline, a higher "
+        "priority or tier, or submit less work ahead of it"
+    )

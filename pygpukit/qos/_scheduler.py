@@ -1,0 +1,170 @@
+"""``ctx.submit``: a runtime's dispatcher plus one launcher thread per context.
+
+The launcher thread runs model code with the context bound once (its stream as the array
+library's current stream, its budget charged), so the event loop stays free while the code
+launches kernels. The caller is woken by the completion bridge once the GPU work the code
+enqueued has run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._exceptions import ContextClosed, InvalidArgument
+from ..runtime._oneshot import Oneshot
+from ..runtime._session import _current
+from ._dispatcher import Dispatcher, DispatcherConfig, Task
+
+if TYPE_CHECKING:
+    from ..runtime import ExecutionContext, Runtime
+
+__all__ = ("RuntimeScheduler",)
+
+
+class _Launcher:
+    """One thread per context, running its tasks in submission order of launch."""
+
+    def __init__(self, ctx: ExecutionContext, scheduler: RuntimeScheduler) -> None:
+        self.ctx = ctx
+        self.scheduler = scheduler
+        self.queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(
+            target=self._run, name=f"pygpukit-launcher-{ctx.name}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        ctx = self.ctx
+        rt = ctx.runtime
+        backend = rt.backend
+        raw = ctx.stream.raw
+        _current.set(ctx)  # this thread's own contextvars: allocations charge ctx
+        backend.bind_stream(raw)  # once: this thread only ever runs ctx's work
+        while True:
+            task = self.queue.get()
+            if task is None:
+                return
+            start = backend.create_event(timing=True)
+            raw.record(start)
+            value: Any = None
+            error: BaseException | None = None
+            try:
+                value = task.fn(*task.args, **task.kwargs)
+            except BaseException as exc:  # delivered to the caller after the GPU drains
+                error = exc
+            end = backend.create_event(timing=True)
+            try:
+                raw.record(end)
+                rt.bridge.on_done(end, backend, self._done(task, value, error, start, end))
+            except BaseException as exc:  # the device is gone: finish the task now
+                self.scheduler.dispatcher.finished(task, None, error or exc)
+
+    def _done(
+        self, task: Task, value: Any, error: BaseException | None, start: Any, end: Any
+    ) -> Callable[[BaseException | None], None]:
+        stats = self.ctx._stats
+
+        def done(device_error: BaseException | None) -> None:
+            if device_error is None:
+                try:
+                    task.gpu_ms = start.elapsed_ms(end)
+                except Exception:
+                    task.gpu_ms = 0.0
+            stats.record_task(task.gpu_ms, failed=(error or device_error) is not None)
+            self.scheduler.dispatcher.finished(task, value, error or device_error)
+
+        return done
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+
+class RuntimeScheduler:
+    """The :class:`~pygpukit.runtime._hooks.TaskScheduler` every Runtime gets."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: DispatcherConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runtime = runtime
+        self.dispatcher = Dispatcher(self._launch, config, clock)
+        self._launchers: dict[ExecutionContext, _Launcher] = {}
+        self._lock = threading.Lock()
+
+    def _launch(self, task: Task) -> None:
+        ctx = task.context
+        launcher = self._launchers.get(ctx)
+        if launcher is None:
+            with self._lock:
+                launcher = self._launchers.get(ctx)
+                if launcher is None:
+                    launcher = self._launchers[ctx] = _Launcher(ctx, self)
+        launcher.queue.put(task)
+
+    async def submit(
+        self,
+        ctx: ExecutionContext,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int,
+        deadline: float | None,
+    ) -> Any:
+        if not callable(fn):
+            raise InvalidArgument(f"submit() needs a callable, not {type(fn).__name__}")
+        if inspect.iscoroutinefunction(fn):
+            raise InvalidArgument(
+                "submit() runs a plain function on the context's launcher thread; for a "
+                "coroutine function, await it inside 'async with context_session(ctx)'"
+            )
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidArgument(f"priority must be an int (lower runs first), not {priority!r}")
+        if deadline is not None and not isinstance(deadline, (int, float)):
+            raise InvalidArgument(
+                "deadline must be a time on the runtime's clock (time.monotonic() by "
+                f"default) or None, not {deadline!r}"
+            )
+        ctx._check_open()
+        self.runtime.bridge.attach()
+        one = Oneshot()
+        task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
+        ctx._stats.submitted += 1
+        self.dispatcher.enqueue(task)
+        try:
+            if deadline is None:
+                return await one.wait()
+            with anyio.move_on_after(max(0.0, deadline - self.dispatcher.clock())):
+                return await one.wait()
+            self.dispatcher.expire(task)  # no-op if it launched meanwhile
+            return await one.wait()
+        except BaseException:
+            self.dispatcher.cancel(task)  # before launch: out of the queue; after: no-op
+            raise
+
+    def context_opened(self, ctx: ExecutionContext) -> None:
+        return None
+
+    def context_closed(self, ctx: ExecutionContext) -> None:
+        for task in self.dispatcher.queued():
+            if task.context is ctx and self.dispatcher.cancel(task):
+                task.deliver(None, ContextClosed(ctx.name))
+        with self._lock:
+            launcher = self._launchers.pop(ctx, None)
+        if launcher is not None:
+            launcher.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            launchers = list(self._launchers.values())
+            self._launchers.clear()
+        for launcher in launchers:
+            launcher.stop()

@@ -1,0 +1,186 @@
+"""ctx.submit: results, errors, cancellation, deadlines, bounded queues, tier isolation."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+
+import anyio
+import pytest
+
+from pygpukit import (
+    MB,
+    DeadlineExceeded,
+    QoSPolicy,
+    QueueFull,
+    current_context,
+    current_stream,
+)
+from pygpukit.qos import DispatcherConfig, RuntimeScheduler
+from pygpukit.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_submit_runs_on_the_launcher_with_the_context_bound(rt: Runtime) -> None:
+    ctx = rt.create_context("m", max_vram=16 * MB)
+    loop_thread = threading.get_ident()
+
+    def step(n: int, *, scale: float) -> tuple[int, float, bool, bool]:
+        assert current_context() is ctx and current_stream() is ctx.stream
+        if rt.backend.name == "cuda":
+            import cupy
+
+            assert cupy.cuda.get_current_stream().ptr == ctx.stream.id
+        a = rt.xp.ones((n,), dtype="float32")
+        return threading.get_ident(), float(a.sum()) * scale, ctx.usage().used > 0, True
+
+    thread, total, charged, _ = await ctx.submit(step, 1000, scale=2.0)
+    assert thread != loop_thread
+    assert total == 2000.0 and charged
+    usage = ctx.usage()
+    assert (usage.tasks, usage.failed, usage.in_flight, usage.queued) == (1, 0, 0, 0)
+    assert usage.used == 0  # the task's arrays died with it
+
+
+async def test_exceptions_propagate_with_their_traceback(host_rt: Runtime) -> None:
+    ctx = host_rt.create_context("m", max_vram=MB)
+
+    def broken() -> None:
+        raise KeyError("weights.bin")
+
+    with pytest.raises(KeyError, match="weights.bin") as info:
+        await ctx.submit(broken)
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert "broken" in frames
+    assert ctx.usage().failed == 1
+
+
+def _blocker(rt: Runtime, ctx) -> threading.Event:  # type: ignore[no-untyped-def]
+    """Occupy ctx's stream (host backend) until the returned event is set."""
+    gate = threading.Event()
+    ctx.stream.launch_host_func(lambda: gate.wait(10))
+    return gate
+
+
+async def test_cancel_before_launch_removes_the_task(host_rt: Runtime) -> None:
+    sched = host_rt.scheduler
+    assert isinstance(sched, RuntimeScheduler)
+    ctx = host_rt.create_context("m", max_vram=MB, qos=QoSPolicy.BEST_EFFORT)
+    gate = threading.Event()
+    ran: list[int] = []
+
+    def hold() -> None:
+        ctx.stream.launch_host_func(lambda: gate.wait(10))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(2):  # BestEffort's in-flight cap is 2: these two fill it
+            tg.start_soon(ctx.submit, hold)
+        await anyio.wait_all_tasks_blocked()
+        with anyio.CancelScope() as scope:
+            tg.start_soon(lambda: ctx.submit(lambda: ran.append(1)))
+            await anyio.wait_all_tasks_blocked()
+            assert ctx.usage().queued == 1
+            scope.cancel()
+        tg.cancel_scope.cancel()
+    assert ctx.usage().queued == 0
+    gate.set()
+    await ctx.synchronize()
+    await anyio.sleep(0.05)
+    assert ran == []  # it never ran
+    assert sched.dispatcher.queued() == []
+
+
+async def test_cancel_after_launch_waits_for_nothing_and_leaks_nothing(host_rt: Runtime) -> None:
+    ctx = host_rt.create_context("m", max_vram=16 * MB)
+    gate = threading.Event()
+    started = threading.Event()
+
+    def slow() -> None:
+        started.set()
+        ctx.stream.launch_host_func(lambda: gate.wait(10))
+
+    with anyio.move_on_after(0.1) as scope:
+        await ctx.submit(slow)
+    assert scope.cancelled_caught and started.is_set()
+    assert ctx.usage().in_flight == 1  # its GPU work is still running
+    gate.set()
+    with anyio.fail_after(5):
+        while ctx.usage().in_flight:
+            await anyio.sleep(0.01)
+    usage = ctx.usage()
+    assert (usage.tasks, usage.in_flight, usage.queued, usage.used) == (1, 0, 0, 0)
+    assert host_rt.bridge.stats().pending == 0
+
+
+async def test_deadline_fails_without_running(host_rt: Runtime) -> None:
+    ctx = host_rt.create_context("m", max_vram=MB, qos=QoSPolicy.BEST_EFFORT)
+    gate = threading.Event()
+    ran: list[int] = []
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(2):
+            tg.start_soon(ctx.submit, lambda: ctx.stream.launch_host_func(lambda: gate.wait(10)))
+        await anyio.wait_all_tasks_blocked()
+        start = time.monotonic()
+        with pytest.raises(
+            DeadlineExceeded, match=r"^task '.*' of context 'm' could not launch before its deadline"
+        ):
+            await ctx.submit(lambda: ran.append(1), deadline=time.monotonic() + 0.1)
+        assert 0.09 < time.monotonic() - start < 1.0
+        gate.set()
+    assert ran == []
+    assert ctx.usage().queued == 0
+
+
+async def test_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = Runtime(backend="host")
+    rt.scheduler = RuntimeScheduler(rt, DispatcherConfig(context_in_flight=1, max_queued=3))
+    try:
+        ctx = rt.create_context("m", max_vram=MB)
+        gate = threading.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ctx.submit, lambda: ctx.stream.launch_host_func(lambda: gate.wait(10)))
+            await anyio.wait_all_tasks_blocked()
+            for _ in range(3):
+                tg.start_soon(ctx.submit, lambda: None)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(
+                QueueFull, match=r"^context 'm' already has 3 tasks waiting to launch; retry later"
+            ):
+                await ctx.submit(lambda: None)
+            gate.set()
+        assert ctx.usage().tasks == 4
+    finally:
+        rt.close()
+
+
+async def test_guaranteed_wait_stays_bounded_under_a_best_effort_flood(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYGPUKIT_HOST_WORKERS", "2")
+    with Runtime(backend="host") as rt:
+        g = rt.create_context("g", max_vram=MB, qos=QoSPolicy.GUARANTEED)
+        be = rt.create_context("be", max_vram=MB, qos=QoSPolicy.BEST_EFFORT)
+
+        def be_step() -> None:
+            be.stream.launch_host_func(lambda: time.sleep(0.02))
+
+        def g_step() -> None:
+            g.stream.launch_host_func(lambda: time.sleep(0.002))
+
+        waits: list[float] = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(60):  # ~1.2 s of BestEffort work queued ahead
+                tg.start_soon(be.submit, be_step)
+            await anyio.wait_all_tasks_blocked()
+            for _ in range(10):
+                t0 = time.perf_counter()
+                await g.submit(g_step)
+                waits.append(time.perf_counter() - t0)
+            assert be.usage().queued > 0  # the flood was still there throughout
+        # With 2 units and BestEffort capped at 2 in flight, a Guaranteed step waits at most
+        # for one BestEffort item (20 ms) plus its own 2 ms, never for the queue.
+        assert max(waits) < 0.15, waits
+        assert be.usage().tasks == 60
