@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -51,7 +53,11 @@ def test_guaranteed_reserves_and_rejects_what_does_not_fit() -> None:
     ev = QosPolicyEvaluator(8 * GiB)
     r = ev.admit(QosTaskMeta.guaranteed("a", "A", 8 * GiB - 100 * MiB, bandwidth=0.75))
     assert (r.admitted, r.action, r.reserved_memory, r.reserved_bandwidth) == (
-        True, AdmissionAction.ADMIT, 8 * GiB - 100 * MiB, 0.75)
+        True,
+        AdmissionAction.ADMIT,
+        8 * GiB - 100 * MiB,
+        0.75,
+    )
     assert ev.reserved_memory == 8 * GiB - 100 * MiB
     assert ev.available_memory == 100 * MiB
     assert ev.available_bandwidth == 0.25
@@ -68,8 +74,9 @@ def test_guaranteed_reserves_and_rejects_what_does_not_fit() -> None:
         "release other reservations or ask for less"
     )
     r = ev.admit(QosTaskMeta.guaranteed("d", "D", GiB, bandwidth=0.5))
-    assert r.reason.startswith("needs 1 GiB reserved but only 100 MiB of 8 GiB is unreserved "
-                               "and bandwidth 0.5 reserved")
+    assert r.reason.startswith(
+        "needs 1 GiB reserved but only 100 MiB of 8 GiB is unreserved and bandwidth 0.5 reserved"
+    )
     assert ev.admitted_ids() == ("a",)
     assert ev.reserved_memory == 8 * GiB - 100 * MiB
 
@@ -165,45 +172,71 @@ def test_duplicate_id_rejected() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: QosTaskMeta.guaranteed("", "n", 1),
-         r"^task id must be a non-empty str, got ''; pass a name$"),
-        (lambda: QosTaskMeta.guaranteed("i", None, 1),  # type: ignore[arg-type]
-         r"^task name must be a non-empty str, got None; pass a name$"),
-        (lambda: QosTaskMeta.guaranteed("i", "n", -1),
-         r"^memory must be an int number of bytes >= 0, got -1; pass e\.g\. 256 \* MB$"),
-        (lambda: QosTaskMeta.guaranteed("i", "n", True),
-         r"^memory must be an int number of bytes >= 0, got True; pass e\.g\. 256 \* MB$"),
-        (lambda: QosTaskMeta.guaranteed("i", "n", 1.5),  # type: ignore[arg-type]
-         r"^memory must be an int number of bytes >= 0, got 1\.5; "),
-        (lambda: QosTaskMeta.burstable("i", "n", 1, burst_memory=-5),
-         r"^burst_memory must be an int number of bytes >= 0, got -5; "),
-        (lambda: QosTaskMeta.guaranteed("i", "n", 1, bandwidth=1.5),
-         r"^bandwidth must be a fraction of the device between 0\.0 and 1\.0, got 1\.5$"),
-        (lambda: QosTaskMeta.best_effort("i", "n", 1, bandwidth=-0.1),
-         r"^bandwidth must be a fraction of the device between 0\.0 and 1\.0, got -0\.1$"),
-        (lambda: QosTaskMeta("i", "n", QoSPolicy.GUARANTEED, 1, burst_memory=1),
-         r"^burst_memory is only for Burstable tasks, got 1 on a guaranteed task; "
-         r"use QosTaskMeta\.burstable\(\)$"),
-        (lambda: QosTaskMeta("i", "n", "guaranteed", 1),  # type: ignore[arg-type]
-         r"^tier must be a QoSPolicy, got 'guaranteed'$"),
-        (lambda: QosPolicyEvaluator(0),
-         r"^total_memory must be an int number of bytes > 0, got 0$"),
-        (lambda: QosPolicyEvaluator(GiB, total_bandwidth=float("nan")),
-         r"^total_bandwidth must be a finite number > 0 \(1\.0 = the whole device\), got nan$"),
-        (lambda: QosPolicyEvaluator(GiB).evaluate("task"),  # type: ignore[arg-type]
-         r"^expected a QosTaskMeta, got 'task'; "),
+        (
+            lambda: QosTaskMeta.guaranteed("", "n", 1),
+            r"^task id must be a non-empty str, got ''; pass a name$",
+        ),
+        (
+            lambda: QosTaskMeta.guaranteed("i", None, 1),  # type: ignore[arg-type]
+            r"^task name must be a non-empty str, got None; pass a name$",
+        ),
+        (
+            lambda: QosTaskMeta.guaranteed("i", "n", -1),
+            r"^memory must be an int number of bytes >= 0, got -1; pass e\.g\. 256 \* MB$",
+        ),
+        (
+            lambda: QosTaskMeta.guaranteed("i", "n", True),
+            r"^memory must be an int number of bytes >= 0, got True; pass e\.g\. 256 \* MB$",
+        ),
+        (
+            lambda: QosTaskMeta.guaranteed("i", "n", 1.5),  # type: ignore[arg-type]
+            r"^memory must be an int number of bytes >= 0, got 1\.5; ",
+        ),
+        (
+            lambda: QosTaskMeta.burstable("i", "n", 1, burst_memory=-5),
+            r"^burst_memory must be an int number of bytes >= 0, got -5; ",
+        ),
+        (
+            lambda: QosTaskMeta.guaranteed("i", "n", 1, bandwidth=1.5),
+            r"^bandwidth must be a fraction of the device between 0\.0 and 1\.0, got 1\.5$",
+        ),
+        (
+            lambda: QosTaskMeta.best_effort("i", "n", 1, bandwidth=-0.1),
+            r"^bandwidth must be a fraction of the device between 0\.0 and 1\.0, got -0\.1$",
+        ),
+        (
+            lambda: QosTaskMeta("i", "n", QoSPolicy.GUARANTEED, 1, burst_memory=1),
+            r"^burst_memory is only for Burstable tasks, got 1 on a guaranteed task; "
+            r"use QosTaskMeta\.burstable\(\)$",
+        ),
+        (
+            lambda: QosTaskMeta("i", "n", "guaranteed", 1),  # type: ignore[arg-type]
+            r"^tier must be a QoSPolicy, got 'guaranteed'$",
+        ),
+        (
+            lambda: QosPolicyEvaluator(0),
+            r"^total_memory must be an int number of bytes > 0, got 0$",
+        ),
+        (
+            lambda: QosPolicyEvaluator(GiB, total_bandwidth=float("nan")),
+            r"^total_bandwidth must be a finite number > 0 \(1\.0 = the whole device\), got nan$",
+        ),
+        (
+            lambda: QosPolicyEvaluator(GiB).evaluate("task"),  # type: ignore[arg-type]
+            r"^expected a QosTaskMeta, got 'task'; ",
+        ),
     ],
 )
-def test_validation(make: object, message: str) -> None:
+def test_validation(make: Callable[[], object], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        make()  # type: ignore[operator]
+        make()
 
 
 def test_task_meta_is_frozen_and_builders_set_tier() -> None:
     t = QosTaskMeta.burstable("i", "n", 10, burst_memory=5, bandwidth=0.5)
     assert t == QosTaskMeta("i", "n", QoSPolicy.BURSTABLE, 10, 5, 0.5)
     assert QosTaskMeta.best_effort("i", "n", 1).tier is QoSPolicy.BEST_EFFORT
-    with pytest.raises(AttributeError):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         t.memory = 0  # type: ignore[misc]
 
 

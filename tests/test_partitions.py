@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -70,26 +71,40 @@ def test_limits_builder_is_immutable() -> None:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: PartitionLimits().memory(0),
-         r"^memory limit must be an int number of bytes > 0, got 0; pass e\.g\. 4 \* GB$"),
-        (lambda: PartitionLimits().memory(1.0),
-         r"^memory limit must be an int number of bytes > 0, got 1\.0; "),
-        (lambda: PartitionLimits().compute(0),
-         r"^compute limit must be a share of the device in \(0\.0, 1\.0\], got 0; "
-         r"pass e\.g\. 0\.5$"),
-        (lambda: PartitionLimits().compute(1.5),
-         r"^compute limit must be a share of the device in \(0\.0, 1\.0\], got 1\.5; "),
-        (lambda: PartitionConfig(total_memory=-1),
-         r"^total_memory must be an int number of bytes > 0, got -1; "),
-        (lambda: PartitionConfig(total_memory=GiB, total_compute=2.0),
-         r"^total_compute must be a share of the device in \(0\.0, 1\.0\], got 2\.0; "),
-        (lambda: PartitionManager(PartitionConfig(GiB), window_s=0),
-         r"^window_s must be a finite number > 0, got 0$"),
+        (
+            lambda: PartitionLimits().memory(0),
+            r"^memory limit must be an int number of bytes > 0, got 0; pass e\.g\. 4 \* GB$",
+        ),
+        (
+            lambda: PartitionLimits().memory(1.0),  # type: ignore[arg-type]
+            r"^memory limit must be an int number of bytes > 0, got 1\.0; ",
+        ),
+        (
+            lambda: PartitionLimits().compute(0),
+            r"^compute limit must be a share of the device in \(0\.0, 1\.0\], got 0; "
+            r"pass e\.g\. 0\.5$",
+        ),
+        (
+            lambda: PartitionLimits().compute(1.5),
+            r"^compute limit must be a share of the device in \(0\.0, 1\.0\], got 1\.5; ",
+        ),
+        (
+            lambda: PartitionConfig(total_memory=-1),
+            r"^total_memory must be an int number of bytes > 0, got -1; ",
+        ),
+        (
+            lambda: PartitionConfig(total_memory=GiB, total_compute=2.0),
+            r"^total_compute must be a share of the device in \(0\.0, 1\.0\], got 2\.0; ",
+        ),
+        (
+            lambda: PartitionManager(PartitionConfig(GiB), window_s=0),
+            r"^window_s must be a finite number > 0, got 0$",
+        ),
     ],
 )
-def test_validation(make: object, message: str) -> None:
+def test_validation(make: Callable[[], object], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        make()  # type: ignore[operator]
+        make()
 
 
 def test_overcommit_rejected() -> None:
@@ -114,7 +129,8 @@ def test_unset_limits_take_what_is_left() -> None:
     manager = PartitionManager(PartitionConfig(8 * GiB), clock=FakeClock())
     manager.create_partition("a", "A", PartitionLimits().memory(3 * GiB).compute(0.7))
     info = manager.create_partition("b", "B", PartitionLimits())
-    assert (info.memory_limit, info.compute_limit) == (5 * GiB, pytest.approx(0.3))
+    assert info.memory_limit == 5 * GiB
+    assert info.compute_limit == pytest.approx(0.3)
     with pytest.raises(
         AdmissionRejected,
         match=r"^partition 'c' was not admitted: no memory is left unallocated for its default "
@@ -166,6 +182,9 @@ def test_charge_release_and_limit() -> None:
     assert (exc.context, exc.requested, exc.available, exc.budget) == ("llm", 2 * GiB, GiB, 4 * GiB)
     assert manager.get_partition("inference").memory_used == 3 * GiB  # nothing recorded
     manager.charge("inference", "llm", GiB)  # exactly to the limit
+    with pytest.raises(VRAMBudgetExceeded, match=r"^context 'llm' asked for 1 B but only 0 B "):
+        manager.charge("inference", "llm", 1)
+    manager.charge("inference", "llm", 0)
     manager.release("inference", 4 * GiB)
     assert manager.get_partition("inference").memory_used == 0
     with pytest.raises(

@@ -163,46 +163,69 @@ class QosPolicyEvaluator:
 
     def _evaluate(self, task: QosTaskMeta) -> QosEvaluation:
         if not isinstance(task, QosTaskMeta):
-            raise InvalidArgument(f"expected a QosTaskMeta, got {task!r}; build one with "
-                                  "QosTaskMeta.guaranteed/burstable/best_effort()")
+            raise InvalidArgument(
+                f"expected a QosTaskMeta, got {task!r}; build one with "
+                "QosTaskMeta.guaranteed/burstable/best_effort()"
+            )
         prio = _PRIORITY[task.tier]
 
         def no(action: AdmissionAction, reason: str) -> QosEvaluation:
             return QosEvaluation(False, action, prio, reason, 0, 0.0)
 
         if task.id in self._tasks:
-            return no(AdmissionAction.REJECT, f"task id {task.id!r} is already admitted; "
-                      f"release({task.id!r}) it first or use a unique id")
+            return no(
+                AdmissionAction.REJECT,
+                f"task id {task.id!r} is already admitted; "
+                f"release({task.id!r}) it first or use a unique id",
+            )
         total, free = self.total_memory, self.total_memory - self._reserved_memory
         if task.tier is QoSPolicy.BEST_EFFORT:
             spare = free - self._best_effort_memory
             if task.memory <= spare:
-                return QosEvaluation(True, AdmissionAction.ADMIT, prio,
-                                     f"uses {_fmt_bytes(task.memory)} of the "
-                                     f"{_fmt_bytes(spare)} spare; nothing reserved", 0, 0.0)
-            return no(AdmissionAction.QUEUE,
-                      f"needs {_fmt_bytes(task.memory)} of spare memory but only "
-                      f"{_fmt_bytes(max(spare, 0))} is spare ({_fmt_bytes(free)} unreserved, "
-                      f"{_fmt_bytes(self._best_effort_memory)} in use by best-effort tasks); "
-                      "try again after a release")
+                return QosEvaluation(
+                    True,
+                    AdmissionAction.ADMIT,
+                    prio,
+                    f"uses {_fmt_bytes(task.memory)} of the "
+                    f"{_fmt_bytes(spare)} spare; nothing reserved",
+                    0,
+                    0.0,
+                )
+            return no(
+                AdmissionAction.QUEUE,
+                f"needs {_fmt_bytes(task.memory)} of spare memory but only "
+                f"{_fmt_bytes(max(spare, 0))} is spare ({_fmt_bytes(free)} unreserved, "
+                f"{_fmt_bytes(self._best_effort_memory)} in use by best-effort tasks); "
+                "try again after a release",
+            )
         what = "reserved" if task.tier is QoSPolicy.GUARANTEED else "reserved as its base"
         free_bw = self.total_bandwidth - self._reserved_bandwidth
         missing = []
         if task.memory > free:
-            missing.append(f"{_fmt_bytes(task.memory)} {what} but only {_fmt_bytes(free)} "
-                           f"of {_fmt_bytes(total)} is unreserved")
-        if False:
-            missing.append(f"bandwidth {task.bandwidth:g} {what} but only {max(free_bw, 0):g} "
-                           f"of {self.total_bandwidth:g} is unreserved")
+            missing.append(
+                f"{_fmt_bytes(task.memory)} {what} but only {_fmt_bytes(free)} "
+                f"of {_fmt_bytes(total)} is unreserved"
+            )
+        if self._bandwidth_sum(task.bandwidth) > self.total_bandwidth:
+            missing.append(
+                f"bandwidth {task.bandwidth:g} {what} but only {max(free_bw, 0):g} "
+                f"of {self.total_bandwidth:g} is unreserved"
+            )
         if missing:
-            return no(AdmissionAction.REJECT, "needs " + " and ".join(missing)
-                      + "; release other reservations or ask for less")
-        action, reason = AdmissionAction.ADMIT, (
-            f"{_fmt_bytes(task.memory)} and bandwidth {task.bandwidth:g} {what}")
+            return no(
+                AdmissionAction.REJECT,
+                "needs " + " and ".join(missing) + "; release other reservations or ask for less",
+            )
+        action, reason = (
+            AdmissionAction.ADMIT,
+            (f"{_fmt_bytes(task.memory)} and bandwidth {task.bandwidth:g} {what}"),
+        )
         if task.tier is QoSPolicy.BURSTABLE and task.memory + task.burst_memory > free:
             action = AdmissionAction.THROTTLE
-            reason += (f"; its burst to {_fmt_bytes(task.memory + task.burst_memory)} exceeds "
-                       f"the {_fmt_bytes(free)} unreserved, so its bursts will be throttled")
+            reason += (
+                f"; its burst to {_fmt_bytes(task.memory + task.burst_memory)} exceeds "
+                f"the {_fmt_bytes(free)} unreserved, so its bursts will be throttled"
+            )
         return QosEvaluation(True, action, prio, reason, task.memory, float(task.bandwidth))
 
     def evaluate(self, task: QosTaskMeta) -> QosEvaluation:

@@ -31,13 +31,15 @@ def _check_bytes(value: object, what: str, *, low: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         rule = ">= 0" if low == 0 else "> 0"
         raise InvalidArgument(
-            f"{what} must be an int number of bytes {rule}, got {value!r}; pass e.g. 4 * GB")
+            f"{what} must be an int number of bytes {rule}, got {value!r}; pass e.g. 4 * GB"
+        )
 
 
 def _check_share(value: object, what: str) -> None:
-    if not (_is_real(value) and 0.0 < value <= 1.0):  # type: ignore[operator]
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1):
         raise InvalidArgument(
-            f"{what} must be a share of the device in (0.0, 1.0], got {value!r}; pass e.g. 0.5")
+            f"{what} must be a share of the device in (0.0, 1.0], got {value!r}; pass e.g. 0.5"
+        )
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,13 @@ class PartitionManager:
     :raises InvalidArgument: ``config`` or ``window_s`` is invalid
     """
 
-    def __init__(self, config: PartitionConfig, *,
-                 clock: Callable[[], float] = time.monotonic, window_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: PartitionConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        window_s: float = 1.0,
+    ) -> None:
         if not isinstance(config, PartitionConfig):
             raise InvalidArgument(f"config must be a PartitionConfig, got {config!r}")
         if not (_is_real(window_s) and 0 < window_s < math.inf):
@@ -145,11 +152,14 @@ class PartitionManager:
         if part is None:
             known = ", ".join(repr(k) for k in self._parts) or "none"
             raise InvalidArgument(
-                f"no partition has id {id!r} (known: {known}); create_partition() it first")
+                f"no partition has id {id!r} (known: {known}); create_partition() it first"
+            )
         if context_name is not None and (context_name in part.contexts) != attached:
             state = "not attached" if attached else "already attached"
-            raise InvalidArgument(f"context {context_name!r} is {state} to partition {id!r}; "
-                                  "attach() each context once, before charging or detaching it")
+            raise InvalidArgument(
+                f"context {context_name!r} is {state} to partition {id!r}; "
+                "attach() each context once, before charging or detaching it"
+            )
         return part
 
     def _decay(self) -> float:
@@ -167,8 +177,16 @@ class PartitionManager:
         return part.decayed_s / total if total > 0 else 0.0
 
     def _info(self, id: str, p: _Partition) -> PartitionInfo:
-        return PartitionInfo(id, p.name, p.memory_limit, p.compute_limit, p.memory_used,
-                             tuple(p.contexts), p.gpu_time_s, self._share(p))
+        return PartitionInfo(
+            id,
+            p.name,
+            p.memory_limit,
+            p.compute_limit,
+            p.memory_used,
+            tuple(p.contexts),
+            p.gpu_time_s,
+            self._share(p),
+        )
 
     def create_partition(self, id: str, name: str, limits: PartitionLimits) -> PartitionInfo:
         """Create a partition; unset limits default to what is left unallocated.
@@ -180,12 +198,16 @@ class PartitionManager:
             if not isinstance(value, str) or not value:
                 raise InvalidArgument(f"{what} must be a non-empty str, got {value!r}")
         if not isinstance(limits, PartitionLimits):
-            raise InvalidArgument(f"limits must be a PartitionLimits, got {limits!r}; build "
-                                  "one with PartitionLimits().memory(n).compute(share)")
+            raise InvalidArgument(
+                f"limits must be a PartitionLimits, got {limits!r}; build "
+                "one with PartitionLimits().memory(n).compute(share)"
+            )
         with self._lock:
             if id in self._parts:
-                raise InvalidArgument(f"a partition with id {id!r} already exists; pick "
-                                      "another id or delete_partition() it first")
+                raise InvalidArgument(
+                    f"a partition with id {id!r} already exists; pick "
+                    "another id or delete_partition() it first"
+                )
             cfg, parts = self.config, self._parts.values()
             free_mem = cfg.total_memory - sum(p.memory_limit for p in parts)
             free_cpu = cfg.total_compute - math.fsum(p.compute_limit for p in parts)
@@ -193,17 +215,23 @@ class PartitionManager:
             compute = free_cpu if limits.compute_limit is None else limits.compute_limit
             fix = "; lower it or delete another partition"
             if memory <= 0 or compute <= _EPS:
-                reason = (f"no {'memory' if memory <= 0 else 'compute share'} is left "
-                          "unallocated for its default limit; set its limits explicitly or "
-                          "delete another partition")
+                reason = (
+                    f"no {'memory' if memory <= 0 else 'compute share'} is left "
+                    "unallocated for its default limit; set its limits explicitly or "
+                    "delete another partition"
+                )
             elif memory > free_mem:
-                reason = (f"its memory limit of {_fmt_bytes(memory)} does not fit the "
-                          f"{_fmt_bytes(free_mem)} of {_fmt_bytes(cfg.total_memory)} not yet "
-                          f"given to partitions{fix}")
+                reason = (
+                    f"its memory limit of {_fmt_bytes(memory)} does not fit the "
+                    f"{_fmt_bytes(free_mem)} of {_fmt_bytes(cfg.total_memory)} not yet "
+                    f"given to partitions{fix}"
+                )
             elif compute > free_cpu + _EPS:
-                reason = (f"its compute limit of {compute:g} does not fit the "
-                          f"{max(free_cpu, 0):g} of {cfg.total_compute:g} not yet given to "
-                          f"partitions{fix}")
+                reason = (
+                    f"its compute limit of {compute:g} does not fit the "
+                    f"{max(free_cpu, 0):g} of {cfg.total_compute:g} not yet given to "
+                    f"partitions{fix}"
+                )
             else:
                 part = self._parts[id] = _Partition(name, memory, float(compute))
                 return self._info(id, part)
@@ -233,7 +261,8 @@ class PartitionManager:
             if contexts := self._get(id).contexts:
                 raise InvalidArgument(
                     f"partition {id!r} still has contexts attached ({', '.join(contexts)}); "
-                    "destroy or detach them before deleting it")
+                    "destroy or detach them before deleting it"
+                )
             del self._parts[id]
 
     def attach(self, id: str, context_name: str) -> None:
@@ -264,8 +293,13 @@ class PartitionManager:
             part = self._get(id, context_name)
             available = part.memory_limit - part.memory_used
             if nbytes > available:
-                raise VRAMBudgetExceeded(context_name, nbytes, available, part.memory_limit,
-                                         reason=f"partition {id!r} memory limit")
+                raise VRAMBudgetExceeded(
+                    context_name,
+                    nbytes,
+                    available,
+                    part.memory_limit,
+                    reason=f"partition {id!r} memory limit",
+                )
             part.memory_used += nbytes
 
     def release(self, id: str, nbytes: int) -> None:
@@ -279,7 +313,8 @@ class PartitionManager:
             if nbytes > part.memory_used:
                 raise InvalidArgument(
                     f"cannot release {_fmt_bytes(nbytes)} from partition {id!r}: only "
-                    f"{_fmt_bytes(part.memory_used)} is charged; release what was charged")
+                    f"{_fmt_bytes(part.memory_used)} is charged; release what was charged"
+                )
             part.memory_used -= nbytes
 
     def record_gpu_time(self, id: str, seconds: float) -> None:
@@ -314,14 +349,19 @@ class PartitionManager:
         with self._lock:
             now = self._decay()
             part = self._get(id)
-            contended = any(p is not part and now - p.last_record <= self.window_s
-                            for p in self._parts.values())
+            contended = any(
+                p is not part and now - p.last_record <= self.window_s for p in self._parts.values()
+            )
             return contended and self._share(part) > part.compute_limit
 
     def __repr__(self) -> str:
         with self._lock:
-            parts = ", ".join(f"{k}: {_fmt_bytes(p.memory_used)}/{_fmt_bytes(p.memory_limit)} "
-                              f"compute={p.compute_limit:g} contexts={len(p.contexts)}"
-                              for k, p in self._parts.items())
-            return (f"<PartitionManager total={_fmt_bytes(self.config.total_memory)} "
-                    f"partitions=[{parts}]>")
+            parts = ", ".join(
+                f"{k}: {_fmt_bytes(p.memory_used)}/{_fmt_bytes(p.memory_limit)} "
+                f"compute={p.compute_limit:g} contexts={len(p.contexts)}"
+                for k, p in self._parts.items()
+            )
+            return (
+                f"<PartitionManager total={_fmt_bytes(self.config.total_memory)} "
+                f"partitions=[{parts}]>"
+            )

@@ -55,23 +55,38 @@ class _Launcher:
             raw.record(start)
             value: Any = None
             error: BaseException | None = None
+            entered = False
             try:
+                ctx._enter()  # pins evictable buffers; restores evicted ones
+                entered = True
                 value = task.fn(*task.args, **task.kwargs)
             except BaseException as exc:  # delivered to the caller after the GPU drains
                 error = exc
             end = backend.create_event(timing=True)
             try:
                 raw.record(end)
-                rt.bridge.on_done(end, backend, self._done(task, value, error, start, end))
+                done = self._done(task, value, error, start, end, entered)
+                rt.bridge.on_done(end, backend, done)
             except BaseException as exc:  # the device is gone: finish the task now
+                if entered:
+                    ctx._leave()
                 self.scheduler.dispatcher.finished(task, None, error or exc)
 
     def _done(
-        self, task: Task, value: Any, error: BaseException | None, start: Any, end: Any
+        self,
+        task: Task,
+        value: Any,
+        error: BaseException | None,
+        start: Any,
+        end: Any,
+        entered: bool,
     ) -> Callable[[BaseException | None], None]:
-        stats = self.ctx._stats
+        ctx = self.ctx
+        stats = ctx._stats
 
         def done(device_error: BaseException | None) -> None:
+            if entered:
+                ctx._leave()  # its GPU work is over: the buffers may be evicted again
             if device_error is None:
                 try:
                     task.gpu_ms = start.elapsed_ms(end)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextClosed, _fmt_bytes
+from ._evict import EvictionMixin
 from ._tiers import QoSPolicy
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ class _Stats:
         self.gpu_ms += gpu_ms
 
 
-class ExecutionContext:
+class ExecutionContext(EvictionMixin):
     """An isolated place for one model to run: a stream, a VRAM budget, a QoS tier.
 
     Made by :meth:`Runtime.create_context` (or ``create_context``); enter it with
@@ -85,6 +87,9 @@ class ExecutionContext:
     __slots__ = (
         "__weakref__",
         "_account",
+        "_busy",
+        "_evict_lock",
+        "_evictables",
         "_pool",
         "_runtime",
         "_stats",
@@ -124,9 +129,13 @@ class ExecutionContext:
         self._account = account
         self._pool = pool
         self._stats = _Stats()
+        self._evict_lock = threading.RLock()
+        self._evictables = set()
+        self._busy = 0
         self.state = ContextState.OPEN
         account.owner = self
         account.trim = pool.release_cached
+        account.reclaim = self._reclaim
         return self
 
     @property

@@ -38,6 +38,7 @@ class Account:
         "owner",
         "peak",
         "reserved",
+        "reclaim",
         "tier",
         "trim",
     )
@@ -54,10 +55,19 @@ class Account:
         self.closed = False
         self.owner: Any = None
         self.trim: Callable[[], None] = _nothing
+        self.reclaim: Callable[[int], int] = _none_freed
 
 
 def _nothing() -> None:
     return None
+
+
+def _none_freed(want: int) -> int:
+    return 0
+
+
+# Who may take memory from whom: a tier evicts only tiers below it (DESIGN §6).
+_RANK = {QoSPolicy.GUARANTEED: 0, QoSPolicy.BURSTABLE: 1, QoSPolicy.BEST_EFFORT: 2, None: 3}
 
 
 class Ledger:
@@ -112,6 +122,11 @@ class Ledger:
             QoSPolicy.BEST_EFFORT: 0,
         }[tier]
         with self._lock:
+            short = reserve - self._shared_free()
+        if short > 0:
+            self._drop_caches()
+            self._make_room(tier, short)
+        with self._lock:
             free = self._shared_free()
             if reserve > free:
                 raise AdmissionRejected(
@@ -160,7 +175,7 @@ class Ledger:
             available = self._available(a)
             over_budget = a.held + n > a.max_vram
         handlers = list(self.handlers)
-        approved = bool(handlers)
+        approved = True  # with no handler, the tiers' own policy makes room
         for handler in handlers:
             if not handler(a.owner, n, available):
                 approved = False
@@ -169,6 +184,10 @@ class Ledger:
             gc.collect()
             self._drop_caches()
             if self._try(a, n):
+                return
+            with self._lock:
+                short = n - self._available(a)
+            if self._make_room(a.tier, short) and self._try(a, n):
                 return
             with self._lock:
                 available = self._available(a)
@@ -185,6 +204,28 @@ class Ledger:
             a.held -= n
             if a.closed and a.held == 0 and a in self._accounts:
                 self._accounts.remove(a)
+
+    def _make_room(self, tier: QoSPolicy | None, need: int) -> int:
+        """Evict buffers of lower tiers — BestEffort first, then Burstable bursts (down to
+        their base) — until ``need`` bytes are freed; returns the bytes freed."""
+        rank = _RANK[tier]
+        with self._lock:
+            best_effort = [a for a in self._accounts if a.tier is QoSPolicy.BEST_EFFORT]
+            burstable = [a for a in self._accounts if a.tier is QoSPolicy.BURSTABLE]
+        freed = 0
+        if rank < _RANK[QoSPolicy.BEST_EFFORT]:
+            for victim in best_effort:
+                if freed >= need:
+                    return freed
+                freed += victim.reclaim(need - freed)
+        if rank < _RANK[QoSPolicy.BURSTABLE]:
+            for victim in burstable:
+                if freed >= need:
+                    return freed
+                burst = max(0, victim.held - victim.reserved)
+                if burst:
+                    freed += victim.reclaim(min(need - freed, burst))
+        return freed
 
     def _drop_caches(self) -> None:
         with self._lock:

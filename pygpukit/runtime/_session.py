@@ -265,6 +265,7 @@ class context_session:  # noqa: N801 - the seed's name, used like a function
         if self._token is not None:
             raise ContextError("this context_session() is already entered; make a new one")
         self._ctx._check_open()
+        self._ctx._enter()  # pins its evictable buffers, restores evicted ones
         self._token = _current.set(self._ctx)
         self._tokens = _bind(self._ctx)
         self._ctx._stats.sessions += 1
@@ -280,6 +281,7 @@ class context_session:  # noqa: N801 - the seed's name, used like a function
         assert self._token is not None
         _current.reset(self._token)
         self._token = None
+        self._ctx._leave()
         if self._held_thread:
             _unhooked.task = None
             self._held_thread = False

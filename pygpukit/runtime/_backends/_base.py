@@ -209,6 +209,14 @@ class Backend(ABC):
         """Copy ``host`` bytes back into device ``buf``."""
 
     @abstractmethod
+    def array_to_host(self, array: Any, out: Any = None) -> Any:
+        """Copy a device array to host memory (pinned on CUDA), reusing ``out`` if given."""
+
+    @abstractmethod
+    def array_from_host(self, host: Any) -> Any:
+        """A new device array (allocated through the router) holding ``host``'s bytes."""
+
+    @abstractmethod
     def synchronize(self) -> None:
         """Block until all work on every stream of the device has run."""
 

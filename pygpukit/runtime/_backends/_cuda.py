@@ -342,6 +342,23 @@ class CudaBackend(Backend):
         with _translated(), cupy.cuda.Device(self.device_id):
             _rt.memcpy(buf.ptr, arr.ctypes.data, nbytes, _rt.memcpyHostToDevice)
 
+    def array_to_host(self, array: Any, out: Any = None) -> Any:
+        import numpy as np
+
+        array = cupy.ascontiguousarray(array)
+        if out is None or out.shape != array.shape or out.dtype != array.dtype:
+            pinned = cupy.cuda.alloc_pinned_memory(array.nbytes)
+            out = np.frombuffer(pinned, dtype=array.dtype, count=array.size).reshape(array.shape)
+        with _translated(), cupy.cuda.Device(self.device_id):
+            _rt.memcpy(out.ctypes.data, array.data.ptr, array.nbytes, _rt.memcpyDeviceToHost)
+        return out
+
+    def array_from_host(self, host: Any) -> Any:
+        with _translated(), cupy.cuda.Device(self.device_id):
+            out = cupy.empty(host.shape, dtype=host.dtype)  # routed: charged to the context
+            _rt.memcpy(out.data.ptr, host.ctypes.data, host.nbytes, _rt.memcpyHostToDevice)
+        return out
+
     def synchronize(self) -> None:
         with _translated(), cupy.cuda.Device(self.device_id):
             _rt.deviceSynchronize()

@@ -404,6 +404,17 @@ class HostBackend(Backend):
     def copy_from_host(self, buf: Any, host: Any, nbytes: int) -> None:
         buf[:nbytes] = np.frombuffer(host, dtype=np.uint8, count=nbytes)
 
+    def array_to_host(self, array: Any, out: Any = None) -> np.ndarray[Any, Any]:
+        if out is None or out.shape != array.shape or out.dtype != array.dtype:
+            out = np.empty(array.shape, dtype=array.dtype)
+        np.copyto(out, array)
+        return out
+
+    def array_from_host(self, host: Any) -> np.ndarray[Any, Any]:
+        out = self._xp.empty(host.shape, dtype=host.dtype)
+        np.copyto(out, host)
+        return out
+
     def close(self) -> None:
         if self._closed:
             return
