@@ -88,9 +88,8 @@ def test_unreservable_guaranteed_context_is_rejected_and_leaves_nothing(rt: Runt
     reserved = rt.ledger.reserved_total()
     with pytest.raises(
         AdmissionRejected,
-        match=r"^context 'huge' was not admitted: it must reserve .* \(GUARANTEED\) but only "
-        r".* of the device is unreserved; lower its max_vram, use a lower tier, or destroy "
-        r"contexts that hold reservations$",
+        match=r"^context 'huge' was not admitted: needs 513 MiB reserved but only 512 MiB of "
+        r"1 GiB is unreserved; release other reservations or ask for less$",
     ):
         rt.create_context("huge", max_vram=before + MB, qos=QoSPolicy.GUARANTEED)
     assert [c.name for c in rt.contexts] == ["half"]

@@ -22,10 +22,9 @@ from pygpukit import GB, MB, QoSPolicy, VRAMBudgetExceeded, scheduler
 DOC = Path(__file__).resolve().parents[1] / "docs" / "seed" / "scheduler.md"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "scheduler.md"
 
-# Which snippets begin a new scenario (fresh default runtime) and which belong to the
-# QoS-admission issue (not yet delivered: QosPolicyEvaluator, PartitionManager).
+# Which snippets begin a new scenario (fresh default runtime).
 FRESH = {3, 4, 5, 6, 7, 10}
-LATER = {9, 10}  # 0-based: the evaluator and partition snippets
+LATER: set[int] = set()  # snippets not delivered yet (0-based); none now
 
 
 def snippets() -> list[str]:
@@ -80,6 +79,13 @@ def _check(index: int, ns: dict[str, Any], buf: io.StringIO) -> None:
         stats = ns["stats"]
         assert stats.allocated_bytes == 0 and stats.free_blocks == 1
         assert "Allocated: 0" in out
+    elif index == 9:
+        assert "Task admitted with priority 0" in out
+        assert ns["result"].reserved_memory == 256 * MB  # what admit() would reserve
+        assert ns["evaluator"].reserved_memory == 0  # evaluate() only decides
+    elif index == 10:
+        assert "Memory limit: 4294967296" in out and "Compute limit: 0.5" in out
+        assert ns["manager"].get_partition("training").memory_limit == 4 * GB
     elif index == 11:
         assert ns["result"]["audio"].startswith("synthesize_speech(")
         assert {("generate_response", "llm"), ("analyze_images", "vision")} <= set(calls)

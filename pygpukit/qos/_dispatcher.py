@@ -128,8 +128,10 @@ class Dispatcher:
         launch: Callable[[Task], None],
         config: DispatcherConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        over_share: Callable[[Task], bool] | None = None,
     ) -> None:
         self.config = config or DispatcherConfig()
+        self._over_share = over_share
         self.clock = clock
         self._launch = launch
         self._lock = threading.Lock()
@@ -178,7 +180,9 @@ class Dispatcher:
         return sorted(live, key=lambda t: t.key)
 
     # -- launching --------------------------------------------------------------------
-    def _eligible(self, task: Task) -> bool:
+    def _eligible(self, task: Task, shares: bool) -> bool:
+        if shares and self._over_share is not None and self._over_share(task):
+            return False  # its partition used more than its compute share while others wait
         cap = self.config.tier_in_flight.get(task.tier)
         if cap is not None and self.in_flight_tier[task.tier] >= cap:
             return False
@@ -192,39 +196,49 @@ class Dispatcher:
         )
 
     def pump(self) -> None:
-        """Launch every queued task that may run now, in order; expire late ones."""
+        """Launch every queued task that may run now, in order; expire late ones.
+
+        Partitions over their compute share are held back, unless nothing would run
+        otherwise (the GPU is never left idle to honour a share).
+        """
         launch: list[Task] = []
         expired: list[Task] = []
         with self._lock:
             now = self.clock()
-            blocked: list[tuple[tuple[int, int, int], Task]] = []
-            while self._heap:
-                entry = heapq.heappop(self._heap)
-                task = entry[1]
-                if task.state is not TaskState.QUEUED:
-                    continue
-                if task.deadline is not None and now > task.deadline:
-                    task.state = TaskState.EXPIRED
-                    self.queued_ctx[task.context] -= 1
-                    expired.append(task)
-                    continue
-                if not self._eligible(task):
-                    blocked.append(entry)
-                    continue
-                task.state = TaskState.RUNNING
-                task.t_launched = now
-                self.queued_ctx[task.context] -= 1
-                self.in_flight_tier[task.tier] += 1
-                self.in_flight_ctx[task.context] += 1
-                if self.record_order:
-                    self.launch_order.append(task)
-                launch.append(task)
-            for entry in blocked:
-                heapq.heappush(self._heap, entry)
+            self._pass(now, True, launch, expired)
+            if not launch and not any(self.in_flight_tier.values()):
+                self._pass(now, False, launch, expired)
         for task in expired:
             task.deliver(None, _expired(task, now))
         for task in launch:
             self._launch(task)
+
+    def _pass(self, now: float, shares: bool, launch: list[Task], expired: list[Task]) -> None:
+        """One scan of the queue (call with the lock held)."""
+        blocked: list[tuple[tuple[int, int, int], Task]] = []
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            task = entry[1]
+            if task.state is not TaskState.QUEUED:
+                continue
+            if task.deadline is not None and now > task.deadline:
+                task.state = TaskState.EXPIRED
+                self.queued_ctx[task.context] -= 1
+                expired.append(task)
+                continue
+            if not self._eligible(task, shares):
+                blocked.append(entry)
+                continue
+            task.state = TaskState.RUNNING
+            task.t_launched = now
+            self.queued_ctx[task.context] -= 1
+            self.in_flight_tier[task.tier] += 1
+            self.in_flight_ctx[task.context] += 1
+            if self.record_order:
+                self.launch_order.append(task)
+            launch.append(task)
+        for entry in blocked:
+            heapq.heappush(self._heap, entry)
 
     def expire(self, task: Task) -> bool:
         """Fail a still-queued task whose deadline passed; ``False`` if it launched."""

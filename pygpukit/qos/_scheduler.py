@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._exceptions import ContextClosed, InvalidArgument
+from .._exceptions import AdmissionRejected, ContextClosed, InvalidArgument
 from ..runtime._oneshot import Oneshot
 from ..runtime._session import _current
+from ..runtime._tiers import QoSPolicy
+from ._admission import QosPolicyEvaluator, QosTaskMeta
 from ._dispatcher import Dispatcher, DispatcherConfig, Task
+from ._partitions import PartitionManager
 
 if TYPE_CHECKING:
     from ..runtime import ExecutionContext, Runtime
@@ -93,6 +96,12 @@ class _Launcher:
                 except Exception:
                     task.gpu_ms = 0.0
             stats.record_task(task.gpu_ms, failed=(error or device_error) is not None)
+            partitions = self.scheduler.partitions
+            if ctx.partition is not None and partitions is not None and task.gpu_ms:
+                try:
+                    partitions.record_gpu_time(ctx.partition, task.gpu_ms / 1e3)
+                except InvalidArgument:  # the partition was deleted meanwhile
+                    pass
             self.scheduler.dispatcher.finished(task, value, error or device_error)
 
         return done
@@ -101,8 +110,37 @@ class _Launcher:
         self.queue.put(None)
 
 
+class _Admission:
+    """A context's admission: its evaluator reservation and partition membership."""
+
+    def __init__(self, scheduler: RuntimeScheduler, task_id: str, name: str, partition: str | None):
+        self._scheduler = scheduler
+        self._id = task_id
+        self._name = name
+        self._partition = partition
+        self._closed = False
+
+    def charge(self, nbytes: int) -> None:
+        if self._partition is not None and self._scheduler.partitions is not None:
+            self._scheduler.partitions.charge(self._partition, self._name, nbytes)
+
+    def release(self, nbytes: int) -> None:
+        if self._partition is not None and self._scheduler.partitions is not None:
+            self._scheduler.partitions.release(self._partition, nbytes)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._scheduler.admission.release(self._id)
+        if self._partition is not None and self._scheduler.partitions is not None:
+            self._scheduler.partitions.detach(self._partition, self._name)
+
+
 class RuntimeScheduler:
-    """The :class:`~pygpukit.runtime._hooks.TaskScheduler` every Runtime gets."""
+    """The runtime's scheduler: admission (a :class:`QosPolicyEvaluator` sized to the
+    runtime's memory), partitions (once :meth:`use_partitions` is called) and the
+    dispatcher behind ``ctx.submit``."""
 
     def __init__(
         self,
@@ -111,9 +149,56 @@ class RuntimeScheduler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.runtime = runtime
-        self.dispatcher = Dispatcher(self._launch, config, clock)
+        self.admission = QosPolicyEvaluator(total_memory=max(1, runtime.ledger.capacity))
+        self.partitions: PartitionManager | None = None
+        self.dispatcher = Dispatcher(self._launch, config, clock, over_share=self._over_share)
         self._launchers: dict[ExecutionContext, _Launcher] = {}
+        self._admissions: dict[str, _Admission] = {}
         self._lock = threading.Lock()
+
+    # -- admission and partitions ------------------------------------------------------
+    def use_partitions(self, manager: PartitionManager) -> None:
+        """Enforce ``manager``'s partitions for contexts created with ``partition=``."""
+        if not isinstance(manager, PartitionManager):
+            raise InvalidArgument(f"use_partitions() takes a PartitionManager, not {manager!r}")
+        if any(c.partition is not None for c in self.runtime.contexts):
+            raise InvalidArgument(
+                "contexts already use the current partitions; destroy them before switching"
+            )
+        self.partitions = manager
+
+    def admit_context(
+        self, name: str, tier: QoSPolicy, max_vram: int, base_vram: int, partition: str | None
+    ) -> _Admission:
+        task_id = f"context:{name}"
+        if tier is QoSPolicy.GUARANTEED:
+            meta = QosTaskMeta.guaranteed(task_id, name, max_vram)
+        elif tier is QoSPolicy.BURSTABLE:
+            meta = QosTaskMeta.burstable(task_id, name, base_vram, burst_memory=max_vram - base_vram)
+        else:
+            meta = QosTaskMeta.best_effort(task_id, name, 0)
+        if partition is not None and self.partitions is None:
+            raise InvalidArgument(
+                f"context {name!r} asks for partition {partition!r} but this runtime has no "
+                "partitions; call use_partitions(PartitionManager(...)) first"
+            )
+        verdict = self.admission.admit(meta)
+        if not verdict.admitted:
+            raise AdmissionRejected(f"context {name!r}", verdict.reason)
+        admission = _Admission(self, task_id, name, partition)
+        if partition is not None:
+            try:
+                assert self.partitions is not None
+                self.partitions.attach(partition, name)
+            except BaseException:
+                self.admission.release(task_id)
+                raise
+        self._admissions[name] = admission
+        return admission
+
+    def _over_share(self, task: Task) -> bool:
+        part = getattr(task.context, "partition", None)
+        return part is not None and self.partitions is not None and self.partitions.over_share(part)
 
     def _launch(self, task: Task) -> None:
         ctx = task.context
@@ -169,6 +254,9 @@ class RuntimeScheduler:
         return None
 
     def context_closed(self, ctx: ExecutionContext) -> None:
+        admission = self._admissions.pop(ctx.name, None)
+        if admission is not None:
+            admission.close()
         for task in self.dispatcher.queued():
             if task.context is ctx and self.dispatcher.cancel(task):
                 task.deliver(None, ContextClosed(ctx.name))

@@ -96,6 +96,7 @@ class ExecutionContext(EvictionMixin):
         "base_vram",
         "max_vram",
         "name",
+        "partition",
         "qos",
         "state",
         "stream",
@@ -118,8 +119,10 @@ class ExecutionContext(EvictionMixin):
         stream: Stream,
         account: Account,
         pool: RawPool,
+        partition: str | None = None,
     ) -> ExecutionContext:
         self = object.__new__(cls)
+        self.partition = partition
         self._runtime = runtime
         self.name = name
         self.qos = qos

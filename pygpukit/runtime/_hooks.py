@@ -14,10 +14,24 @@ if TYPE_CHECKING:
     from ._context import ExecutionContext
     from ._runtime import Runtime
 
-__all__ = ("TaskScheduler", "make_scheduler", "register_scheduler")
+__all__ = ("ContextAdmission", "TaskScheduler", "make_scheduler", "register_scheduler")
+
+
+class ContextAdmission(Protocol):
+    """What admitting a context returns: partition memory hooks, and its release."""
+
+    def charge(self, nbytes: int) -> None: ...
+    def release(self, nbytes: int) -> None: ...
+    def close(self) -> None: ...
 
 
 class TaskScheduler(Protocol):
+    def admit_context(
+        self, name: str, tier: Any, max_vram: int, base_vram: int, partition: str | None
+    ) -> ContextAdmission:
+        """Decide whether a context may exist (raises AdmissionRejected / InvalidArgument)."""
+        ...
+
     async def submit(
         self,
         ctx: ExecutionContext,

@@ -35,8 +35,10 @@ class Account:
         "held",
         "max_vram",
         "name",
+        "charge_hook",
         "owner",
         "peak",
+        "release_hook",
         "reserved",
         "reclaim",
         "tier",
@@ -56,6 +58,12 @@ class Account:
         self.owner: Any = None
         self.trim: Callable[[], None] = _nothing
         self.reclaim: Callable[[int], int] = _none_freed
+        self.charge_hook: Callable[[int], None] = _ignore  # partition memory limits
+        self.release_hook: Callable[[int], None] = _ignore
+
+
+def _ignore(nbytes: int) -> None:
+    return None
 
 
 def _nothing() -> None:
@@ -155,6 +163,7 @@ class Ledger:
                 raise ContextClosed(a.name or "<unscoped>")
             if n > self._available(a):
                 return False
+            a.charge_hook(n)  # a partition over its memory limit raises here
             a.held += n
             if a.held > a.peak:
                 a.peak = a.held
@@ -201,6 +210,7 @@ class Ledger:
 
     def shrink(self, a: Account, n: int) -> None:
         with self._lock:
+            a.release_hook(n)
             a.held -= n
             if a.closed and a.held == 0 and a in self._accounts:
                 self._accounts.remove(a)

@@ -141,11 +141,8 @@ class Runtime:
                     f"base_vram ({base_vram}) must not exceed max_vram ({max_vram}); "
                     "raise max_vram or lower base_vram"
                 )
-        if partition is not None:
-            raise InvalidArgument(
-                "partitions are not available in this version; create the context "
-                "without partition="
-            )
+        if partition is not None and not isinstance(partition, str):
+            raise InvalidArgument(f"partition must be a partition id (str), not {partition!r}")
         if max_vram > self.ledger.capacity:
             raise InvalidArgument(
                 f"max_vram ({max_vram}) exceeds what this runtime manages "
@@ -155,7 +152,20 @@ class Runtime:
         with self._lock:
             if name in self._contexts:
                 raise DuplicateContextName(name)
-            account = self.ledger.open(name, tier, max_vram, base_vram or 0)
+            admission = None
+            if self.scheduler is not None:
+                admission = self.scheduler.admit_context(
+                    name, tier, max_vram, base_vram or 0, partition
+                )
+            try:
+                account = self.ledger.open(name, tier, max_vram, base_vram or 0)
+            except BaseException:
+                if admission is not None:
+                    admission.close()
+                raise
+            if admission is not None:
+                account.charge_hook = admission.charge
+                account.release_hook = admission.release
             try:
                 priority = tier.stream_priority(self.device.priority_range)
                 stream = Stream._wrap(
@@ -167,9 +177,11 @@ class Runtime:
                 )
             except BaseException:
                 self.ledger.close(account)
+                if admission is not None:
+                    admission.close()
                 raise
             ctx = ExecutionContext._make(
-                self, name, tier, max_vram, base_vram or 0, stream, account, pool
+                self, name, tier, max_vram, base_vram or 0, stream, account, pool, partition
             )
             self._contexts[name] = ctx
         return ctx
