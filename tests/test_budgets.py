@@ -110,3 +110,18 @@ def test_stream_priorities_follow_the_tier(rt: Runtime) -> None:
         assert g.stream.priority < b.stream.priority < e.stream.priority or (
             abs(least - greatest) == 1
         )
+
+
+def test_guaranteed_memory_is_physically_taken_at_creation(rt: Runtime) -> None:
+    free_before, _ = rt.backend.mem_get_info()
+    g = rt.create_context("g", max_vram=64 * MB, qos=QoSPolicy.GUARANTEED)
+    free_reserved, _ = rt.backend.mem_get_info()
+    assert free_before - free_reserved >= 64 * MB  # the device really gave it up
+    with context_session(g):
+        x = rt.xp.empty(32 * MB, dtype="uint8")  # carved from the reservation
+        free_used, _ = rt.backend.mem_get_info()
+        assert abs(free_used - free_reserved) < 4 * MB
+        assert g.usage().used == 32 * MB
+        del x
+    rt.destroy_context(g)
+    assert rt.backend.mem_get_info()[0] >= free_before - 4 * MB

@@ -174,6 +174,8 @@ class Runtime:
                 pool = self.backend.create_pool(
                     lambda n: self.ledger.grow(account, n),
                     lambda n: self.ledger.shrink(account, n),
+                    # Guaranteed: take max_vram from the device now, so nothing else can
+                    arena_bytes=max_vram if tier is QoSPolicy.GUARANTEED else 0,
                 )
             except BaseException:
                 self.ledger.close(account)
@@ -208,7 +210,7 @@ class Runtime:
                 self.scheduler.context_closed(ctx)
             ctx.stream.close()
         finally:
-            ctx._pool.release_cached()
+            ctx._pool.close()
             self.ledger.close(ctx._account)
 
     def get_context(self, name: str) -> ExecutionContext:

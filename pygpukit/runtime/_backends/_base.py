@@ -143,6 +143,10 @@ class RawPool(ABC):
     def release_cached(self) -> None:
         """Give cached free blocks back to the device (reported through ``shrink``)."""
 
+    def close(self) -> None:
+        """Let go of reserved memory; it returns to the device when live arrays die."""
+        self.release_cached()
+
 
 class Backend(ABC):
     """One device seen through one array library."""
@@ -167,8 +171,12 @@ class Backend(ABC):
         """A new event; ``timing`` enables :meth:`RawEvent.elapsed_ms`."""
 
     @abstractmethod
-    def create_pool(self, grow: Grower, shrink: Shrinker) -> RawPool:
-        """A new allocator whose device memory is charged through ``grow``/``shrink``."""
+    def create_pool(self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0) -> RawPool:
+        """A new allocator whose device memory is charged through ``grow``/``shrink``.
+
+        With ``arena_bytes``, that much device memory is taken now and every allocation is
+        carved from it (a Guaranteed context's physical reservation).
+        """
 
     @abstractmethod
     def install_router(self, router: Callable[[int], Any]) -> None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument
+from .._arena import Arena
 from ._base import Backend, DeviceInfo, Grower, RawEvent, RawPool, RawStream, Shrinker, Signal
 
 try:
@@ -190,15 +191,31 @@ class CudaPool(RawPool):
     device) until :meth:`release_cached` gives them back.
     """
 
-    def __init__(self, backend: CudaBackend, grow: Grower, shrink: Shrinker) -> None:
+    def __init__(
+        self, backend: CudaBackend, grow: Grower, shrink: Shrinker, arena_bytes: int = 0
+    ) -> None:
         self._grow = grow
         self._shrink = shrink
         self._device = backend.device_id
+        self._arena = Arena(arena_bytes) if arena_bytes else None
+        with _translated(), cupy.cuda.Device(self._device):
+            self._base = cupy.cuda.Memory(arena_bytes) if arena_bytes else None
         self._pool = cupy.cuda.MemoryPool(allocator=self._allocate)
 
     def _allocate(self, size: int) -> Any:
         # Called by CuPy's pool only on a cache miss, with the size already rounded.
         self._grow(size)
+        if self._arena is not None:
+            offset = self._arena.take(size)
+            if offset is None:  # fragmented: CuPy frees its cached blocks and asks again
+                self._shrink(size)
+                raise _rt.CUDARuntimeError(_rt.errorMemoryAllocation)
+            grant = _Grant(self._base)
+            weakref.finalize(grant, self._give, offset, size)
+            ptr = self._base.ptr + offset  # type: ignore[union-attr]
+            return cupy.cuda.MemoryPointer(
+                cupy.cuda.UnownedMemory(ptr, size, grant, self._device), 0
+            )
         try:
             mem = cupy.cuda.Memory(size)
         except BaseException:
@@ -209,11 +226,27 @@ class CudaPool(RawPool):
         owned = cupy.cuda.UnownedMemory(mem.ptr, size, grant, self._device)
         return cupy.cuda.MemoryPointer(owned, 0)
 
+    def _give(self, offset: int, size: int) -> None:
+        assert self._arena is not None
+        self._arena.give(offset, size)
+        self._shrink(size)
+
     def malloc(self, nbytes: int) -> Any:
-        return self._pool.malloc(nbytes)
+        try:
+            return self._pool.malloc(nbytes)
+        except cupy.cuda.memory.OutOfMemoryError as exc:
+            raise CudaError(
+                f"the device is out of memory for {nbytes} bytes ({exc}); memory outside "
+                "pygpukit's budgets (other processes, libraries) took it — lower vram_limit",
+                status=int(_rt.errorMemoryAllocation),
+            ) from exc
 
     def used_bytes(self) -> int:
         return int(self._pool.used_bytes())
+
+    def close(self) -> None:
+        self.release_cached()
+        self._base = None  # live allocations keep it alive until they die
 
     def release_cached(self) -> None:
         self._pool.free_all_blocks()
@@ -273,8 +306,8 @@ class CudaBackend(Backend):
     def create_event(self, *, timing: bool = False) -> CudaEvent:
         return CudaEvent(self, timing)
 
-    def create_pool(self, grow: Grower, shrink: Shrinker) -> CudaPool:
-        return CudaPool(self, grow, shrink)
+    def create_pool(self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0) -> CudaPool:
+        return CudaPool(self, grow, shrink, arena_bytes)
 
     def install_router(self, router: Callable[[int], Any]) -> None:
         cupy.cuda.set_allocator(router)

@@ -15,6 +15,7 @@ complete, in stream order, by the time the next item is enqueued.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import threading
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..._exceptions import CudaError, InvalidArgument
 from ..._units import GB, parse_size
+from .._arena import Arena
 from ._base import Backend, DeviceInfo, Grower, RawEvent, RawPool, RawStream, Shrinker, Signal
 from ._hostxp import HostXP
 
@@ -270,34 +272,65 @@ class _Executor:
 class HostPool(RawPool):
     """Allocations charged through ``grow``/``shrink`` and returned when the array dies."""
 
-    def __init__(self, backend: HostBackend, grow: Grower, shrink: Shrinker) -> None:
+    def __init__(
+        self, backend: HostBackend, grow: Grower, shrink: Shrinker, arena_bytes: int = 0
+    ) -> None:
         self._backend = backend
         self._grow = grow
         self._shrink = shrink
         self._used = 0
         self._lock = threading.Lock()
+        self._arena = Arena(arena_bytes) if arena_bytes else None
+        self._base = backend.alloc_raw(arena_bytes) if arena_bytes else None
 
     def malloc(self, nbytes: int) -> np.ndarray[Any, Any]:
         size = -(-nbytes // _ALIGN) * _ALIGN if nbytes else 0
         self._grow(size)
         try:
-            buf = self._backend.take(size)
+            if self._arena is None or size == 0:
+                buf = owner = self._backend.take(size)
+                offset = -1
+            else:
+                offset = self._carve(size)
+                # A ctypes view of the range owns it: NumPy collapses chains of array views
+                # down to the first non-array base, so every array made from ``buf`` keeps
+                # this object (and its charge) alive, and no longer.
+                owner = (ctypes.c_uint8 * size).from_buffer(self._base, offset)
+                buf = np.frombuffer(owner, dtype=np.uint8)
         except BaseException:
             self._shrink(size)
             raise
         with self._lock:
             self._used += size
-        weakref.finalize(buf, self._release, size)
+        weakref.finalize(owner, self._release, size, offset)
         return buf
 
-    def _release(self, size: int) -> None:
+    def _carve(self, size: int) -> int:
+        assert self._arena is not None
+        offset = self._arena.take(size)
+        if offset is None:
+            raise MemoryError(
+                f"reserved memory is fragmented: no free range of {size} bytes "
+                f"(largest {self._arena.largest_free})"
+            )
+        return offset
+
+    def _release(self, size: int, offset: int) -> None:
         with self._lock:
             self._used -= size
-        self._backend.give_back(size)
+        if offset < 0:
+            self._backend.give_back(size)
+        else:
+            assert self._arena is not None
+            self._arena.give(offset, size)
         self._shrink(size)
 
     def used_bytes(self) -> int:
         return self._used
+
+    def close(self) -> None:
+        self.release_cached()
+        self._base = None  # live allocations keep it alive until they die
 
     def release_cached(self) -> None:
         """Nothing is cached on the host: freed arrays return their bytes at once."""
@@ -367,8 +400,8 @@ class HostBackend(Backend):
     def create_event(self, *, timing: bool = False) -> HostEvent:
         return HostEvent(self._ex, timing)
 
-    def create_pool(self, grow: Grower, shrink: Shrinker) -> HostPool:
-        return HostPool(self, grow, shrink)
+    def create_pool(self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0) -> HostPool:
+        return HostPool(self, grow, shrink, arena_bytes)
 
     def install_router(self, router: Callable[[int], Any]) -> None:
         self._xp._router = router
