@@ -36,3 +36,21 @@ def test_completion_benchmark_runs_on_host(tmp_path: Path) -> None:
     for stats in methods.values():
         assert stats["n"] == 40
         assert 0 < stats["p50_us"] <= stats["p99_us"]
+
+
+def test_isolation_benchmark_runs_on_host(tmp_path: Path) -> None:
+    iso = _load("bench_isolation")
+    r = iso.main(
+        ["--backend", "host", "--samples", "8", "--block-us", "500", "--flood-kernels", "2",
+         "--gap-ms", "1", "--json", str(tmp_path / "iso.json")]
+    )
+    assert set(r["latency"]) == {"alone", "flood/pygpukit", "flood/equal"}
+    assert all(v["n"] == 8 and v["p50_us"] > 0 for v in r["latency"].values())
+    assert r["flood_kernels_per_s"]["solo"] > 0
+
+
+def test_eviction_benchmark_runs_on_host(tmp_path: Path) -> None:
+    ev = _load("bench_eviction")
+    r = ev.main(["--backend", "host", "--gib", "0.03125", "--cycles", "2"])
+    assert len(r["cycles"]) == 2 and all(c["checksum_ok"] for c in r["cycles"])
+    assert r["evict_gbps"] > 0 and r["raw_h2d_gbps"] > 0

@@ -1,0 +1,143 @@
+"""Benchmark 8: BestEffort eviction and restore, against raw pinned copies.
+
+A BestEffort context holds ``--gib`` GiB of random "weights" as an evictable buffer. A
+Guaranteed context is then created that needs that memory: the weights spill to pinned host
+memory. The Guaranteed context goes away and the BestEffort context's next task brings the
+weights back; their checksum must match. Each cycle's spill and restore bandwidth is
+reported beside a raw pinned device-to-host / host-to-device copy of the same size, timed in
+the same process. The first cycle also allocates the pinned host buffer; later cycles reuse
+it.
+
+    python -m bench.bench_eviction [--backend auto] [--gib 1] [--cycles 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import platform
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from pygpukit import QoSPolicy, context_session
+from pygpukit.runtime import Runtime
+
+GIB = 1 << 30
+
+
+def _digest(rt: Runtime, arr: Any) -> str:
+    host = arr.get() if rt.backend.name == "cuda" else arr
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(host)).cast("B"), digest_size=16).hexdigest()
+
+
+def _raw_copies(rt: Runtime, nbytes: int, repeats: int = 3) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds for one pinned D2H and one H2D copy of ``nbytes``."""
+    dev = rt.backend.alloc_raw(nbytes)
+    host = rt.backend.copy_to_host(dev, nbytes)  # allocates the pinned buffer (untimed)
+    d2h, h2d = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        host = rt.backend.copy_to_host(dev, nbytes) if rt.backend.name == "host" else _d2h(rt, dev, host, nbytes)
+        d2h.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rt.backend.copy_from_host(dev, host, nbytes)
+        h2d.append(time.perf_counter() - t0)
+    return min(d2h), min(h2d)
+
+
+def _d2h(rt: Runtime, dev: Any, host: Any, nbytes: int) -> Any:
+    from cupy.cuda import runtime as crt
+
+    crt.memcpy(host.ctypes.data, dev.ptr, nbytes, crt.memcpyDeviceToHost)
+    return host
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    nbytes = int(args.gib * GIB)
+    rt = Runtime(backend=args.backend, vram_limit=3 * nbytes)
+    be = rt.create_context("besteffort", max_vram=nbytes + nbytes // 4, qos=QoSPolicy.BEST_EFFORT)
+    xp = rt.xp
+    with context_session(be):
+        weights = xp.empty(nbytes // 4, dtype=xp.float32)
+        rng = np.random.default_rng(0)
+        chunk = 1 << 24
+        for i in range(0, weights.size, chunk):  # random, not zeros; small temporaries
+            part = rng.standard_normal(min(chunk, weights.size - i), dtype=np.float32)
+            weights[i : i + part.size] = xp.asarray(part)
+    digest = _digest(rt, weights)
+    w = be.evictable(weights)
+    del weights
+    cycles = []
+    for _ in range(args.cycles):
+        t0 = time.perf_counter()
+        g = rt.create_context(  # more than is free while the weights are resident
+            "guaranteed", max_vram=nbytes * 5 // 2, qos=QoSPolicy.GUARANTEED
+        )
+        admit_s = time.perf_counter() - t0
+        assert not w.on_device, "the weights did not spill"
+        rt.destroy_context(g)
+        same = await be.submit(lambda: _digest(rt, w.array) == digest)
+        assert same, "restored weights differ"
+        cycles.append(
+            {
+                "evict_s": w.last_evict_s,
+                "restore_s": w.last_restore_s,
+                "admit_with_eviction_s": admit_s,
+                "evict_gbps": nbytes / w.last_evict_s / 1e9,
+                "restore_gbps": nbytes / w.last_restore_s / 1e9,
+                "checksum_ok": same,
+            }
+        )
+    raw_d2h, raw_h2d = _raw_copies(rt, nbytes)
+    steady = cycles[1:] or cycles
+    out = {
+        "device": rt.device.name,
+        "bytes": nbytes,
+        "cycles": cycles,
+        "raw_d2h_gbps": nbytes / raw_d2h / 1e9,
+        "raw_h2d_gbps": nbytes / raw_h2d / 1e9,
+        "evict_gbps": statistics.median(c["evict_gbps"] for c in steady),
+        "restore_gbps": statistics.median(c["restore_gbps"] for c in steady),
+    }
+    rt.close()
+    return out
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"eviction of {r['bytes'] / GIB:.2f} GiB on {r['device']}")
+    for i, c in enumerate(r["cycles"]):
+        print(
+            f"cycle {i}: spill {c['evict_s'] * 1e3:.1f} ms ({c['evict_gbps']:.1f} GB/s), "
+            f"restore {c['restore_s'] * 1e3:.1f} ms ({c['restore_gbps']:.1f} GB/s), "
+            f"admission incl. spill {c['admit_with_eviction_s'] * 1e3:.1f} ms, checksum ok"
+        )
+    print(
+        f"steady state: spill {r['evict_gbps']:.1f} GB/s = {r['evict_gbps'] / r['raw_d2h_gbps']:.0%}"
+        f" of raw pinned D2H ({r['raw_d2h_gbps']:.1f}); restore {r['restore_gbps']:.1f} GB/s = "
+        f"{r['restore_gbps'] / r['raw_h2d_gbps']:.0%} of raw pinned H2D ({r['raw_h2d_gbps']:.1f})"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--gib", type=float, default=1.0)
+    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    result = asyncio.run(_run(args))
+    result.update(python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

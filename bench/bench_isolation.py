@@ -1,0 +1,199 @@
+"""Benchmark 5: does a BestEffort flood delay a Guaranteed model step?
+
+A Guaranteed "model step" (one kernel filling the GPU for ~``--step-ms``) is timed from
+submission to completion in three situations, in one run:
+
+- ``alone``            through pygpukit (``await g.submit(step)``), nothing else running;
+- ``flood/pygpukit``   the same, while BestEffort tasks keep flooding the GPU through
+                       pygpukit (each task launches ``--flood-kernels`` saturating kernels of
+                       ``--block-us`` per block; the dispatcher keeps 2 in flight);
+- ``flood/equal``      the baseline: the step on a plain stream of *equal* priority while
+                       a thread keeps the same flood (same depth) queued on another plain
+                       stream — no tiers, no scheduler.
+
+It also reports the flood's throughput (kernels/s) alone and while the Guaranteed steps run
+through pygpukit, so the cost to BestEffort is visible. On the host backend, kernels are
+stream items that sleep (small sizes, so CI can run it).
+
+    python -m bench.bench_isolation [--backend auto] [--samples 200] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pygpukit import QoSPolicy
+from pygpukit.runtime import Runtime, Stream
+
+Launch = Callable[[Stream], None]
+
+
+def _kernels(rt: Runtime, step_ms: float, block_us: float) -> tuple[Launch, Launch]:
+    """(step, flood_kernel): functions that enqueue one kernel on a stream."""
+    if rt.backend.name == "host":
+        return (
+            lambda s: s.launch_host_func(lambda: time.sleep(step_ms / 1e3)),
+            lambda s: s.launch_host_func(lambda: time.sleep(block_us / 1e6)),
+        )
+    import cupy
+
+    spin = cupy.RawKernel(
+        r"""extern "C" __global__ void spin(long long ns) {
+            long long t0, t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0)); t = t0;
+            while (t - t0 < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
+        }""",
+        "spin",
+    )
+    sms = rt.device.multiprocessor_count
+    # 128-thread blocks: 16 fill an SM's 2048 thread slots. The step's 4 per SM all start
+    # at once when the GPU is free; the flood's 16 per SM take every slot.
+    step_ns, block_ns = cupy.int64(int(step_ms * 1e6)), cupy.int64(int(block_us * 1e3))
+
+    def step(s: Stream) -> None:
+        spin((sms * 4,), (128,), (step_ns,), stream=s.raw.cp)
+
+    def flood(s: Stream) -> None:
+        spin((sms * 16,), (128,), (block_ns,), stream=s.raw.cp)
+
+    return step, flood
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else float("nan")
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    rt = Runtime(backend=args.backend)
+    step, flood_kernel = _kernels(rt, args.step_ms, args.block_us)
+    g = rt.create_context("guaranteed", max_vram=64 << 20, qos=QoSPolicy.GUARANTEED)
+    be = rt.create_context("besteffort", max_vram=64 << 20, qos=QoSPolicy.BEST_EFFORT)
+    gap = args.gap_ms / 1e3
+    out: dict[str, Any] = {"device": rt.device.name, "backend": rt.backend.name}
+
+    def g_step() -> None:
+        step(g.stream)
+
+    def be_task() -> None:
+        for _ in range(args.flood_kernels):
+            flood_kernel(be.stream)
+
+    async def sample_steps(n: int) -> list[float]:
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await g.submit(g_step)
+            lat.append((time.perf_counter() - t0) * 1e6)
+            await asyncio.sleep(gap)
+        return lat
+
+    async def flood_for(stop: asyncio.Event, count: list[int]) -> None:
+        while not stop.is_set():
+            await be.submit(be_task)
+            count[0] += args.flood_kernels
+
+    async def with_flood(body: Callable[[], Any]) -> tuple[Any, float]:
+        stop, count = asyncio.Event(), [0]
+        workers = [asyncio.create_task(flood_for(stop, count)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        start, before = time.perf_counter(), count[0]
+        result = await body()
+        rate = (count[0] - before) / (time.perf_counter() - start)
+        stop.set()
+        await asyncio.gather(*workers)
+        return result, rate
+
+    for _ in range(10):  # warm-up: launchers, kernels, events
+        await g.submit(g_step)
+    alone = await sample_steps(args.samples)
+
+    async def flood_only() -> None:
+        await asyncio.sleep(args.samples * (gap + args.step_ms / 1e3))
+
+    _, solo_rate = await with_flood(flood_only)
+    flooded, shared_rate = await with_flood(lambda: sample_steps(args.samples))
+
+    # Baseline: equal priorities, no scheduler; the same flood depth kept queued.
+    least = rt.device.priority_range[0]
+    s_step, s_flood = rt.create_stream(least), rt.create_stream(least)
+    depth = 2 * args.flood_kernels
+    stop = threading.Event()
+
+    def flood_thread() -> None:
+        events: list[Any] = []
+        while not stop.is_set():
+            flood_kernel(s_flood)
+            events.append(s_flood.record())
+            if len(events) >= depth:
+                events.pop(0).synchronize()
+
+    t = threading.Thread(target=flood_thread, daemon=True)
+    t.start()
+    await asyncio.sleep(0.05)
+    equal = []
+    for _ in range(args.samples):
+        t0 = time.perf_counter()
+        step(s_step)
+        await s_step
+        equal.append((time.perf_counter() - t0) * 1e6)
+        await asyncio.sleep(gap)
+    stop.set()
+    t.join()
+    s_flood.synchronize()
+
+    def row(xs: list[float]) -> dict[str, float]:
+        return {"p50_us": _pct(xs, 50), "p99_us": _pct(xs, 99), "n": len(xs)}
+
+    out["latency"] = {"alone": row(alone), "flood/pygpukit": row(flooded), "flood/equal": row(equal)}
+    out["flood_kernels_per_s"] = {"solo": solo_rate, "with_guaranteed": shared_rate}
+    out["guaranteed_gpu_share"] = args.step_ms / (args.step_ms + args.gap_ms)
+    rt.close()
+    return out
+
+
+def print_table(r: dict[str, Any]) -> None:
+    lat = r["latency"]
+    alone = lat["alone"]["p50_us"]
+    print(f"QoS isolation on {r['device']}")
+    print(f"{'situation':<16} {'p50 us':>10} {'p99 us':>10} {'p99 / alone p99':>16}")
+    for name, v in lat.items():
+        ratio = v["p99_us"] / lat["alone"]["p99_us"]
+        print(f"{name:<16} {v['p50_us']:>10.0f} {v['p99_us']:>10.0f} {ratio:>15.2f}x")
+    eq, pg = lat["flood/equal"]["p99_us"], lat["flood/pygpukit"]["p99_us"]
+    rates = r["flood_kernels_per_s"]
+    kept = rates["with_guaranteed"] / rates["solo"] if rates["solo"] else float("nan")
+    print(f"equal-priority p99 / pygpukit p99: {eq / pg:.1f}x  (alone p50 {alone:.0f} us)")
+    print(
+        f"BestEffort flood: {rates['solo']:.0f} kernels/s alone, {rates['with_guaranteed']:.0f}"
+        f" with Guaranteed steps ({kept:.0%} kept; Guaranteed duty {r['guaranteed_gpu_share']:.0%})"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--step-ms", type=float, default=1.0)
+    p.add_argument("--block-us", type=float, default=100.0)
+    p.add_argument("--flood-kernels", type=int, default=10)
+    p.add_argument("--gap-ms", type=float, default=4.0, help="pause between Guaranteed steps")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    result = asyncio.run(_run(args))
+    result.update(python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
