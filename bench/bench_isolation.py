@@ -5,8 +5,9 @@ submission to completion in three situations, in one run:
 
 - ``alone``            through pygpukit (``await g.submit(step)``), nothing else running;
 - ``flood/pygpukit``   the same, while BestEffort tasks keep flooding the GPU through
-                       pygpukit (each task launches ``--flood-kernels`` saturating kernels of
-                       ``--block-us`` per block; the dispatcher keeps 2 in flight);
+                       pygpukit (each task launches ``--flood-kernels`` kernels of ``--waves``
+                       rounds of ``--block-us`` blocks that fill every SM; the dispatcher
+                       keeps 2 tasks in flight);
 - ``flood/equal``      the baseline: the step on a plain stream of *equal* priority while
                        a thread keeps the same flood (same depth) queued on another plain
                        stream — no tiers, no scheduler.
@@ -35,12 +36,14 @@ from pygpukit.runtime import Runtime, Stream
 Launch = Callable[[Stream], None]
 
 
-def _kernels(rt: Runtime, step_ms: float, block_us: float) -> tuple[Launch, Launch]:
+def _kernels(
+    rt: Runtime, step_ms: float, block_us: float, waves: int
+) -> tuple[Launch, Launch]:
     """(step, flood_kernel): functions that enqueue one kernel on a stream."""
     if rt.backend.name == "host":
         return (
             lambda s: s.launch_host_func(lambda: time.sleep(step_ms / 1e3)),
-            lambda s: s.launch_host_func(lambda: time.sleep(block_us / 1e6)),
+            lambda s: s.launch_host_func(lambda: time.sleep(waves * block_us / 1e6)),
         )
     import cupy
 
@@ -59,8 +62,8 @@ def _kernels(rt: Runtime, step_ms: float, block_us: float) -> tuple[Launch, Laun
     def step(s: Stream) -> None:
         spin((sms * 4,), (128,), (step_ns,), stream=s.raw.cp)
 
-    def flood(s: Stream) -> None:
-        spin((sms * 16,), (128,), (block_ns,), stream=s.raw.cp)
+    def flood(s: Stream) -> None:  # `waves` rounds of blocks filling every SM
+        spin((sms * 16 * waves,), (128,), (block_ns,), stream=s.raw.cp)
 
     return step, flood
 
@@ -72,7 +75,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     rt = Runtime(backend=args.backend)
-    step, flood_kernel = _kernels(rt, args.step_ms, args.block_us)
+    step, flood_kernel = _kernels(rt, args.step_ms, args.block_us, args.waves)
     g = rt.create_context("guaranteed", max_vram=64 << 20, qos=QoSPolicy.GUARANTEED)
     be = rt.create_context("besteffort", max_vram=64 << 20, qos=QoSPolicy.BEST_EFFORT)
     gap = args.gap_ms / 1e3
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--step-ms", type=float, default=1.0)
     p.add_argument("--block-us", type=float, default=100.0)
-    p.add_argument("--flood-kernels", type=int, default=10)
+    p.add_argument("--waves", type=int, default=20, help="block rounds per flood kernel")
+    p.add_argument("--flood-kernels", type=int, default=2, help="flood kernels per task")
     p.add_argument("--gap-ms", type=float, default=4.0, help="pause between Guaranteed steps")
     p.add_argument("--json")
     args = p.parse_args(argv)

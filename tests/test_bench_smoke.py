@@ -41,7 +41,7 @@ def test_completion_benchmark_runs_on_host(tmp_path: Path) -> None:
 def test_isolation_benchmark_runs_on_host(tmp_path: Path) -> None:
     iso = _load("bench_isolation")
     r = iso.main(
-        ["--backend", "host", "--samples", "8", "--block-us", "500", "--flood-kernels", "2",
+        ["--backend", "host", "--samples", "8", "--block-us", "100", "--waves", "5",
          "--gap-ms", "1", "--json", str(tmp_path / "iso.json")]
     )
     assert set(r["latency"]) == {"alone", "flood/pygpukit", "flood/equal"}

@@ -27,8 +27,10 @@ def _weights(rt: Runtime, ctx, nbytes: int):  # type: ignore[no-untyped-def]
         n = nbytes // 4
         w = xp.empty(n, dtype=xp.float32)  # charged to ctx on both backends
         step = n // 8
-        for i in range(0, n, step):  # a pattern, not zeros; small temporaries
-            w[i : i + step] = xp.arange(i, min(i + step, n), dtype=xp.float32) * 3 + 1
+        for i in range(0, n, step):  # a pattern, not zeros; one small temporary at a time
+            w[i : i + step] = xp.arange(i, min(i + step, n), dtype=xp.float32)
+        w *= 3  # in place: no temporaries
+        w += 1
     return w
 
 
