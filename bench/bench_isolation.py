@@ -8,6 +8,8 @@ submission to completion in three situations, in one run:
                        pygpukit (each task launches ``--flood-kernels`` kernels of ``--waves``
                        rounds of ``--block-us`` blocks that fill every SM; the dispatcher
                        keeps 2 tasks in flight);
+- ``alone/inline``     the step launched inline on a plain stream and awaited (what
+                       ``submit`` adds on top of the kernel);
 - ``flood/equal``      the baseline: the step on a plain stream of *equal* priority while
                        a thread keeps the same flood (same depth) queued on another plain
                        stream — no tiers, no scheduler.
@@ -116,6 +118,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(10):  # warm-up: launchers, kernels, events
         await g.submit(g_step)
     alone = await sample_steps(args.samples)
+    # The same step launched inline on a plain stream and awaited: what submit() adds.
+    s_raw = rt.create_stream(rt.device.priority_range[1])
+    raw = []
+    for _ in range(args.samples):
+        t0 = time.perf_counter()
+        step(s_raw)
+        await s_raw
+        raw.append((time.perf_counter() - t0) * 1e6)
+        await asyncio.sleep(gap)
 
     async def flood_only() -> None:
         await asyncio.sleep(args.samples * (gap + args.step_ms / 1e3))
@@ -154,7 +165,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     def row(xs: list[float]) -> dict[str, float]:
         return {"p50_us": _pct(xs, 50), "p99_us": _pct(xs, 99), "n": len(xs)}
 
-    out["latency"] = {"alone": row(alone), "flood/pygpukit": row(flooded), "flood/equal": row(equal)}
+    out["latency"] = {
+        "alone": row(alone),
+        "alone/inline": row(raw),
+        "flood/pygpukit": row(flooded),
+        "flood/equal": row(equal),
+    }
     out["flood_kernels_per_s"] = {"solo": solo_rate, "with_guaranteed": shared_rate}
     out["guaranteed_gpu_share"] = args.step_ms / (args.step_ms + args.gap_ms)
     rt.close()

@@ -44,7 +44,7 @@ def test_isolation_benchmark_runs_on_host(tmp_path: Path) -> None:
         ["--backend", "host", "--samples", "8", "--block-us", "100", "--waves", "5",
          "--gap-ms", "1", "--json", str(tmp_path / "iso.json")]
     )
-    assert set(r["latency"]) == {"alone", "flood/pygpukit", "flood/equal"}
+    assert set(r["latency"]) == {"alone", "alone/inline", "flood/pygpukit", "flood/equal"}
     assert all(v["n"] == 8 and v["p50_us"] > 0 for v in r["latency"].values())
     assert r["flood_kernels_per_s"]["solo"] > 0
 
