@@ -80,9 +80,7 @@ def _methods(rt_native: Runtime, rt_python: Runtime) -> dict[str, tuple[Runtime,
     }
 
 
-async def _measure(
-    rt: Runtime, method: Method, stream: Stream, n: int, warmup: int
-) -> list[float]:
+async def _measure(rt: Runtime, method: Method, stream: Stream, n: int, warmup: int) -> list[float]:
     launch = _launcher(rt)
     samples = []
     clock = time.perf_counter_ns
@@ -166,7 +164,9 @@ def print_table(result: dict[str, Any]) -> None:
         base = res["pygpukit"]["p50_us"]
         for name, r in res.items():
             ratio = r["p50_us"] / base if base else float("nan")
-            print(f"{flavour:<8} {name:<12} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {ratio:>15.2f}x")
+            print(
+                f"{flavour:<8} {name:<12} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {ratio:>15.2f}x"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -32,7 +32,9 @@ GIB = 1 << 30
 
 def _digest(rt: Runtime, arr: Any) -> str:
     host = arr.get() if rt.backend.name == "cuda" else arr
-    return hashlib.blake2b(memoryview(np.ascontiguousarray(host)).cast("B"), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        memoryview(np.ascontiguousarray(host)).cast("B"), digest_size=16
+    ).hexdigest()
 
 
 def _raw_copies(rt: Runtime, nbytes: int, repeats: int = 3) -> tuple[float, float]:
@@ -42,7 +44,11 @@ def _raw_copies(rt: Runtime, nbytes: int, repeats: int = 3) -> tuple[float, floa
     d2h, h2d = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        host = rt.backend.copy_to_host(dev, nbytes) if rt.backend.name == "host" else _d2h(rt, dev, host, nbytes)
+        host = (
+            rt.backend.copy_to_host(dev, nbytes)
+            if rt.backend.name == "host"
+            else _d2h(rt, dev, host, nbytes)
+        )
         d2h.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         rt.backend.copy_from_host(dev, host, nbytes)
@@ -116,8 +122,9 @@ def print_table(r: dict[str, Any]) -> None:
             f"restore {c['restore_s'] * 1e3:.1f} ms ({c['restore_gbps']:.1f} GB/s), "
             f"admission incl. spill {c['admit_with_eviction_s'] * 1e3:.1f} ms, checksum ok"
         )
+    spill_ratio = r["evict_gbps"] / r["raw_d2h_gbps"]
     print(
-        f"steady state: spill {r['evict_gbps']:.1f} GB/s = {r['evict_gbps'] / r['raw_d2h_gbps']:.0%}"
+        f"steady state: spill {r['evict_gbps']:.1f} GB/s = {spill_ratio:.0%}"
         f" of raw pinned D2H ({r['raw_d2h_gbps']:.1f}); restore {r['restore_gbps']:.1f} GB/s = "
         f"{r['restore_gbps'] / r['raw_h2d_gbps']:.0%} of raw pinned H2D ({r['raw_h2d_gbps']:.1f})"
     )

@@ -38,9 +38,7 @@ from pygpukit.runtime import Runtime, Stream
 Launch = Callable[[Stream], None]
 
 
-def _kernels(
-    rt: Runtime, step_ms: float, block_us: float, waves: int
-) -> tuple[Launch, Launch]:
+def _kernels(rt: Runtime, step_ms: float, block_us: float, waves: int) -> tuple[Launch, Launch]:
     """(step, flood_kernel): functions that enqueue one kernel on a stream."""
     if rt.backend.name == "host":
         return (

@@ -7,6 +7,7 @@ constructors on the host backend).
 
 from typing import Any
 
+from . import qos as _qos  # noqa: F401 - registers the task scheduler with every Runtime
 from ._exceptions import AdmissionRejected as AdmissionRejected
 from ._exceptions import BackendUnavailable as BackendUnavailable
 from ._exceptions import ContextClosed as ContextClosed
@@ -33,7 +34,6 @@ from .runtime import context_session as context_session
 from .runtime import current_context as current_context
 from .runtime import current_stream as current_stream
 from .runtime import hook_event_loop as hook_event_loop
-from . import qos as _qos  # registers the per-tier task scheduler with every Runtime
 
 __version__ = "0.1.0"
 

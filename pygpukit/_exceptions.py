@@ -151,8 +151,7 @@ class NotInitialized(PygpukitError, RuntimeError):
 
     def __init__(self, what: str) -> None:
         super().__init__(
-            f"{what}() needs the default runtime; call "
-            "pygpukit.scheduler.initialize() first"
+            f"{what}() needs the default runtime; call pygpukit.scheduler.initialize() first"
         )
 
 

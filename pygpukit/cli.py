@@ -23,7 +23,9 @@ def _info(args: argparse.Namespace) -> int:
             "total memory": _fmt_bytes(total),
             "free memory": _fmt_bytes(free),
             "managed by pygpukit": _fmt_bytes(rt.ledger.capacity),
-            "stream priorities": f"{d.priority_range[0]} (least) .. {d.priority_range[1]} (greatest)",
+            "stream priorities": (
+                f"{d.priority_range[0]} (least) .. {d.priority_range[1]} (greatest)"
+            ),
             "multiprocessors": str(d.multiprocessor_count),
             "compute capability": d.compute_capability or "-",
             "driver": d.driver or "-",

@@ -27,7 +27,18 @@ bench_completion = _load("bench_completion")
 def test_completion_benchmark_runs_on_host(tmp_path: Path) -> None:
     out = tmp_path / "completion.json"
     result = bench_completion.main(
-        ["--backend", "host", "--n", "40", "--warmup", "4", "--loops", "asyncio", "--json", str(out)]
+        [
+            "--backend",
+            "host",
+            "--n",
+            "40",
+            "--warmup",
+            "4",
+            "--loops",
+            "asyncio",
+            "--json",
+            str(out),
+        ]
     )
     saved = json.loads(out.read_text())
     assert saved["loops"].keys() == result["loops"].keys() == {"asyncio"}
@@ -41,8 +52,20 @@ def test_completion_benchmark_runs_on_host(tmp_path: Path) -> None:
 def test_isolation_benchmark_runs_on_host(tmp_path: Path) -> None:
     iso = _load("bench_isolation")
     r = iso.main(
-        ["--backend", "host", "--samples", "8", "--block-us", "100", "--waves", "5",
-         "--gap-ms", "1", "--json", str(tmp_path / "iso.json")]
+        [
+            "--backend",
+            "host",
+            "--samples",
+            "8",
+            "--block-us",
+            "100",
+            "--waves",
+            "5",
+            "--gap-ms",
+            "1",
+            "--json",
+            str(tmp_path / "iso.json"),
+        ]
     )
     assert set(r["latency"]) == {"alone", "alone/inline", "flood/pygpukit", "flood/equal"}
     assert all(v["n"] == 8 and v["p50_us"] > 0 for v in r["latency"].values())

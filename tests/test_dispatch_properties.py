@@ -54,7 +54,9 @@ def test_launches_respect_tier_then_priority_then_arrival(
 
     d = Dispatcher(
         launch,
-        DispatcherConfig(tier_in_flight=CAPS, context_in_flight=None, max_queued=None, strict=strict),
+        DispatcherConfig(
+            tier_in_flight=CAPS, context_in_flight=None, max_queued=None, strict=strict
+        ),
         clock=lambda: clock[0],
     )
     submitted: list[Task] = []

@@ -63,7 +63,9 @@ def _nothing_created(rt: Runtime, names: list[str], reserved: int) -> None:
         ),
     ],
 )
-def test_bad_create_context_arguments(host_rt: Runtime, kwargs: dict[str, object], message: str) -> None:
+def test_bad_create_context_arguments(
+    host_rt: Runtime, kwargs: dict[str, object], message: str
+) -> None:
     with pytest.raises(InvalidArgument, match=message) as info:
         host_rt.create_context("m", **kwargs)  # type: ignore[arg-type]
     assert isinstance(info.value, (ValueError, PygpukitError))
@@ -138,7 +140,8 @@ def test_handles_cannot_be_constructed_directly() -> None:
 
 def test_bad_stream_priority(host_rt: Runtime) -> None:
     with pytest.raises(
-        InvalidArgument, match=r"^stream priority 3 is outside this device's range -5 \(greatest\) to 0 \(least\)$"
+        InvalidArgument,
+        match=r"^stream priority 3 is outside this device's range -5 \(greatest\) to 0 \(least\)$",
     ):
         host_rt.create_stream(priority=3)
 

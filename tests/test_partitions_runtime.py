@@ -8,7 +8,14 @@ import time
 import anyio
 import pytest
 
-from pygpukit import MB, AdmissionRejected, InvalidArgument, QoSPolicy, VRAMBudgetExceeded, context_session
+from pygpukit import (
+    MB,
+    AdmissionRejected,
+    InvalidArgument,
+    QoSPolicy,
+    VRAMBudgetExceeded,
+    context_session,
+)
 from pygpukit.lowlevel import PartitionConfig, PartitionLimits, PartitionManager
 from pygpukit.runtime import Runtime
 
@@ -17,7 +24,9 @@ pytestmark = pytest.mark.anyio
 
 def _manager(rt: Runtime) -> PartitionManager:
     manager = PartitionManager(PartitionConfig(total_memory=rt.ledger.capacity))
-    manager.create_partition("inference", "Inference", PartitionLimits().memory(32 * MB).compute(0.5))
+    manager.create_partition(
+        "inference", "Inference", PartitionLimits().memory(32 * MB).compute(0.5)
+    )
     manager.create_partition("training", "Training", PartitionLimits().memory(64 * MB).compute(0.5))
     rt.scheduler.use_partitions(manager)  # type: ignore[union-attr]
     return manager
@@ -45,7 +54,9 @@ def test_a_partition_memory_limit_holds_over_all_its_contexts(rt: Runtime) -> No
 
 
 def test_unknown_partition_and_missing_manager(rt: Runtime) -> None:
-    with pytest.raises(InvalidArgument, match=r"call use_partitions\(PartitionManager\(\.\.\.\)\) first"):
+    with pytest.raises(
+        InvalidArgument, match=r"call use_partitions\(PartitionManager\(\.\.\.\)\) first"
+    ):
         rt.create_context("a", max_vram=MB, partition="inference")
     _manager(rt)
     with pytest.raises(InvalidArgument):

@@ -16,7 +16,8 @@ def test_all_matches_public_names(name: str) -> None:
     public = {
         k
         for k, v in vars(module).items()
-        if not k.startswith("_") and getattr(v, "__module__", None) is not None
+        if not k.startswith("_")
+        and getattr(v, "__module__", None) is not None
         and not isinstance(v, type(importlib))
         and (getattr(v, "__module__", "") or "").startswith("pygpukit")
     }

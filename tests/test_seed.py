@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import seed_models
-from pygpukit import GB, MB, QoSPolicy, VRAMBudgetExceeded, scheduler
+
+from pygpukit import GB, MB, VRAMBudgetExceeded, scheduler
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "seed" / "scheduler.md"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "scheduler.md"
@@ -29,7 +29,10 @@ LATER: set[int] = set()  # snippets not delivered yet (0-based); none now
 
 def snippets() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    return [b.replace("import _pygpukit_rust as rust", "import pygpukit.lowlevel as rust") for b in blocks]
+    return [
+        b.replace("import _pygpukit_rust as rust", "import pygpukit.lowlevel as rust")
+        for b in blocks
+    ]
 
 
 def test_vendored_seed_matches_the_shared_one() -> None:

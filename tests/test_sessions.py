@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from pygpukit import MB, context_session, current_context, current_stream
@@ -40,7 +41,7 @@ async def test_interleaved_tasks_see_their_own_context_stream_and_budget(rt: Run
                 log.append(ctx.name)
                 ctx.stream.launch_host_func(lambda: None)
                 await ctx.stream  # a real GPU wait: the other task runs meanwhile
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
         assert current_context() is None
 
     async with anyio.create_task_group() as tg:

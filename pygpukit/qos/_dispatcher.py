@@ -27,7 +27,7 @@ from typing import Any
 from .._exceptions import DeadlineExceeded, QueueFull
 from ..runtime._tiers import QoSPolicy
 
-__all__ = ("DispatcherConfig", "Dispatcher", "Task", "TaskState")
+__all__ = ("Dispatcher", "DispatcherConfig", "Task", "TaskState")
 
 RANK = {QoSPolicy.GUARANTEED: 0, QoSPolicy.BURSTABLE: 1, QoSPolicy.BEST_EFFORT: 2}
 

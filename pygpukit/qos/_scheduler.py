@@ -174,7 +174,9 @@ class RuntimeScheduler:
         if tier is QoSPolicy.GUARANTEED:
             meta = QosTaskMeta.guaranteed(task_id, name, max_vram)
         elif tier is QoSPolicy.BURSTABLE:
-            meta = QosTaskMeta.burstable(task_id, name, base_vram, burst_memory=max_vram - base_vram)
+            meta = QosTaskMeta.burstable(
+                task_id, name, base_vram, burst_memory=max_vram - base_vram
+            )
         else:
             meta = QosTaskMeta.best_effort(task_id, name, 0)
         if partition is not None and self.partitions is None:

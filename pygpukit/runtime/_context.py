@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextClosed, _fmt_bytes
-from ._evict import EvictionMixin
+from ._evict import Evictable, EvictionMixin
 from ._tiers import QoSPolicy
 
 if TYPE_CHECKING:
@@ -101,6 +101,20 @@ class ExecutionContext(EvictionMixin):
         "state",
         "stream",
     )
+    _account: Account
+    _busy: int
+    _evict_lock: threading.RLock
+    _evictables: set[Evictable]
+    _pool: RawPool
+    _runtime: Runtime
+    _stats: _Stats
+    base_vram: int
+    max_vram: int
+    name: str
+    partition: str | None
+    qos: QoSPolicy
+    state: ContextState
+    stream: Stream
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(

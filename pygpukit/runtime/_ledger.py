@@ -31,16 +31,16 @@ class Account:
     """One context's (or the unscoped allocations') line in the ledger."""
 
     __slots__ = (
+        "charge_hook",
         "closed",
         "held",
         "max_vram",
         "name",
-        "charge_hook",
         "owner",
         "peak",
+        "reclaim",
         "release_hook",
         "reserved",
-        "reclaim",
         "tier",
         "trim",
     )
@@ -205,7 +205,8 @@ class Ledger:
         elif handlers and not approved:
             reason = "a memory-pressure handler refused"
         else:
-            reason = f"not enough unreserved memory for a {a.tier.name if a.tier else 'unscoped'} allocation"
+            kind = a.tier.name if a.tier else "unscoped"
+            reason = f"not enough unreserved memory for a {kind} allocation"
         raise VRAMBudgetExceeded(a.name, n, available, a.max_vram, reason)
 
     def shrink(self, a: Account, n: int) -> None:

@@ -239,7 +239,7 @@ def _current_task_is_hooked() -> tuple[bool, object | None]:
     return isinstance(task.get_coro(), _BoundCoroutine), task
 
 
-class context_session:  # noqa: N801 - the seed's name, used like a function
+class context_session:
     """Run the enclosed code in ``ctx``: its stream is current, its budget is charged.
 
     Works as ``with`` (a thread) and ``async with`` (the calling task only). Sessions

@@ -35,6 +35,10 @@ class Stream:
     """
 
     __slots__ = ("__weakref__", "_backend", "_bridge", "_raw", "state")
+    _backend: Backend
+    _bridge: CompletionBridge
+    _raw: RawStream
+    state: HandleState
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
@@ -139,6 +143,10 @@ class Event:
     """A point in a stream; complete when the work recorded before it has run."""
 
     __slots__ = ("__weakref__", "_backend", "_bridge", "_raw", "state")
+    _backend: Backend
+    _bridge: CompletionBridge
+    _raw: RawEvent
+    state: HandleState
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(

@@ -344,8 +344,7 @@ class HostBackend(Backend):
     def __init__(self, device_id: int = 0) -> None:
         if device_id != 0:
             raise InvalidArgument(
-                f"device_id={device_id} does not exist on the host backend; it has one "
-                "device, 0"
+                f"device_id={device_id} does not exist on the host backend; it has one device, 0"
             )
         self.device_id = 0
         units = int(os.environ.get("PYGPUKIT_HOST_WORKERS", "0") or 0)
