@@ -5,8 +5,10 @@ item) and measures, on the event loop, the time from just before the launch unti
 awaiting coroutine runs again. One sample at a time, after a warm-up. Methods, all in the
 same process, on the same stream:
 
-- ``pygpukit``      ``await stream`` through the completion bridge (native channel)
-- ``pygpukit-py``   the same bridge on its pure-Python channel (extension not built)
+- ``pygpukit``      ``await stream``: a bounded spin on the stream query (20 us by
+                    default), then the completion bridge (native channel)
+- ``bridge-only``   the same without the spin: the GIL-free host function and eventfd
+- ``pygpukit-py``   the bridge on its pure-Python channel (extension not built), no spin
 - ``hostfn+cst``    a Python host function calling ``loop.call_soon_threadsafe``
 - ``to_thread``     ``await asyncio.to_thread(event.synchronize)``
 - ``poll``          ``while not event.query(): await asyncio.sleep(0)``
@@ -56,6 +58,14 @@ def _methods(rt_native: Runtime, rt_python: Runtime) -> dict[str, tuple[Runtime,
     async def bridge(s: Stream) -> None:
         await s
 
+    async def no_spin(s: Stream) -> None:
+        bridge = s._bridge
+        saved, bridge.spin_us = bridge.spin_us, 0
+        try:
+            await s
+        finally:
+            bridge.spin_us = saved
+
     async def hostfn(s: Stream) -> None:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -73,7 +83,8 @@ def _methods(rt_native: Runtime, rt_python: Runtime) -> dict[str, tuple[Runtime,
 
     return {
         "pygpukit": (rt_native, bridge),
-        "pygpukit-py": (rt_python, bridge),
+        "bridge-only": (rt_native, no_spin),
+        "pygpukit-py": (rt_python, no_spin),
         "hostfn+cst": (rt_native, hostfn),
         "to_thread": (rt_native, to_thread),
         "poll": (rt_native, poll),
@@ -92,6 +103,26 @@ async def _measure(rt: Runtime, method: Method, stream: Stream, n: int, warmup: 
         if i >= warmup:
             samples.append((t1 - t0) / 1e3)
     return samples
+
+
+async def _idle_cpu(rt: Runtime, method: Method, stream: Stream, seconds: float = 0.5) -> float:
+    """Share of one core the process uses while awaiting ``seconds`` of device work."""
+    if rt.backend.name == "host":
+        stream.launch_host_func(lambda: time.sleep(seconds))
+    else:
+        import cupy
+
+        spin = cupy.RawKernel(
+            r"""extern "C" __global__ void spin(long long ns) {
+                long long t0, t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0)); t = t0;
+                while (t - t0 < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
+            }""",
+            "spin",
+        )
+        spin((1,), (1,), (cupy.int64(int(seconds * 1e9)),), stream=stream.raw.cp)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await method(stream)
+    return (time.process_time() - cpu0) / (time.perf_counter() - wall0)
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -120,6 +151,10 @@ async def _run_all(backend: str, n: int, warmup: int) -> dict[str, Any]:
                 "mean_us": statistics.fmean(xs),
                 "n": len(xs),
             }
+        results["_idle_cpu"] = {
+            name: await _idle_cpu(rt_native, methods[name][1], streams[id(rt_native)])
+            for name in ("pygpukit", "poll")
+        }
         results["_device"] = rt_native.device.name
         results["_native_bridge"] = rt_native.bridge.stats().native
     finally:
@@ -145,6 +180,7 @@ def run(backend: str, n: int, warmup: int, loops: list[str]) -> dict[str, Any]:
             res = uvloop.run(_run_all(backend, n, warmup))
         else:
             res = asyncio.run(_run_all(backend, n, warmup))
+        out.setdefault("idle_cpu", {})[flavour] = res.pop("_idle_cpu")
         out["device"] = res.pop("_device")
         out["native_bridge"] = res.pop("_native_bridge")
         out["loops"][flavour] = res

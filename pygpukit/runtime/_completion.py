@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import time
 import threading
 import weakref
 from collections.abc import Callable
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ("BridgeStats", "CompletionBridge", "default_bridge")
 
 CAPACITY = 1 << 18  # live waiters at most; the ring holds exactly this many
+DEFAULT_SPIN_US = 20.0  # bench/RESULTS.md §1: a trivial kernel completes in ~15 us
 
 
 class _Channel(Protocol):
@@ -142,6 +144,7 @@ class CompletionBridge:
         self._free = list(range(CAPACITY - 1, -1, -1))
         self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._interval = watchdog_interval
+        self.spin_us = float(os.environ.get("PYGPUKIT_SPIN_US", DEFAULT_SPIN_US))
         self._wake = threading.Event()
         self._watchdog: threading.Thread | None = None
 
@@ -149,8 +152,21 @@ class CompletionBridge:
     async def wait(self, target: RawStream | RawEvent, backend: Backend) -> None:
         """Return once the work ``target`` marks has run on the device.
 
+        Short work is caught by querying for up to :attr:`spin_us` microseconds first (the
+        loop is held that long at most, and never while idle); longer work sleeps on the
+        bridge.
+
         :raises CudaError: the device faulted while we waited
         """
+        if self.spin_us > 0 and backend.spin_helps:
+            query = target.query
+            end = time.perf_counter_ns() + self.spin_us * 1000
+            while True:
+                if query():
+                    await _checkpoint()  # an await is a scheduling point, done or not
+                    return
+                if time.perf_counter_ns() >= end:
+                    break
         self.attach()
         one = Oneshot()
         self.on_done(target, backend, lambda exc: one.set(None, exc))
@@ -307,6 +323,15 @@ class CompletionBridge:
                 w.resolve(error)
                 failed += 1
         return failed
+
+
+async def _checkpoint() -> None:
+    if asyncio._get_running_loop() is not None:
+        await asyncio.sleep(0)
+    else:
+        import trio
+
+        await trio.lowlevel.checkpoint()
 
 
 _stop = threading.Event()

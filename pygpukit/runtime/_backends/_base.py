@@ -153,6 +153,9 @@ class Backend(ABC):
 
     name: ClassVar[str]
     device_id: int
+    #: Whether a brief query loop can catch completions sooner than a sleep: true where the
+    #: device runs without the GIL (CUDA), false on the host executor, whose work needs it.
+    spin_helps: ClassVar[bool] = False
 
     @abstractmethod
     def info(self) -> DeviceInfo:

@@ -256,6 +256,7 @@ class CudaBackend(Backend):
     """One CUDA device through CuPy."""
 
     name = "cuda"
+    spin_helps = True
 
     def __init__(self, device_id: int = 0) -> None:
         try:

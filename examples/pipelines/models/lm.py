@@ -1,0 +1,243 @@
+"""TinyLM: a small decoder-only transformer over bytes, with a KV cache.
+
+The weights are **random** by default (``init_weights(seed)``); the model is real — it runs
+the full computation of a GPT-style decoder — but it is untrained, so its text is noise.
+Load trained weights with :meth:`TinyLM.load` if you have some in the same layout.
+
+Default size (``LMConfig()``): vocab 258 (256 bytes + BOS + EOS), d_model 128, 2 layers,
+4 heads, d_ff 512, max_len 256 → 462,592 parameters, 1,850,368 bytes of float32 weights
+(the output head is tied to the token embedding). A full KV cache adds
+``2 * n_layers * max_len * d_model * 4`` = 524,288 bytes while a generation runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .layers import Model, ParamSpec, encoder_block, layer_norm, to_host, transformer_block_specs
+
+__all__ = ("BOS", "EOS", "VOCAB_SIZE", "KVCache", "LMConfig", "TinyLM", "decode", "encode")
+
+BOS = 256
+EOS = 257
+VOCAB_SIZE = 258
+SENTENCE_END = frozenset(b".!?")
+
+
+def encode(text: str, *, bos: bool = True) -> list[int]:
+    """UTF-8 bytes of ``text`` as token ids, after a BOS token."""
+    ids = list(text.encode("utf-8"))
+    return [BOS, *ids] if bos else ids
+
+
+def decode(ids: Sequence[int]) -> str:
+    """Text from token ids (BOS/EOS dropped, invalid UTF-8 replaced)."""
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 512
+    max_len: int = 256
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"LMConfig.{name} must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError("LMConfig.d_model must be a multiple of n_heads")
+        if self.max_len < 2:
+            raise ValueError("LMConfig.max_len must be at least 2")
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer key/value caches, each ``(n_heads, max_len, d_head)`` float32."""
+
+    keys: list[Any]
+    values: list[Any]
+    length: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (*self.keys, *self.values))
+
+
+class TinyLM(Model):
+    """Decoder-only byte-level transformer with random weights by default.
+
+    ``TinyLM(config=None, *, xp=numpy, seed=0)``: token + learned position embeddings,
+    pre-LayerNorm blocks (causal multi-head self-attention, GELU MLP), final LayerNorm and
+    an output head tied to the token embedding. All arrays are allocated through ``xp``.
+    """
+
+    config_cls = LMConfig
+    config: LMConfig
+
+    def param_specs(self) -> dict[str, ParamSpec]:
+        c = self.config
+        std = c.init_std
+        out_std = std / math.sqrt(2 * c.n_layers)
+        specs = {
+            "tok_emb": ParamSpec((VOCAB_SIZE, c.d_model), std),
+            "pos_emb": ParamSpec((c.max_len, c.d_model), std),
+        }
+        for prefix in self._iter_blocks(c.n_layers):
+            specs.update(transformer_block_specs(prefix, c.d_model, c.d_ff, std, out_std))
+        specs["ln_f.g"] = ParamSpec((c.d_model,), "ones")
+        specs["ln_f.b"] = ParamSpec((c.d_model,), "zeros")
+        return specs
+
+    # ------------------------------------------------------------------ forward
+    def new_cache(self) -> KVCache:
+        """Empty KV caches for one sequence (allocated through ``xp``)."""
+        c, xp = self.config, self.xp
+        shape = (c.n_heads, c.max_len, c.d_model // c.n_heads)
+        return KVCache(
+            keys=[xp.zeros(shape, dtype=xp.float32) for _ in range(c.n_layers)],
+            values=[xp.zeros(shape, dtype=xp.float32) for _ in range(c.n_layers)],
+        )
+
+    def _check_tokens(self, tokens: Sequence[int], start: int) -> list[int]:
+        ids = [int(t) for t in tokens]
+        if not ids:
+            raise ValueError("no tokens")
+        if start + len(ids) > self.config.max_len:
+            raise ValueError(
+                f"{start + len(ids)} positions exceed max_len={self.config.max_len}"
+            )
+        if min(ids) < 0 or max(ids) >= VOCAB_SIZE:
+            raise ValueError(f"token ids must be in [0, {VOCAB_SIZE})")
+        return ids
+
+    def _forward(self, tokens: Sequence[int], cache: KVCache | None, start: int = 0) -> Any:
+        """Logits ``(T, vocab)`` for ``tokens`` at positions ``start .. start+T``.
+
+        With a cache, keys/values of these tokens are appended to it and attention reads
+        the earlier positions from it.
+        """
+        xp, c, p = self.xp, self.config, self.params
+        ids = self._check_tokens(tokens, start)
+        t = len(ids)
+        idx = xp.asarray(np.asarray(ids, dtype=np.int64))
+        x = xp.take(p["tok_emb"], idx, axis=0) + p["pos_emb"][start : start + t]
+        for i, prefix in enumerate(self._iter_blocks(c.n_layers)):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = encoder_block(xp, p, prefix, x, c.n_heads, cache=kv, start=start, causal=True)
+        if cache is not None:
+            cache.length = start + t
+        x = layer_norm(xp, x, p["ln_f.g"], p["ln_f.b"])
+        return x @ p["tok_emb"].T
+
+    def logits_full(self, tokens: Sequence[int]) -> Any:
+        """Logits ``(T, vocab)`` of the whole sequence in one pass, without a cache."""
+        return self._forward(tokens, None, 0)
+
+    def prefill(self, tokens: Sequence[int]) -> tuple[KVCache, Any]:
+        """Run the prompt once into a new cache; returns the cache and the last logits."""
+        cache = self.new_cache()
+        logits = self._forward(tokens, cache, 0)
+        return cache, logits[-1]
+
+    def step(self, token: int, cache: KVCache) -> Any:
+        """Logits ``(vocab,)`` after appending one token to ``cache`` (one position)."""
+        return self._forward([token], cache, cache.length)[0]
+
+    def logits_cached(self, tokens: Sequence[int], prefill: int = 1) -> Any:
+        """Logits ``(T, vocab)`` computed the way :meth:`generate` does: ``prefill``
+        tokens in one pass, then one cached step per token. Must match
+        :meth:`logits_full`."""
+        ids = [int(t) for t in tokens]
+        if not 1 <= prefill <= len(ids):
+            raise ValueError("prefill must be in [1, len(tokens)]")
+        cache = self.new_cache()
+        rows = [self._forward(ids[:prefill], cache, 0)]
+        for tok in ids[prefill:]:
+            rows.append(self.step(tok, cache)[None, :])
+        return self.xp.concatenate(rows, axis=0)
+
+    # ------------------------------------------------------------------ generation
+    @staticmethod
+    def _pick(logits: Any, temperature: float, rng: np.random.Generator) -> int:
+        row = to_host(logits).astype(np.float64)
+        row[BOS] = -np.inf  # never generate BOS
+        if temperature <= 0.0:
+            return int(np.argmax(row))
+        gumbel = rng.gumbel(size=row.shape)  # Gumbel-max: a sample of softmax(row / T)
+        return int(np.argmax(row / temperature + gumbel))
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` generated token ids, one at a time.
+
+        The prompt (after BOS; its last ``max_len - 1`` tokens if longer) is run once into
+        per-layer K/V caches; each further token is a one-position step that appends to
+        them. ``temperature=0`` is greedy; otherwise tokens are sampled with
+        ``numpy.random.default_rng(seed)``. Stops early at EOS (not yielded) or when the
+        context is full.
+        """
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if max_new_tokens == 0:
+            return
+        max_len = self.config.max_len
+        ids = encode(prompt)
+        if len(ids) > max_len - 1:
+            ids = [BOS, *ids[-(max_len - 2) :]]
+        rng = np.random.default_rng(seed)
+        cache, logits = self.prefill(ids)
+        for n in range(max_new_tokens):
+            tok = self._pick(logits, temperature, rng)
+            if tok == EOS:
+                return
+            yield tok
+            if n + 1 == max_new_tokens or cache.length >= max_len:
+                return
+            logits = self.step(tok, cache)
+
+    def sentences(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        *,
+        max_chunk: int = 32,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Iterator[str]:
+        """Generated text grouped into "sentences" as it is produced.
+
+        A chunk ends after ``.``, ``!`` or ``?``, or after ``max_chunk`` bytes (so random
+        weights still give chunks); whatever is left is yielded at the end. Chunks that are
+        only whitespace are skipped.
+        """
+        if max_chunk <= 0:
+            raise ValueError("max_chunk must be positive")
+        buf: list[int] = []
+        for tok in self.generate(prompt, max_new_tokens, temperature=temperature, seed=seed):
+            buf.append(tok)
+            if tok in SENTENCE_END or len(buf) >= max_chunk:
+                text = decode(buf)
+                buf.clear()
+                if text.strip():
+                    yield text
+        if buf:
+            text = decode(buf)
+            if text.strip():
+                yield text

@@ -1,0 +1,1 @@
+"""Optional integrations (each imported on its own): ``pygpukit.integrations.fastapi``."""
