@@ -203,6 +203,9 @@ def print_table(result: dict[str, Any]) -> None:
             print(
                 f"{flavour:<8} {name:<12} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {ratio:>15.2f}x"
             )
+    for flavour, cpu in result.get("idle_cpu", {}).items():
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in cpu.items())
+        print(f"{flavour:<8} CPU while awaiting 0.5 s of device work: {shares}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
