@@ -103,6 +103,8 @@ class _Launcher:
                 except InvalidArgument:  # the partition was deleted meanwhile
                     pass
             self.scheduler.dispatcher.finished(task, value, error or device_error)
+            for listener in self.scheduler.listeners:
+                listener(task)
 
         return done
 
@@ -155,6 +157,9 @@ class RuntimeScheduler:
         self._launchers: dict[ExecutionContext, _Launcher] = {}
         self._admissions: dict[str, _Admission] = {}
         self._lock = threading.Lock()
+        #: ``listener(task)`` is called as each submitted task finishes (timelines, metrics);
+        #: it runs on the thread that drains completions, so it must be quick.
+        self.listeners: list[Callable[[Task], None]] = []
 
     # -- admission and partitions ------------------------------------------------------
     def use_partitions(self, manager: PartitionManager) -> None:

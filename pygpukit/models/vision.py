@@ -4,9 +4,9 @@ The weights are **random** by default (``init_weights(seed)``), so the embedding
 ViT forward pass but carries no meaning, and the caption is a deterministic function of the
 image, not a description of it.
 
-Default size (``ViTConfig()``): 64×64×3 images, 8×8 patches (64 patches + a class token),
+Default size (``ViTConfig()``): 64x64x3 images, 8x8 patches (64 patches + a class token),
 d_model 128, 2 layers, 4 heads, d_ff 512, caption heads over 16 adjectives, 24 nouns and
-16 places → 433,272 parameters, 1,733,088 bytes of float32 weights.
+16 places → 437,120 parameters, 1,748,480 bytes of float32 weights.
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ class Model:
             self.params[name][...] = self.xp.asarray(arr.astype(F32, copy=False))
 
     def _header(self) -> str:
-        return json.dumps(dataclasses.asdict(self.config))
+        return json.dumps(dataclasses.asdict(self.config))  # type: ignore[call-overload]
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write weights and config to ``path``.
@@ -270,12 +270,11 @@ class Model:
             meta = {_CONFIG_KEY: self._header(), _CLASS_KEY: type(self).__name__}
             save_file(state, path, metadata=meta)
             return
+        payload: dict[str, Any] = dict(state)
+        payload[_CONFIG_KEY] = np.array(self._header())
+        payload[_CLASS_KEY] = np.array(type(self).__name__)
         with open(path, "wb") as f:
-            np.savez(
-                f,
-                **state,
-                **{_CONFIG_KEY: np.array(self._header()), _CLASS_KEY: np.array(type(self).__name__)},
-            )
+            np.savez(f, **payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, xp: Any = np) -> Self:

@@ -112,9 +112,7 @@ class TinyLM(Model):
         if not ids:
             raise ValueError("no tokens")
         if start + len(ids) > self.config.max_len:
-            raise ValueError(
-                f"{start + len(ids)} positions exceed max_len={self.config.max_len}"
-            )
+            raise ValueError(f"{start + len(ids)} positions exceed max_len={self.config.max_len}")
         if min(ids) < 0 or max(ids) >= VOCAB_SIZE:
             raise ValueError(f"token ids must be in [0, {VOCAB_SIZE})")
         return ids
