@@ -8,6 +8,7 @@ enqueued has run.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import queue
 import threading
@@ -29,6 +30,26 @@ if TYPE_CHECKING:
     from ..runtime import ExecutionContext, Runtime
 
 __all__ = ("RuntimeScheduler",)
+
+
+class _Outcome:
+    """What a task's function returned or raised."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self, task: Task, ctx: ExecutionContext | None = None) -> None:
+        token = _current.set(ctx) if ctx is not None else None  # on an executor unit
+        try:
+            self.value = task.fn(*task.args, **task.kwargs)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            if token is not None:
+                _current.reset(token)
 
 
 class _Launcher:
@@ -56,53 +77,60 @@ class _Launcher:
                 return
             start = backend.create_event(timing=True)
             raw.record(start)
-            value: Any = None
-            error: BaseException | None = None
-            entered = False
+            box = _Outcome()
             try:
                 ctx._enter()  # pins evictable buffers; restores evicted ones
-                entered = True
-                value = task.fn(*task.args, **task.kwargs)
-            except BaseException as exc:  # delivered to the caller after the GPU drains
-                error = exc
-            end = backend.create_event(timing=True)
-            try:
-                raw.record(end)
-                done = self._done(task, value, error, start, end, entered)
-                rt.bridge.on_done(end, backend, done)
-            except BaseException as exc:  # the device is gone: finish the task now
-                if entered:
+            except BaseException as exc:
+                self.scheduler.dispatcher.finished(task, None, exc)
+                continue
+            if backend.tasks_on_streams:
+                # The host executor's units are its compute: run fn as a stream item, so
+                # stream priorities order it as they order kernels on a GPU.
+                try:
+                    raw.launch_host_func(functools.partial(self._execute, task, box, start, ctx))
+                except BaseException as exc:
                     ctx._leave()
-                self.scheduler.dispatcher.finished(task, None, error or exc)
+                    self.scheduler.dispatcher.finished(task, None, exc)
+            else:
+                self._execute(task, box, start)
+
+    def _execute(
+        self, task: Task, box: _Outcome, start: Any, bind: ExecutionContext | None = None
+    ) -> None:
+        """Run the task, then mark the end of the work it enqueued and await that."""
+        ctx = self.ctx
+        rt = ctx.runtime
+        box.run(task, bind)
+        end = rt.backend.create_event(timing=True)
+        try:
+            ctx.stream.raw.record(end)  # after everything fn enqueued
+            rt.bridge.on_done(end, rt.backend, self._done(task, box, start, end))
+        except BaseException as exc:  # the device is gone: finish the task now
+            ctx._leave()
+            self.scheduler.dispatcher.finished(task, None, box.error or exc)
 
     def _done(
-        self,
-        task: Task,
-        value: Any,
-        error: BaseException | None,
-        start: Any,
-        end: Any,
-        entered: bool,
+        self, task: Task, box: _Outcome, start: Any, end: Any
     ) -> Callable[[BaseException | None], None]:
         ctx = self.ctx
         stats = ctx._stats
 
         def done(device_error: BaseException | None) -> None:
-            if entered:
-                ctx._leave()  # its GPU work is over: the buffers may be evicted again
+            ctx._leave()  # its GPU work is over: the buffers may be evicted again
             if device_error is None:
                 try:
                     task.gpu_ms = start.elapsed_ms(end)
                 except Exception:
                     task.gpu_ms = 0.0
-            stats.record_task(task.gpu_ms, failed=(error or device_error) is not None)
+            error = box.error or device_error
+            stats.record_task(task.gpu_ms, failed=error is not None)
             partitions = self.scheduler.partitions
             if ctx.partition is not None and partitions is not None and task.gpu_ms:
                 try:
                     partitions.record_gpu_time(ctx.partition, task.gpu_ms / 1e3)
                 except InvalidArgument:  # the partition was deleted meanwhile
                     pass
-            self.scheduler.dispatcher.finished(task, value, error or device_error)
+            self.scheduler.dispatcher.finished(task, box.value, error)
             for listener in self.scheduler.listeners:
                 listener(task)
 

@@ -156,6 +156,10 @@ class Backend(ABC):
     #: Whether a brief query loop can catch completions sooner than a sleep: true where the
     #: device runs without the GIL (CUDA), false on the host executor, whose work needs it.
     spin_helps: ClassVar[bool] = False
+    #: Whether ``ctx.submit`` runs task functions as stream items (the host executor, whose
+    #: execution units are the compute that stream priorities order) rather than on the
+    #: context's launcher thread (CUDA, where the function only launches kernels).
+    tasks_on_streams: ClassVar[bool] = False
 
     @abstractmethod
     def info(self) -> DeviceInfo:

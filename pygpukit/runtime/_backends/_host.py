@@ -340,6 +340,7 @@ class HostBackend(Backend):
     """The CPU executor; see the module docstring."""
 
     name = "host"
+    tasks_on_streams = True
 
     def __init__(self, device_id: int = 0) -> None:
         if device_id != 0:
