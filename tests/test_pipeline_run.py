@@ -1,0 +1,413 @@
+"""Running pipelines: concurrency, streaming, cancellation, deadlines, request info, timings.
+
+Stages do real array work through their context's ``xp`` so that each context's charges
+are visible; every test runs over asyncio, uvloop and trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import numpy as np
+import pytest
+from pydantic import BaseModel
+
+from pygpukit import MB, DeadlineExceeded, QoSPolicy, current_context
+from pygpukit.pipeline import Array, Pipeline, RequestInfo, current_request, stage
+from pygpukit.runtime import ExecutionContext, Runtime
+
+pytestmark = pytest.mark.anyio
+
+LOG: list[str] = []  # "enter <stage>" / "exit <stage>", in order
+SEEN: list[RequestInfo | None] = []
+
+
+class Job(BaseModel):
+    n: int
+    delay: float = 0.05
+
+
+class Part(BaseModel):
+    value: float
+
+
+class Pair(BaseModel):
+    a: float
+    b: float
+
+
+class Total(BaseModel):
+    total: float
+
+
+class Prompt(BaseModel):
+    prompt: str
+
+
+class Word(BaseModel):
+    text: str
+
+
+class Clip(BaseModel):
+    samples: Array[np.float32, (None,)]
+
+
+def _ctx() -> ExecutionContext:
+    ctx = current_context()
+    assert ctx is not None, "stage ran outside its context's session"
+    return ctx
+
+
+@contextlib.contextmanager
+def _logged(name: str) -> Iterator[None]:
+    LOG.append(f"enter {name}")
+    SEEN.append(current_request())
+    try:
+        yield
+    finally:
+        LOG.append(f"exit {name}")
+
+
+@stage("tr_left", context="left")
+async def left(inp: Job) -> Part:
+    with _logged("tr_left"):
+        x = _ctx().runtime.xp.ones(inp.n, dtype="float32")  # charged to "left"
+        await anyio.sleep(inp.delay)
+        return Part(value=float(x.sum()))
+
+
+@stage("tr_right", context="right")
+async def right(inp: Job) -> Part:
+    with _logged("tr_right"):
+        x = _ctx().runtime.xp.full(inp.n, 2, dtype="float32")  # charged to "right"
+        await anyio.sleep(inp.delay)
+        return Part(value=float(x.sum()))
+
+
+@stage("tr_join", context="left")
+async def join(inp: Pair) -> Total:
+    with _logged("tr_join"):
+        return Total(total=inp.a + inp.b)
+
+
+@stage("tr_boom", context="right")
+async def boom(inp: Job) -> Part:
+    with _logged("tr_boom"):
+        await anyio.sleep(0.02)
+        raise ValueError("boom")
+
+
+@stage("tr_words", context="left")
+async def words(inp: Prompt) -> AsyncIterator[Word]:
+    with _logged("tr_words"):
+        xp = _ctx().runtime.xp
+        for w in inp.prompt.split():
+            state = xp.zeros(1024, dtype="float32")  # per-token work in "left"
+            await anyio.sleep(0.03)
+            yield Word(text=w * int(state.size // 1024))
+
+
+@stage("tr_speak", context="right")
+async def speak(inp: Word) -> Clip:
+    with _logged("tr_speak"):
+        clip = _ctx().runtime.xp.zeros(100 * len(inp.text), dtype="float32")
+        await anyio.sleep(0.01)
+        return Clip(samples=clip)
+
+
+class Scene(BaseModel):
+    caption: str
+
+
+class Line(BaseModel):
+    text: str
+    caption: str
+
+
+@stage("tr_look", context="right")
+async def look(inp: Prompt) -> Scene:
+    with _logged("tr_look"):
+        await anyio.sleep(0.01)
+        return Scene(caption=inp.prompt.upper()[:3])
+
+
+@stage("tr_narrate", context="right")
+async def narrate(inp: Line) -> Word:
+    with _logged("tr_narrate"):
+        return Word(text=f"{inp.caption}:{inp.text}")
+
+
+@stage("tr_wrong", context="left")
+async def wrong(inp: Job) -> Part:
+    return Total(total=1.0)  # type: ignore[return-value]
+
+
+@pytest.fixture(autouse=True)
+def _clear_log() -> Iterator[None]:
+    LOG.clear()
+    SEEN.clear()
+    yield
+    LOG.clear()
+    SEEN.clear()
+
+
+@pytest.fixture
+def ctxs(host_rt: Runtime) -> dict[str, ExecutionContext]:
+    return {
+        "left": host_rt.create_context("left", max_vram=64 * MB),
+        "right": host_rt.create_context("right", max_vram=64 * MB, qos=QoSPolicy.BEST_EFFORT),
+    }
+
+
+def _fan(rt: Runtime) -> Pipeline:
+    return (
+        Pipeline("fan", runtime=rt)
+        .add(left, inputs={"n": "$input.n", "delay": "$input.delay"})
+        .add(right, inputs={"n": "$input.n", "delay": "$input.delay"})
+        .add(join, inputs={"a": "tr_left.value", "b": "tr_right.value"})
+    )
+
+
+def _used(ctxs: dict[str, ExecutionContext]) -> dict[str, int]:
+    return {name: c.usage().used for name, c in ctxs.items()}
+
+
+def _balanced() -> bool:
+    return sum(e.startswith("enter") for e in LOG) == sum(e.startswith("exit") for e in LOG)
+
+
+async def test_independent_branches_overlap_and_fan_in(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    result = await _fan(host_rt).run({"n": 1000, "delay": 0.1})
+    assert result.output == Total(total=3000.0)
+    t = result.timings
+    lft, rgt, jn = t["tr_left"], t["tr_right"], t["tr_join"]
+    assert lft.start is not None and rgt.start is not None and jn.start is not None
+    assert lft.end is not None and rgt.end is not None
+    assert lft.start < rgt.end and rgt.start < lft.end, f"branches did not overlap: {t}"
+    assert result.elapsed_s < 0.19, "two 0.1 s branches ran one after the other"
+    assert jn.start >= max(lft.end, rgt.end)
+    assert ctxs["left"].usage().sessions >= 2 and ctxs["right"].usage().sessions >= 1
+
+
+async def test_timings_are_present_and_ordered(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    result = await _fan(host_rt).run({"n": 10, "delay": 0.01})
+    assert set(result.timings) == {"tr_left", "tr_right", "tr_join"}
+    for sid, timing in result.timings.items():
+        assert timing.start is not None and timing.end is not None, sid
+        assert timing.first_item_at is not None, sid
+        assert 0 <= timing.start <= timing.first_item_at <= timing.end <= result.elapsed_s, sid
+        assert (timing.items, timing.calls) == (1, 1), sid
+    assert result.first_output_s == result.timings["tr_join"].first_item_at
+
+
+async def test_streaming_stage_feeds_downstream_before_it_finishes(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    p = Pipeline.chain("speak", words, speak, runtime=host_rt)
+    result = await p.run({"prompt": "one two three four five"})
+    up, down = result.timings["tr_words"], result.timings["tr_speak"]
+    assert [c.samples.shape for c in result.output] == [(300,), (300,), (500,), (400,), (400,)]
+    assert (up.items, up.calls, down.items, down.calls) == (5, 1, 5, 5)
+    assert down.first_item_at is not None and up.end is not None
+    assert down.first_item_at < up.end, f"downstream waited for the whole stream: {up} {down}"
+    assert result.first_output_s == down.first_item_at
+    # item 1 was processed while upstream produced item 2: the stages interleave
+    assert LOG[:3] == ["enter tr_words", "enter tr_speak", "exit tr_speak"]
+
+
+async def test_stream_yields_items_as_they_are_produced(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    p = Pipeline.chain("speak", words, speak, runtime=host_rt)
+    t0 = time.perf_counter()
+    arrivals: list[float] = []
+    stream = p.stream({"prompt": "a bb ccc"})
+    async for clip in stream:
+        arrivals.append(time.perf_counter() - t0)
+        assert isinstance(clip, Clip)
+    assert len(arrivals) == 3
+    assert stream.timings is not None
+    assert arrivals[0] < stream.timings["tr_words"].end  # type: ignore[operator]
+
+
+async def test_stopping_a_stream_early_cancels_the_stages(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    before = _used(ctxs)
+    p = Pipeline.chain("speak", words, speak, runtime=host_rt)
+    async with p.stream({"prompt": "a b c d e f g h i j"}) as items:
+        async for clip in items:
+            assert isinstance(clip, Clip)
+            break
+    del clip  # the item we kept is charged to its stage's context, as it should be
+    assert _balanced(), LOG
+    assert "exit tr_words" in LOG
+    assert _used(ctxs) == before
+
+
+async def test_cancelling_run_cancels_every_stage_and_frees_their_memory(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    before = _used(ctxs)
+    tasks_before = _asyncio_tasks()
+    p = _fan(host_rt)
+    with anyio.move_on_after(0.1) as scope:
+        await p.run({"n": 1 << 16, "delay": 30.0})
+    assert scope.cancelled_caught
+    assert sorted(LOG) == ["enter tr_left", "enter tr_right", "exit tr_left", "exit tr_right"]
+    assert _used(ctxs) == before  # the arrays each stage held were released
+    assert _asyncio_tasks() == tasks_before  # no stage task left behind
+
+
+def _asyncio_tasks() -> set[object]:
+    try:
+        return set(asyncio.all_tasks())
+    except RuntimeError:  # trio
+        return set()
+
+
+async def test_cancelling_mid_stream_frees_items_in_flight(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    before = _used(ctxs)
+    p = Pipeline.chain("speak", words, speak, runtime=host_rt)
+    with anyio.move_on_after(0.1):
+        await p.run({"prompt": " ".join(["w"] * 50)})
+    assert _balanced(), LOG
+    assert _used(ctxs) == before
+
+
+async def test_a_failing_stage_cancels_the_others_and_raises_its_own_error(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    before = _used(ctxs)
+    p = (
+        Pipeline("p", runtime=host_rt)
+        .add(left, inputs={"n": "$input.n", "delay": "$input.delay"})
+        .add(boom, inputs={"n": "$input.n"})
+        .add(join, inputs={"a": "tr_left.value", "b": "tr_boom.value"})
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"^boom$"):
+        await p.run({"n": 1000, "delay": 30.0})
+    assert time.perf_counter() - t0 < 5
+    assert _balanced() and "enter tr_join" not in LOG, LOG
+    assert _used(ctxs) == before
+
+
+async def test_request_info_reaches_every_stage(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    deadline = time.monotonic() + 60
+    await _fan(host_rt).run(
+        {"n": 4, "delay": 0.0}, tier="guaranteed", priority=3, deadline=deadline
+    )
+    assert current_request() is None  # only stages see it
+    by_stage = {info.stage_id: info for info in SEEN if info is not None}
+    assert set(by_stage) == {"tr_left", "tr_right", "tr_join"}
+    for sid, info in by_stage.items():
+        assert info == RequestInfo(QoSPolicy.GUARANTEED, 3, deadline, "fan", sid)
+
+
+@stage("tr_submit", context="right")
+async def submit(inp: Job) -> Part:
+    req = current_request()
+    assert req is not None
+    ctx = _ctx()
+    xp = ctx.runtime.xp
+
+    def work() -> float:
+        return float(xp.ones(inp.n, dtype="float32").sum())
+
+    # the request's priority and deadline go on to the QoS scheduler
+    value = await ctx.submit(work, priority=req.priority, deadline=req.deadline)
+    return Part(value=value)
+
+
+async def test_stages_pass_request_priority_and_deadline_to_submit(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    p = Pipeline("p", runtime=host_rt).add(submit)
+    result = await p.run({"n": 8}, priority=1, deadline=time.monotonic() + 60)
+    assert result.output == Part(value=8.0)
+    assert ctxs["right"].usage().tasks == 1
+
+
+async def test_deadline_in_the_past_runs_nothing(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    with pytest.raises(
+        DeadlineExceeded,
+        match=r"^pipeline 'fan' missed its deadline before it started \(\d+\.\d ms late\); no "
+        r"stage ran — give the request a later deadline$",
+    ):
+        await _fan(host_rt).run({"n": 4}, deadline=time.monotonic() - 0.01)
+    assert LOG == []
+
+
+async def test_deadline_passing_mid_run_cancels_the_stages(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    before = _used(ctxs)
+    t0 = time.perf_counter()
+    with pytest.raises(
+        DeadlineExceeded,
+        match=r"^pipeline 'fan' missed its deadline after \d+\.\d ms; stages cancelled: "
+        r"'tr_left', 'tr_right', 'tr_join' — give the request a later deadline or a higher "
+        r"tier$",
+    ):
+        await _fan(host_rt).run({"n": 1000, "delay": 30.0}, deadline=time.monotonic() + 0.1)
+    assert 0.09 < time.perf_counter() - t0 < 5
+    assert _balanced() and "enter tr_join" not in LOG, LOG
+    assert _used(ctxs) == before
+
+
+async def test_a_stage_returning_the_wrong_model_is_reported(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    p = Pipeline("p", runtime=host_rt).add(wrong)
+    with pytest.raises(
+        TypeError,
+        match=r"^stage 'tr_wrong' \(.*wrong\) produced Total, not Part; return \(or yield\) an "
+        r"instance of its output model$",
+    ):
+        await p.run({"n": 1})
+
+
+async def test_request_is_validated(host_rt: Runtime, ctxs: dict[str, ExecutionContext]) -> None:
+    import pydantic
+
+    p = _fan(host_rt)
+    with pytest.raises(pydantic.ValidationError):
+        await p.run({"n": "many"})
+    with pytest.raises(pydantic.ValidationError):
+        await p.run({"n": 1, "extra": 2})
+    result = await p.run(p.request_model(n=2, delay=0.0))
+    assert result.output == Total(total=6.0)
+
+
+async def test_a_per_item_stage_reads_a_fixed_value_from_another_branch(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    # vision + streaming LLM -> per-sentence stage: the caption is computed once and read
+    # by every item's call
+    p = (
+        Pipeline("narrate", runtime=host_rt)
+        .add("tr_look", id="see", inputs={"prompt": "$input.prompt"})
+        .add("tr_words", id="think", inputs={"prompt": "$input.prompt"})
+        .add("tr_narrate", id="say", inputs={"text": "think.text", "caption": "see.caption"})
+    )
+    result = await p.run({"prompt": "cat sat"})
+    assert result.output == [Word(text="CAT:cat"), Word(text="CAT:sat")]
+    assert result.timings["see"].calls == 1 and result.timings["say"].calls == 2
+    # a pipeline whose output runs once streams exactly one item
+    items = [item async for item in p.output("see").stream({"prompt": "dog"})]
+    assert items == [Scene(caption="DOG")]
