@@ -1,4 +1,4 @@
-"""``pygpukit info`` (and, as they land, ``demo`` and ``bench``)."""
+"""``pygpukit info`` and ``pygpukit demo``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import run_demo
+
+    run_demo(
+        args.backend,
+        requests={"interactive": args.interactive, "standard": args.standard, "batch": args.batch},
+        size=args.size,
+        tokens=args.tokens,
+        trace=Path(args.trace) if args.trace else None,
+        png=Path(args.png) if args.png else None,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pygpukit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
+    demo = sub.add_parser("demo", help="serve the assistant pipeline on three QoS tiers")
+    demo.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
+    demo.add_argument("--interactive", type=int, default=4, help="Guaranteed-tier requests")
+    demo.add_argument("--standard", type=int, default=4, help="Burstable-tier requests")
+    demo.add_argument("--batch", type=int, default=8, help="BestEffort-tier requests")
+    demo.add_argument("--tokens", type=int, default=48, help="tokens generated per request")
+    demo.add_argument("--size", default="auto", choices=("auto", "small", "large"))
+    demo.add_argument("--trace", default="pygpukit-demo-trace.json", help="Chrome-trace JSON")
+    demo.add_argument("--png", default="pygpukit-demo-timeline.png", help="timeline picture")
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import time
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol

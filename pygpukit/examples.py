@@ -1,0 +1,202 @@
+"""The example pipelines, shared by ``examples/pipelines/``, the FastAPI example and
+``pygpukit demo``.
+
+- :func:`build_assistant` — LLM → TTS, streamed sentence by sentence: the TTS stage speaks
+  each sentence as soon as the LLM has produced it, so the first audio arrives before the
+  last token.
+- :func:`build_describe` — the seed's example: LLM and vision in parallel, then TTS on the
+  combined text.
+
+The models are :mod:`pygpukit.models` with **random weights** (real computation, meaningless
+output), created inside their contexts' sessions so their memory is charged there. Every
+model call runs through ``ctx.submit`` on the context's launcher thread, with the request's
+priority.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .models import LMConfig, TinyLM, TinyTTS, TinyViT, TTSConfig, ViTConfig
+from .pipeline import Array, Pipeline, current_request, stage
+from .runtime import ExecutionContext, QoSPolicy, Runtime, context_session
+
+__all__ = (
+    "Audio",
+    "Description",
+    "ImageRequest",
+    "Models",
+    "Prompt",
+    "Sentence",
+    "build_assistant",
+    "build_describe",
+)
+
+
+class Prompt(BaseModel):
+    prompt: str
+    max_new_tokens: int = 48
+
+
+class Sentence(BaseModel):
+    text: str
+
+
+Samples = Array["float32", (None,)]  # a mono waveform of any length
+
+
+class Audio(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    text: str
+    samples: Samples  # type: ignore[valid-type]
+    sample_rate: int
+
+
+class ImageRequest(BaseModel):
+    prompt: str
+    seed: int = 0
+    max_new_tokens: int = 32
+
+
+class Caption(BaseModel):
+    caption: str
+
+
+class Description(BaseModel):
+    text: str
+
+
+@dataclass(frozen=True)
+class Models:
+    """Model sizes; ``small`` keeps the demo well under a minute on two CPU cores."""
+
+    lm: LMConfig
+    tts: TTSConfig
+    vit: ViTConfig
+
+    @classmethod
+    def small(cls) -> Models:
+        return cls(LMConfig(), TTSConfig(n_iter=8), ViTConfig())
+
+    @classmethod
+    def large(cls) -> Models:
+        return cls(
+            LMConfig(d_model=512, n_layers=6, n_heads=8, d_ff=2048, max_len=512),
+            TTSConfig(d_model=256, n_iter=32),
+            ViTConfig(d_model=384, n_layers=6, n_heads=6, d_ff=1536),
+        )
+
+
+def _submit_priority() -> int:
+    request = current_request()
+    return 0 if request is None else request.priority
+
+
+def _context(rt: Runtime, name: str, tier: QoSPolicy, max_vram: int) -> ExecutionContext:
+    base = max_vram // 2 if tier is QoSPolicy.BURSTABLE else None
+    return rt.create_context(name, max_vram=max_vram, base_vram=base, qos=tier)
+
+
+def build_assistant(
+    rt: Runtime,
+    service: str,
+    tier: QoSPolicy,
+    *,
+    models: Models | None = None,
+    max_vram: int = 256 << 20,
+) -> Pipeline:
+    """Contexts ``<service>-llm`` and ``<service>-tts`` of ``tier``, their models, and the
+    streaming pipeline ``<service>``: Prompt → Sentence* → Audio*."""
+    models = models or Models.small()
+    llm_ctx = _context(rt, f"{service}-llm", tier, max_vram)
+    tts_ctx = _context(rt, f"{service}-tts", tier, max_vram)
+    with context_session(llm_ctx):
+        lm = TinyLM(models.lm, xp=rt.xp, seed=1)
+    with context_session(tts_ctx):
+        tts = TinyTTS(models.tts, xp=rt.xp, seed=2)
+
+    @stage(f"{service}_llm", context=llm_ctx)
+    async def generate(inp: Prompt) -> AsyncIterator[Sentence]:
+        # Sampling (not greedy): random weights decode greedily into one repeated byte.
+        seed = sum(inp.prompt.encode()) % 1000
+        sentences = lm.sentences(inp.prompt, inp.max_new_tokens, temperature=1.0, seed=seed)
+        while True:  # one launcher task per sentence: the loop stays free meanwhile
+            text = await llm_ctx.submit(next, sentences, None, priority=_submit_priority())
+            if text is None:
+                return
+            yield Sentence(text=text)
+
+    @stage(f"{service}_tts", context=tts_ctx)
+    async def speak(inp: Sentence) -> Audio:
+        samples = await tts_ctx.submit(tts.synthesize, inp.text, priority=_submit_priority())
+        return Audio(text=inp.text, samples=samples, sample_rate=models.tts.sample_rate)
+
+    return Pipeline.chain(service, generate, speak, runtime=rt).build()
+
+
+def build_describe(
+    rt: Runtime, service: str = "describe", *, models: Models | None = None
+) -> Pipeline:
+    """The seed's example: LLM and vision in parallel, then TTS on the combined text."""
+    models = models or Models.small()
+    ctxs = {
+        role: _context(rt, f"{service}-{role}", tier, 256 << 20)
+        for role, tier in (
+            ("llm", QoSPolicy.GUARANTEED),
+            ("vision", QoSPolicy.BURSTABLE),
+            ("tts", QoSPolicy.BURSTABLE),
+        )
+    }
+    with context_session(ctxs["llm"]):
+        lm = TinyLM(models.lm, xp=rt.xp, seed=1)
+    with context_session(ctxs["vision"]):
+        vit = TinyViT(models.vit, xp=rt.xp, seed=3)
+    with context_session(ctxs["tts"]):
+        tts = TinyTTS(models.tts, xp=rt.xp, seed=2)
+
+    def _text(prompt: str, n: int) -> str:
+        return "".join(lm.sentences(prompt, n, temperature=1.0, seed=len(prompt)))
+
+    @stage(f"{service}_llm", context=ctxs["llm"])
+    async def respond(inp: Prompt) -> Sentence:
+        text = await ctxs["llm"].submit(_text, inp.prompt, inp.max_new_tokens)
+        return Sentence(text=text)
+
+    @stage(f"{service}_vision", context=ctxs["vision"])
+    async def look(inp: ImageRequest) -> Caption:
+        def caption(seed: int) -> str:
+            return vit.caption(vit.random_image(seed))
+
+        return Caption(caption=await ctxs["vision"].submit(caption, inp.seed))
+
+    class Combined(BaseModel):
+        text: str
+        caption: str
+
+    @stage(f"{service}_combine")
+    async def combine(inp: Combined) -> Sentence:
+        return Sentence(text=f"{inp.text}. {inp.caption}")
+
+    @stage(f"{service}_tts", context=ctxs["tts"])
+    async def speak(inp: Sentence) -> Audio:
+        samples = await ctxs["tts"].submit(tts.synthesize, inp.text)
+        return Audio(text=inp.text, samples=samples, sample_rate=models.tts.sample_rate)
+
+    request = {f: f"$input.{f}" for f in ("prompt", "max_new_tokens")}
+    p = Pipeline(service, runtime=rt)
+    p.add(respond, id="llm", inputs=request)
+    p.add(look, id="vision", inputs={**request, "seed": "$input.seed"})
+    p.add(combine, id="combine", inputs={"text": "llm.text", "caption": "vision.caption"})
+    p.add(speak, id="tts", inputs={"text": "combine.text"})
+    return p.output("tts").build()
+
+
+def audio_seconds(result: Any) -> float:
+    """Seconds of audio in a pipeline result (one Audio or a list of them)."""
+    items = result.output if isinstance(result.output, list) else [result.output]
+    return sum(len(a.samples) / a.sample_rate for a in items)
