@@ -1,4 +1,4 @@
-"""``pygpukit info`` and ``pygpukit demo``."""
+"""``pygpukit info``, ``pygpukit demo`` and ``pygpukit bench``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmarks import dump, run_suite
+
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    result = run_suite(only, backend=args.backend, quick=args.quick)
+    if args.json:
+        dump(result, args.json)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pygpukit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--trace", default="pygpukit-demo-trace.json", help="Chrome-trace JSON")
     demo.add_argument("--png", default="pygpukit-demo-timeline.png", help="timeline picture")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="run the benchmark suite against its baselines")
+    bench.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
+    bench.add_argument("--only", help="comma-separated benchmark names (see --help)")
+    bench.add_argument("--json", help="write all results here")
+    bench.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -4,8 +4,9 @@
     uvicorn --app-dir examples/pipelines server:app --port 8000
 
 - ``POST /assistant/{service}`` — ``service`` is ``interactive`` (Guaranteed contexts),
-  ``standard`` (Burstable) or ``batch`` (BestEffort); body ``{"prompt": ..., "max_new_tokens": ...}``;
-  returns the sentences, the seconds of audio and the per-stage timings.
+  ``standard`` (Burstable) or ``batch`` (BestEffort); body
+  ``{"prompt": ..., "max_new_tokens": ...}``; returns the sentences, the seconds of audio
+  and the per-stage timings.
 - ``POST /assistant/{service}/stream`` — the same, streamed as JSON lines: one line per
   sentence as soon as its audio is ready (16-bit PCM, base64).
 - ``POST /describe`` — the seed's LLM + vision → TTS pipeline.

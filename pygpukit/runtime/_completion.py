@@ -152,13 +152,15 @@ class CompletionBridge:
     async def wait(self, target: RawStream | RawEvent, backend: Backend) -> None:
         """Return once the work ``target`` marks has run on the device.
 
-        Short work is caught by querying for up to :attr:`spin_us` microseconds first (the
-        loop is held that long at most, and never while idle); longer work sleeps on the
-        bridge.
+        Short work is caught by querying for up to :attr:`spin_us` microseconds first when no
+        other waiter is pending (the loop is held that long at most, never while idle);
+        otherwise, and for longer work, it sleeps on the bridge.
 
         :raises CudaError: the device faulted while we waited
         """
-        if self.spin_us > 0 and backend.spin_helps:
+        # Spin only for a lone waiter: with others pending the loop has work to return to,
+        # and spinning would cost every one of thousands of awaits (RESULTS.md §2).
+        if self.spin_us > 0 and backend.spin_helps and not self._waiters:
             query = target.query
             end = time.perf_counter_ns() + self.spin_us * 1000
             while True:

@@ -16,7 +16,7 @@ same process, on the same stream:
 Prints a table of p50/p99 in microseconds per loop flavour, the ratio of each baseline's
 p50 to pygpukit's, and writes everything as JSON with ``--json``.
 
-    python -m bench.bench_completion [--backend auto|cuda|host] [--n 2000] [--json FILE]
+    pygpukit bench --only completion      (or: python -m pygpukit.benchmarks.completion)
 """
 
 from __future__ import annotations
@@ -31,27 +31,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pygpukit.runtime import CompletionBridge, Runtime, Stream
-from pygpukit.runtime._completion import make_channel
+from ..runtime import CompletionBridge, Runtime, Stream
+from ..runtime._completion import make_channel
+from ._common import Row, busy_kernel, noop_kernel, pct
 
 Method = Callable[[Stream], Awaitable[None]]
-
-
-def _launcher(rt: Runtime) -> Callable[[Stream], None]:
-    if rt.backend.name == "host":
-        return lambda s: s.launch_host_func(_noop)
-    import cupy
-
-    kernel = cupy.RawKernel(r'extern "C" __global__ void noop() {}', "noop")
-
-    def launch(s: Stream) -> None:
-        kernel((1,), (1,), (), stream=s.raw.cp)
-
-    return launch
-
-
-def _noop() -> None:
-    return None
 
 
 def _methods(rt_native: Runtime, rt_python: Runtime) -> dict[str, tuple[Runtime, Method]]:
@@ -92,7 +76,7 @@ def _methods(rt_native: Runtime, rt_python: Runtime) -> dict[str, tuple[Runtime,
 
 
 async def _measure(rt: Runtime, method: Method, stream: Stream, n: int, warmup: int) -> list[float]:
-    launch = _launcher(rt)
+    launch = noop_kernel(rt)
     samples = []
     clock = time.perf_counter_ns
     for i in range(warmup + n):
@@ -107,27 +91,10 @@ async def _measure(rt: Runtime, method: Method, stream: Stream, n: int, warmup: 
 
 async def _idle_cpu(rt: Runtime, method: Method, stream: Stream, seconds: float = 0.5) -> float:
     """Share of one core the process uses while awaiting ``seconds`` of device work."""
-    if rt.backend.name == "host":
-        stream.launch_host_func(lambda: time.sleep(seconds))
-    else:
-        import cupy
-
-        spin = cupy.RawKernel(
-            r"""extern "C" __global__ void spin(long long ns) {
-                long long t0, t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0)); t = t0;
-                while (t - t0 < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
-            }""",
-            "spin",
-        )
-        spin((1,), (1,), (cupy.int64(int(seconds * 1e9)),), stream=stream.raw.cp)
+    busy_kernel(rt)(stream, seconds)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     await method(stream)
     return (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 async def _run_all(backend: str, n: int, warmup: int) -> dict[str, Any]:
@@ -146,8 +113,8 @@ async def _run_all(backend: str, n: int, warmup: int) -> dict[str, Any]:
                 raw[name] += await _measure(rt, method, streams[id(rt)], per, warmup)
         for name, xs in raw.items():
             results[name] = {
-                "p50_us": _pct(xs, 50),
-                "p99_us": _pct(xs, 99),
+                "p50_us": pct(xs, 50),
+                "p99_us": pct(xs, 99),
                 "mean_us": statistics.fmean(xs),
                 "n": len(xs),
             }
@@ -206,6 +173,38 @@ def print_table(result: dict[str, Any]) -> None:
     for flavour, cpu in result.get("idle_cpu", {}).items():
         shares = ", ".join(f"{k} {v:.0%}" for k, v in cpu.items())
         print(f"{flavour:<8} CPU while awaiting 0.5 s of device work: {shares}")
+
+
+def summary(r: dict[str, Any]) -> list[Row]:
+    """Benchmark 1's figures against the performance issue's targets (CUDA only)."""
+    rows = []
+    gpu = r.get("cupy") is not None and "host" not in r["device"]
+    for flavour, res in r["loops"].items():
+        ours, hostfn = res["pygpukit"], res["hostfn+cst"]
+        ratio = hostfn["p50_us"] / ours["p50_us"]
+        met = ours["p50_us"] <= 25 and ours["p99_us"] <= 60 and ratio >= 2.5
+        rows.append(
+            Row(
+                "completion",
+                f"await trivial kernel, {flavour}: p50/p99 us",
+                f"{ours['p50_us']:.1f} / {ours['p99_us']:.1f}",
+                f"Python host fn {hostfn['p50_us']:.1f} / {hostfn['p99_us']:.1f} ({ratio:.1f}x)",
+                "p50<=25, p99<=60, >=2.5x",
+                met if gpu else None,
+            )
+        )
+    for flavour, cpu in r.get("idle_cpu", {}).items():
+        rows.append(
+            Row(
+                "completion",
+                f"CPU while awaiting 0.5 s of device work, {flavour}",
+                f"{cpu['pygpukit']:.1%}",
+                f"polling {cpu['poll']:.0%}",
+                "< 5% of a core",
+                cpu["pygpukit"] < 0.05 if gpu else None,
+            )
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

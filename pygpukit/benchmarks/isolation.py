@@ -18,7 +18,7 @@ It also reports the flood's throughput (kernels/s) alone and while the Guarantee
 through pygpukit, so the cost to BestEffort is visible. On the host backend, kernels are
 stream items that sleep (small sizes, so CI can run it).
 
-    python -m bench.bench_isolation [--backend auto] [--samples 200] [--json FILE]
+    pygpukit bench --only isolation       (or: python -m pygpukit.benchmarks.isolation)
 """
 
 from __future__ import annotations
@@ -32,45 +32,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pygpukit import QoSPolicy
-from pygpukit.runtime import Runtime, Stream
+from ..runtime import QoSPolicy, Runtime, Stream
+from ._common import Row, busy_kernel, pct
 
 Launch = Callable[[Stream], None]
 
 
 def _kernels(rt: Runtime, step_ms: float, block_us: float, waves: int) -> tuple[Launch, Launch]:
     """(step, flood_kernel): functions that enqueue one kernel on a stream."""
-    if rt.backend.name == "host":
-        return (
-            lambda s: s.launch_host_func(lambda: time.sleep(step_ms / 1e3)),
-            lambda s: s.launch_host_func(lambda: time.sleep(waves * block_us / 1e6)),
-        )
-    import cupy
-
-    spin = cupy.RawKernel(
-        r"""extern "C" __global__ void spin(long long ns) {
-            long long t0, t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0)); t = t0;
-            while (t - t0 < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
-        }""",
-        "spin",
-    )
+    busy = busy_kernel(rt)
     sms = rt.device.multiprocessor_count
-    # 128-thread blocks: 16 fill an SM's 2048 thread slots. The step's 4 per SM all start
-    # at once when the GPU is free; the flood's 16 per SM take every slot.
-    step_ns, block_ns = cupy.int64(int(step_ms * 1e6)), cupy.int64(int(block_us * 1e3))
-
-    def step(s: Stream) -> None:
-        spin((sms * 4,), (128,), (step_ns,), stream=s.raw.cp)
-
-    def flood(s: Stream) -> None:  # `waves` rounds of blocks filling every SM
-        spin((sms * 16 * waves,), (128,), (block_ns,), stream=s.raw.cp)
-
-    return step, flood
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else float("nan")
+    # 128-thread blocks: 16 fill an SM's 2048 thread slots. The step's 4 per SM all start at
+    # once when the GPU is free; each flood kernel is `waves` rounds of blocks filling every
+    # SM. (On the host backend the blocks are one sleeping item.)
+    if rt.backend.name == "host":
+        return (lambda s: busy(s, step_ms / 1e3), lambda s: busy(s, waves * block_us / 1e6))
+    return (
+        lambda s: busy(s, step_ms / 1e3, sms * 4, 128),
+        lambda s: busy(s, block_us / 1e6, sms * 16 * waves, 128),
+    )
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,7 +141,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     s_flood.synchronize()
 
     def row(xs: list[float]) -> dict[str, float]:
-        return {"p50_us": _pct(xs, 50), "p99_us": _pct(xs, 99), "n": len(xs)}
+        return {"p50_us": pct(xs, 50), "p99_us": pct(xs, 99), "n": len(xs)}
 
     out["latency"] = {
         "alone": row(alone),
@@ -191,6 +171,34 @@ def print_table(r: dict[str, Any]) -> None:
         f"BestEffort flood: {rates['solo']:.0f} kernels/s alone, {rates['with_guaranteed']:.0f}"
         f" with Guaranteed steps ({kept:.0%} kept; Guaranteed duty {r['guaranteed_gpu_share']:.0%})"
     )
+
+
+def summary(r: dict[str, Any]) -> list[Row]:
+    """Benchmark 5 against its targets (CUDA only)."""
+    lat, rates = r["latency"], r["flood_kernels_per_s"]
+    alone, ours, equal = lat["alone"], lat["flood/pygpukit"], lat["flood/equal"]
+    kept = rates["with_guaranteed"] / rates["solo"] if rates["solo"] else float("nan")
+    gpu = r["backend"] == "cuda"
+    return [
+        Row(
+            "isolation",
+            "Guaranteed step p99 under a BestEffort flood / alone",
+            f"{ours['p99_us'] / alone['p99_us']:.2f}x ({ours['p99_us']:.0f} us)",
+            f"equal priority {equal['p99_us'] / alone['p99_us']:.2f}x ({equal['p99_us']:.0f} us)",
+            "<=1.5x alone, >=10x better than equal",
+            (ours["p99_us"] <= 1.5 * alone["p99_us"] and equal["p99_us"] >= 10 * ours["p99_us"])
+            if gpu
+            else None,
+        ),
+        Row(
+            "isolation",
+            "BestEffort throughput kept beside Guaranteed steps",
+            f"{kept:.0%}",
+            f"solo {rates['solo']:.0f} kernels/s",
+            ">=80% while Guaranteed <=20% of the GPU",
+            kept >= 0.8 if gpu else None,
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

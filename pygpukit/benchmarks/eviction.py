@@ -8,7 +8,7 @@ reported beside a raw pinned device-to-host / host-to-device copy of the same si
 the same process. The first cycle also allocates the pinned host buffer; later cycles reuse
 it.
 
-    python -m bench.bench_eviction [--backend auto] [--gib 1] [--cycles 3] [--json FILE]
+    pygpukit bench --only eviction        (or: python -m pygpukit.benchmarks.eviction)
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from pygpukit import QoSPolicy, context_session
-from pygpukit.runtime import Runtime
+from ..runtime import QoSPolicy, Runtime, context_session
+from ._common import Row
 
 GIB = 1 << 30
 
@@ -128,6 +128,27 @@ def print_table(r: dict[str, Any]) -> None:
         f" of raw pinned D2H ({r['raw_d2h_gbps']:.1f}); restore {r['restore_gbps']:.1f} GB/s = "
         f"{r['restore_gbps'] / r['raw_h2d_gbps']:.0%} of raw pinned H2D ({r['raw_h2d_gbps']:.1f})"
     )
+
+
+def summary(r: dict[str, Any]) -> list[Row]:
+    """Benchmark 8 against its target (CUDA only)."""
+    gpu = "host" not in r["device"]
+    rows = []
+    for what, ours, raw in (
+        ("spill (D2H)", r["evict_gbps"], r["raw_d2h_gbps"]),
+        ("restore (H2D)", r["restore_gbps"], r["raw_h2d_gbps"]),
+    ):
+        rows.append(
+            Row(
+                "eviction",
+                f"BestEffort {what} bandwidth",
+                f"{ours:.1f} GB/s ({ours / raw:.0%})",
+                f"raw pinned {raw:.1f} GB/s",
+                ">=80% of raw",
+                ours >= 0.8 * raw if gpu else None,
+            )
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""The benchmark suite: every figure against a baseline measured in the same run.
+
+``pygpukit bench [--only NAME,...] [--json FILE] [--quick]`` runs them and prints a table of
+each figure, its baseline, its target and whether it is met (targets apply on CUDA only;
+the host backend runs the same code with small sizes so nothing rots). Each benchmark is
+also a module with its own ``main`` (``python -m pygpukit.benchmarks.NAME --help``).
+
+=============  =======================================================================
+completion     1: await a trivial kernel (p50/p99, asyncio and uvloop), idle CPU
+throughput     2: awaited completions per second with thousands in flight
+submit         3: CPU cost of ctx.submit over a raw launch
+models         4 and 6: event-loop lag while four models run; four models concurrently
+isolation      5: a Guaranteed step under a BestEffort flood vs equal priorities
+alloc          7: budgeted, routed allocate/free vs the raw CuPy pool
+eviction       8: BestEffort spill and restore bandwidth vs raw pinned copies
+stages         9: framework overhead per pipeline stage
+=============  =======================================================================
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from typing import Any
+
+from ._common import Row
+
+__all__ = ("FULL", "QUICK", "Row", "run_suite")
+
+NAMES = ("completion", "throughput", "submit", "models", "isolation", "alloc", "eviction", "stages")
+
+FULL: dict[str, list[str]] = {name: [] for name in NAMES}
+QUICK: dict[str, list[str]] = {
+    "completion": ["--n", "40", "--warmup", "4", "--loops", "asyncio"],
+    "throughput": ["--n", "400"],
+    "submit": ["--n", "100"],
+    "models": ["--tokens", "8", "--rounds", "1", "--size", "small"],
+    "isolation": ["--samples", "8", "--block-us", "100", "--waves", "5", "--gap-ms", "1"],
+    "alloc": ["--n", "500"],
+    "eviction": ["--gib", "0.03125", "--cycles", "2"],
+    "stages": ["--n", "50"],
+}
+
+
+def run_suite(
+    only: list[str] | None = None, *, backend: str = "auto", quick: bool = False
+) -> dict[str, Any]:
+    """Run the benchmarks named in ``only`` (all by default); returns results and rows."""
+    names = list(only or NAMES)
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+        from .._exceptions import InvalidArgument
+
+        raise InvalidArgument(f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
+    results: dict[str, Any] = {}
+    rows: list[Row] = []
+    for name in names:
+        module = importlib.import_module(f".{name}", __name__)
+        print(f"== {name} ==", flush=True)
+        args = ["--backend", backend, *(QUICK if quick else FULL)[name]]
+        results[name] = module.main(args)
+        rows += module.summary(results[name])
+    print_rows(rows)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "results": results,
+        "summary": [r.as_dict() for r in rows],
+    }
+
+
+def print_rows(rows: list[Row]) -> None:
+    print("\n| benchmark | figure | value | baseline (same run) | target | met |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        met = "-" if r.met is None else ("yes" if r.met else "**no**")
+        print(f"| {r.benchmark} | {r.figure} | {r.value} | {r.baseline} | {r.target} | {met} |")
+
+
+def dump(result: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)

@@ -1,0 +1,78 @@
+"""Pieces every benchmark uses: percentiles, a kernel that occupies the device for a set
+time, and the summary row that ``pygpukit bench`` prints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..runtime import Runtime, Stream
+
+__all__ = ("Row", "busy_kernel", "noop_kernel", "pct")
+
+
+def pct(xs: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank); NaN for no samples."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def noop_kernel(rt: Runtime) -> Callable[[Stream], None]:
+    """``launch(stream)`` enqueuing an empty kernel (a no-op item on the host backend)."""
+    if rt.backend.name == "host":
+        return lambda s: s.launch_host_func(_nothing)
+    import cupy
+
+    kernel = cupy.RawKernel(r'extern "C" __global__ void noop() {}', "noop")
+    return lambda s: kernel((1,), (1,), (), stream=s.raw.cp)
+
+
+def busy_kernel(rt: Runtime) -> Callable[..., None]:
+    """``launch(stream, seconds, blocks=1, threads=1)``: occupy ``blocks`` for ``seconds``.
+
+    On CUDA a kernel spinning on the global timer (clock-independent); on the host backend
+    a stream item that sleeps.
+    """
+    if rt.backend.name == "host":
+
+        def host(s: Stream, seconds: float, blocks: int = 1, threads: int = 1) -> None:
+            s.launch_host_func(lambda: time.sleep(seconds))
+
+        return host
+    import cupy
+
+    spin = cupy.RawKernel(
+        r"""extern "C" __global__ void spin(long long ns) {
+            long long t0, t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0)); t = t0;
+            while (t - t0 < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
+        }""",
+        "spin",
+    )
+
+    def cuda(s: Stream, seconds: float, blocks: int = 1, threads: int = 1) -> None:
+        spin((blocks,), (threads,), (cupy.int64(int(seconds * 1e9)),), stream=s.raw.cp)
+
+    return cuda
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the suite's summary: a figure against its baseline and target."""
+
+    benchmark: str
+    figure: str
+    value: str
+    baseline: str
+    target: str
+    met: bool | None  # None: no target applies (host backend, or informational)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()

@@ -1,0 +1,94 @@
+"""Benchmark 7: budgeted, routed allocate/free against the raw CuPy memory pool.
+
+``--n`` rounds of allocating a ``--size`` array and freeing it: inside a context session
+(routed to the context's budgeted pool, charged and checked), and through a plain CuPy
+``MemoryPool`` installed as the allocator (on the host backend: ``numpy.empty``).
+
+    pygpukit bench --only alloc           (or: python -m pygpukit.benchmarks.alloc)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from ..runtime import QoSPolicy, Runtime, context_session
+from ._common import Row
+
+
+def _time(n: int, alloc: Any) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a = alloc()
+        del a
+    return (time.perf_counter() - t0) / n
+
+
+def run(backend: str, n: int, size: int) -> dict[str, Any]:
+    with Runtime(backend=backend) as rt:
+        ctx = rt.create_context("bench", max_vram=256 << 20, qos=QoSPolicy.BURSTABLE)
+        xp = rt.xp
+        with context_session(ctx):
+            routed = lambda: xp.empty(size, dtype=xp.uint8)  # noqa: E731
+            _time(100, routed)  # warm the pool
+            ours = [_time(n, routed) for _ in range(3)]
+        if rt.backend.name == "cuda":
+            import cupy
+
+            raw_pool = cupy.cuda.MemoryPool()
+            cupy.cuda.set_allocator(raw_pool.malloc)
+            try:
+                plain = lambda: cupy.empty(size, dtype=cupy.uint8)  # noqa: E731
+                _time(100, plain)
+                raw = [_time(n, plain) for _ in range(3)]
+            finally:
+                rt.backend.install_router(rt._route)
+                raw_pool.free_all_blocks()
+        else:
+            import numpy as np
+
+            plain = lambda: np.empty(size, dtype=np.uint8)  # noqa: E731
+            raw = [_time(n, plain) for _ in range(3)]
+        return {
+            "device": rt.device.name,
+            "backend": rt.backend.name,
+            "size": size,
+            "routed_us": min(ours) * 1e6,
+            "raw_us": min(raw) * 1e6,
+        }
+
+
+def summary(r: dict[str, Any]) -> list[Row]:
+    ratio = r["routed_us"] / r["raw_us"]
+    return [
+        Row(
+            "alloc",
+            f"budgeted, routed allocate+free of {r['size'] >> 10} KiB",
+            f"{r['routed_us']:.2f} us ({ratio:.2f}x raw)",
+            f"raw CuPy pool {r['raw_us']:.2f} us",
+            "<=1.2x raw",
+            ratio <= 1.2 if r["backend"] == "cuda" else None,
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--size", type=int, default=1 << 20)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    result = run(args.backend, args.n, args.size)
+    for row in summary(result):
+        print(f"{row.figure}: {row.value}  [{row.baseline}]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

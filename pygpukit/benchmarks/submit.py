@@ -1,0 +1,93 @@
+"""Benchmark 3: CPU cost of ``ctx.submit`` for a trivial kernel, against a raw launch.
+
+CPU time (``time.process_time``, all threads) per task over ``--n`` sequential tasks:
+``await ctx.submit(launch_noop)``, against launching the same kernel directly (what any
+code pays) and launching it then awaiting the stream inline.
+
+    pygpukit bench --only submit          (or: python -m pygpukit.benchmarks.submit)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from ..runtime import QoSPolicy, Runtime
+from ._common import Row, noop_kernel
+
+
+async def _run(backend: str, n: int) -> dict[str, Any]:
+    with Runtime(backend=backend) as rt:
+        ctx = rt.create_context("bench", max_vram=64 << 20, qos=QoSPolicy.GUARANTEED)
+        launch = noop_kernel(rt)
+        stream = ctx.stream
+
+        def task() -> None:
+            launch(stream)
+
+        for _ in range(50):  # warm-up: launcher thread, events, kernels
+            await ctx.submit(task)
+        cpu: dict[str, float] = {}
+        wall: dict[str, float] = {}
+
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            launch(stream)
+        await stream
+        cpu["raw launch"], wall["raw launch"] = time.process_time() - c0, time.perf_counter() - w0
+
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            launch(stream)
+            await stream
+        cpu["launch + await"] = time.process_time() - c0
+        wall["launch + await"] = time.perf_counter() - w0
+
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            await ctx.submit(task)
+        cpu["submit"], wall["submit"] = time.process_time() - c0, time.perf_counter() - w0
+        return {
+            "device": rt.device.name,
+            "backend": rt.backend.name,
+            "n": n,
+            "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
+            "wall_us": {k: v / n * 1e6 for k, v in wall.items()},
+        }
+
+
+def summary(r: dict[str, Any]) -> list[Row]:
+    cpu, wall = r["cpu_us"], r["wall_us"]
+    over = cpu["submit"] - cpu["raw launch"]
+    return [
+        Row(
+            "submit",
+            "ctx.submit(trivial kernel): CPU us per task over raw launch",
+            f"+{over:.1f} us ({cpu['submit']:.1f} us; wall {wall['submit']:.1f} us)",
+            f"raw launch {cpu['raw launch']:.1f} us; launch+await {cpu['launch + await']:.1f} us",
+            "<=15 us over raw",
+            over <= 15 if r["backend"] == "cuda" else None,
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    result = asyncio.run(_run(args.backend, args.n))
+    for row in summary(result):
+        print(f"{row.figure}: {row.value}  [{row.baseline}]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
