@@ -93,7 +93,8 @@ async def _serve(rt: Runtime, requests: dict[str, int], models: Models, tokens: 
             tier=dict(SERVICES)[service],
         )
         report.latency[service].append(time.perf_counter() - start)
-        report.first_audio[service].append(result.first_output_s)
+        if result.first_output_s is not None:
+            report.first_audio[service].append(result.first_output_s)
         report.audio_s[service] += audio_seconds(result)
         progress.step()
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .models import LMConfig, TinyLM, TinyTTS, TinyViT, TTSConfig, ViTConfig
 from .pipeline import Array, Pipeline, current_request, stage
@@ -38,8 +38,8 @@ __all__ = (
 
 
 class Prompt(BaseModel):
-    prompt: str
-    max_new_tokens: int = 48
+    prompt: str = Field(min_length=1, max_length=4096)
+    max_new_tokens: int = Field(48, ge=1, le=1024)
 
 
 class Sentence(BaseModel):
@@ -58,9 +58,9 @@ class Audio(BaseModel):
 
 
 class ImageRequest(BaseModel):
-    prompt: str
+    prompt: str = Field(min_length=1, max_length=4096)
     seed: int = 0
-    max_new_tokens: int = 32
+    max_new_tokens: int = Field(32, ge=1, le=1024)
 
 
 class Caption(BaseModel):

@@ -125,3 +125,15 @@ def test_guaranteed_memory_is_physically_taken_at_creation(rt: Runtime) -> None:
         del x
     rt.destroy_context(g)
     assert rt.backend.mem_get_info()[0] >= free_before - 4 * MB
+
+
+def test_a_fragmented_reservation_is_a_budget_error(rt: Runtime) -> None:
+    g = rt.create_context("g", max_vram=4 * MB, qos=QoSPolicy.GUARANTEED)
+    with context_session(g):
+        blocks = [rt.xp.empty(512 * 1024, dtype="uint8") for _ in range(8)]  # all 4 MiB
+        del blocks[::2]  # four 512 KiB holes, none adjacent
+        g._pool.release_cached()  # CuPy caches freed blocks: give the holes to the arena
+        with pytest.raises(VRAMBudgetExceeded, match=r"^context 'g' asked for 1 MiB .*fragmented"):
+            rt.xp.empty(1 << 20, dtype="uint8")
+        assert g.usage().available >= 1 << 20  # the budget had room; the layout did not
+        del blocks

@@ -122,3 +122,16 @@ async def test_allocation_pressure_evicts_best_effort_for_a_burstable_burst(smal
     with anyio.fail_after(5):
         await be.submit(lambda: None)
     assert w.on_device
+
+
+async def test_a_view_of_the_buffer_keeps_it_from_being_evicted(small: Runtime) -> None:
+    rt = small
+    be = rt.create_context("be", max_vram=48 * MB, qos=QoSPolicy.BEST_EFFORT)
+    w = be.evictable(_weights(rt, be, 40 * MB))
+    view = w.array[: 1024 * 1024]  # someone still reads part of the weights
+    with pytest.raises(AdmissionRejected):
+        rt.create_context("g", max_vram=40 * MB, qos=QoSPolicy.GUARANTEED)
+    assert w.on_device
+    del view
+    rt.create_context("g", max_vram=40 * MB, qos=QoSPolicy.GUARANTEED)
+    assert not w.on_device

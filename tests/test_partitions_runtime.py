@@ -97,6 +97,10 @@ async def test_compute_share_holds_back_a_partition_over_its_share(host_rt: Runt
 
         ctx.stream.launch_host_func(run)
 
+    from pygpukit.qos import DispatcherConfig
+
+    # one task in flight per context, so that both partitions have work waiting at once
+    rt.scheduler.dispatcher.config = DispatcherConfig(context_in_flight=1)  # type: ignore[union-attr]
     await hog.submit(step, hog, 30)  # hog has used the GPU recently...
     await fair.submit(step, fair, 2)
     assert manager.over_share("hog")

@@ -167,3 +167,31 @@ def test_real_uvicorn_server_on_loopback() -> None:
         proc.wait(timeout=20)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+async def test_shutdown_drains_a_streaming_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYGPUKIT_BACKEND", "host")
+    from fastapi import FastAPI
+
+    from pygpukit.integrations.fastapi import Pygpukit, ndjson
+
+    gpu = Pygpukit()
+    app = FastAPI(lifespan=gpu.lifespan)
+    gpu.install(app)
+    seen: list[int] = []
+
+    @app.get("/slow")
+    async def slow() -> Any:
+        async def items() -> Any:
+            for i in range(3):
+                await anyio.sleep(0.05)
+                seen.append(gpu.in_flight)
+                yield {"i": i}
+
+        return ndjson(items())
+
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        r = await client.get("/slow")
+        assert [json.loads(x)["i"] for x in r.text.splitlines()] == [0, 1, 2]
+    assert seen == [1, 1, 1]  # counted while the body was still streaming
+    assert gpu.in_flight == 0

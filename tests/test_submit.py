@@ -185,3 +185,63 @@ async def test_guaranteed_wait_stays_bounded_under_a_best_effort_flood(
         # for one BestEffort item (20 ms) plus its own 2 ms, never for the queue.
         assert max(waits) < 0.15, waits
         assert be.usage().tasks == 60
+
+
+async def test_a_failing_listener_does_not_strand_other_tasks(host_rt: Runtime) -> None:
+    ctx = host_rt.create_context("m", max_vram=MB)
+    sched = host_rt.scheduler
+    calls: list[int] = []
+
+    def flaky(task: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("listener bug")
+
+    sched.listeners.append(flaky)  # type: ignore[union-attr]
+    with anyio.fail_after(10):
+        results = []
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+
+                async def one(i: int = i) -> None:
+                    results.append(await ctx.submit(lambda i=i: i * 2))
+
+                tg.start_soon(one)
+    assert sorted(results) == [0, 2, 4, 6]
+    assert len(calls) == 4
+    assert ctx.usage().in_flight == 0
+
+
+async def test_submit_after_a_host_fault_raises_instead_of_hanging(host_rt: Runtime) -> None:
+    from pygpukit import CudaError
+
+    ctx = host_rt.create_context("m", max_vram=MB)
+
+    def bad() -> None:
+        ctx.stream.launch_host_func(lambda: 1 / 0)  # a kernel that faults the device
+
+    with anyio.fail_after(10):
+        with pytest.raises(CudaError):
+            await ctx.submit(bad)
+        with pytest.raises(CudaError):
+            await ctx.submit(lambda: 6)
+
+
+async def test_destroying_a_context_lets_running_tasks_deliver(host_rt: Runtime) -> None:
+    ctx = host_rt.create_context("m", max_vram=MB)
+    results: list[object] = []
+
+    def work(i: int) -> int:
+        ctx.stream.launch_host_func(lambda: time.sleep(0.02))
+        return i
+
+    async def one(i: int) -> None:
+        results.append(await ctx.submit(work, i))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(one, i)
+            await anyio.sleep(0.005)
+            await anyio.to_thread.run_sync(host_rt.destroy_context, ctx)
+    assert sorted(results) == [0, 1, 2]  # type: ignore[type-var]

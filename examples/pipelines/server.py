@@ -85,7 +85,7 @@ def create_app(
         return Reply(
             sentences=[a.text for a in result.output],
             audio_seconds=sum(len(a.samples) / a.sample_rate for a in result.output),
-            first_audio_ms=result.first_output_s * 1e3,
+            first_audio_ms=(result.first_output_s or 0.0) * 1e3,
             timings_ms={k: (t.start * 1e3, t.end * 1e3) for k, t in result.timings.items()},
         )
 
@@ -100,12 +100,15 @@ def create_app(
 
     @app.post("/describe")
     async def describe(req: Prompt, pipeline: Any = Depends(gpu.pipeline("describe"))) -> Reply:
-        result = await pipeline.run({"prompt": req.prompt, "max_new_tokens": req.max_new_tokens})
+        result = await pipeline.run(
+            {"prompt": req.prompt, "max_new_tokens": req.max_new_tokens},
+            deadline=time.monotonic() + timeout_s,
+        )
         audio = result.output
         return Reply(
             sentences=[audio.text],
             audio_seconds=len(audio.samples) / audio.sample_rate,
-            first_audio_ms=result.first_output_s * 1e3,
+            first_audio_ms=(result.first_output_s or 0.0) * 1e3,
             timings_ms={k: (t.start * 1e3, t.end * 1e3) for k, t in result.timings.items()},
         )
 

@@ -96,6 +96,26 @@ def ndjson(items: AsyncIterator[Any]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
 
+class _InFlight:
+    """Counts requests until their last body byte is sent (streaming responses included),
+    so that shutdown drains them; a plain ASGI middleware, since Starlette's
+    ``@app.middleware("http")`` returns as soon as the headers are out."""
+
+    def __init__(self, app: Any, owner: Pygpukit) -> None:
+        self.app = app
+        self.owner = owner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.owner.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.owner._request_done()
+
+
 class Pygpukit:
     """Owns the runtime for one FastAPI app.
 
@@ -154,16 +174,12 @@ class Pygpukit:
             return error_response(exc)
 
         app.add_exception_handler(PygpukitError, handle)
+        app.add_middleware(_InFlight, owner=self)
 
-        @app.middleware("http")
-        async def count(request: Request, call_next: Any) -> Any:
-            self.in_flight += 1
-            try:
-                return await call_next(request)
-            finally:
-                self.in_flight -= 1
-                if not self.in_flight and self._idle is not None:
-                    self._idle.set()
+    def _request_done(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
 
     # -- dependencies ---------------------------------------------------------------------
     def context(self, name: str) -> Callable[[], ExecutionContext]:

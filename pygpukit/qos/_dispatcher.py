@@ -180,9 +180,13 @@ class Dispatcher:
         return sorted(live, key=lambda t: t.key)
 
     # -- launching --------------------------------------------------------------------
-    def _eligible(self, task: Task, shares: bool) -> bool:
-        if shares and self._over_share is not None and self._over_share(task):
-            return False  # its partition used more than its compute share while others wait
+    def _eligible(self, task: Task, shares: bool, waiting: set[Any]) -> bool:
+        if shares and self._over_share is not None:
+            part = getattr(task.context, "partition", None)
+            # Held back only while another partition has work waiting (contention), and only
+            # if this one used more than its compute share of recent GPU time.
+            if waiting - {part} and self._over_share(task):
+                return False
         cap = self.config.tier_in_flight.get(task.tier)
         if cap is not None and self.in_flight_tier[task.tier] >= cap:
             return False
@@ -215,6 +219,11 @@ class Dispatcher:
 
     def _pass(self, now: float, shares: bool, launch: list[Task], expired: list[Task]) -> None:
         """One scan of the queue (call with the lock held)."""
+        waiting = {
+            getattr(t.context, "partition", None)
+            for _, t in self._heap
+            if t.state is TaskState.QUEUED
+        }
         blocked: list[tuple[tuple[int, int, int], Task]] = []
         while self._heap:
             entry = heapq.heappop(self._heap)
@@ -226,7 +235,7 @@ class Dispatcher:
                 self.queued_ctx[task.context] -= 1
                 expired.append(task)
                 continue
-            if not self._eligible(task, shares):
+            if not self._eligible(task, shares, waiting):
                 blocked.append(entry)
                 continue
             task.state = TaskState.RUNNING

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import queue
 import threading
 import time
@@ -31,15 +32,20 @@ if TYPE_CHECKING:
 
 __all__ = ("RuntimeScheduler",)
 
+_log = logging.getLogger("pygpukit")
+
 
 class _Outcome:
-    """What a task's function returned or raised."""
+    """What a task's function returned or raised, and whether the task was finished."""
 
-    __slots__ = ("error", "value")
+    __slots__ = ("_claimed", "_lock", "error", "ran", "value")
 
     def __init__(self) -> None:
         self.value: Any = None
         self.error: BaseException | None = None
+        self.ran = False
+        self._claimed = False
+        self._lock = threading.Lock()
 
     def run(self, task: Task, ctx: ExecutionContext | None = None) -> None:
         token = _current.set(ctx) if ctx is not None else None  # on an executor unit
@@ -48,12 +54,19 @@ class _Outcome:
         except BaseException as exc:
             self.error = exc
         finally:
+            self.ran = True
             if token is not None:
                 _current.reset(token)
 
+    def claim(self) -> bool:
+        """``True`` for the first caller only: a task is finished exactly once."""
+        with self._lock:
+            first, self._claimed = not self._claimed, True
+            return first
+
 
 class _Launcher:
-    """One thread per context, running its tasks in submission order of launch."""
+    """One thread per context, running its tasks in the order they launch."""
 
     def __init__(self, ctx: ExecutionContext, scheduler: RuntimeScheduler) -> None:
         self.ctx = ctx
@@ -75,66 +88,82 @@ class _Launcher:
             task = self.queue.get()
             if task is None:
                 return
-            start = backend.create_event(timing=True)
-            raw.record(start)
             box = _Outcome()
             try:
+                start = backend.create_event(timing=True)
+                raw.record(start)
                 ctx._enter()  # pins evictable buffers; restores evicted ones
-            except BaseException as exc:
-                self.scheduler.dispatcher.finished(task, None, exc)
+            except BaseException as exc:  # a closed or faulted stream, a failed restore
+                self._finish(task, box, exc, entered=False)
                 continue
-            if backend.tasks_on_streams:
-                # The host executor's units are its compute: run fn as a stream item, so
-                # stream priorities order it as they order kernels on a GPU.
-                try:
-                    raw.launch_host_func(functools.partial(self._execute, task, box, start, ctx))
-                except BaseException as exc:
-                    ctx._leave()
-                    self.scheduler.dispatcher.finished(task, None, exc)
-            else:
+            if not backend.tasks_on_streams:
                 self._execute(task, box, start)
+                continue
+            # The host executor's units are its compute: run fn as a stream item, so stream
+            # priorities order it as they order kernels on a GPU. A guard right behind the
+            # item lets the watchdog fail the task if the device faults before it runs.
+            try:
+                raw.launch_host_func(functools.partial(self._execute, task, box, start, ctx))
+                rt.bridge.on_done(raw, backend, functools.partial(self._guard, task, box))
+            except BaseException as exc:
+                self._finish(task, box, exc)
 
     def _execute(
         self, task: Task, box: _Outcome, start: Any, bind: ExecutionContext | None = None
     ) -> None:
         """Run the task, then mark the end of the work it enqueued and await that."""
-        ctx = self.ctx
-        rt = ctx.runtime
+        rt = self.ctx.runtime
         box.run(task, bind)
         end = rt.backend.create_event(timing=True)
         try:
-            ctx.stream.raw.record(end)  # after everything fn enqueued
-            rt.bridge.on_done(end, rt.backend, self._done(task, box, start, end))
+            self.ctx.stream.raw.record(end)  # after everything fn enqueued
+            rt.bridge.on_done(end, rt.backend, functools.partial(self._done, task, box, start, end))
         except BaseException as exc:  # the device is gone: finish the task now
-            ctx._leave()
-            self.scheduler.dispatcher.finished(task, None, box.error or exc)
+            self._finish(task, box, box.error or exc)
+
+    def _guard(self, task: Task, box: _Outcome, device_error: BaseException | None) -> None:
+        if device_error is not None and not box.ran:
+            self._finish(task, box, device_error)
 
     def _done(
-        self, task: Task, box: _Outcome, start: Any, end: Any
-    ) -> Callable[[BaseException | None], None]:
+        self, task: Task, box: _Outcome, start: Any, end: Any, device_error: BaseException | None
+    ) -> None:
+        gpu_ms = 0.0
+        if device_error is None:
+            try:
+                gpu_ms = start.elapsed_ms(end)
+            except Exception:
+                gpu_ms = 0.0
+        self._finish(task, box, box.error or device_error, gpu_ms=gpu_ms)
+
+    def _finish(
+        self,
+        task: Task,
+        box: _Outcome,
+        error: BaseException | None,
+        *,
+        entered: bool = True,
+        gpu_ms: float = 0.0,
+    ) -> None:
+        if not box.claim():
+            return
         ctx = self.ctx
-        stats = ctx._stats
-
-        def done(device_error: BaseException | None) -> None:
+        if entered:
             ctx._leave()  # its GPU work is over: the buffers may be evicted again
-            if device_error is None:
-                try:
-                    task.gpu_ms = start.elapsed_ms(end)
-                except Exception:
-                    task.gpu_ms = 0.0
-            error = box.error or device_error
-            stats.record_task(task.gpu_ms, failed=error is not None)
-            partitions = self.scheduler.partitions
-            if ctx.partition is not None and partitions is not None and task.gpu_ms:
-                try:
-                    partitions.record_gpu_time(ctx.partition, task.gpu_ms / 1e3)
-                except InvalidArgument:  # the partition was deleted meanwhile
-                    pass
-            self.scheduler.dispatcher.finished(task, box.value, error)
-            for listener in self.scheduler.listeners:
+        task.gpu_ms = gpu_ms
+        ctx._stats.record_task(gpu_ms, failed=error is not None)
+        partitions = self.scheduler.partitions
+        if ctx.partition is not None and partitions is not None and gpu_ms:
+            try:
+                partitions.record_gpu_time(ctx.partition, gpu_ms / 1e3)
+            except InvalidArgument:  # the partition was deleted meanwhile
+                pass
+        self.scheduler.dispatcher.finished(task, None if error else box.value, error)
+        for listener in self.scheduler.listeners:
+            try:
                 listener(task)
-
-        return done
+            except Exception:
+                _log.exception("a task listener raised; the task itself finished")
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -156,7 +185,10 @@ class _Admission:
 
     def release(self, nbytes: int) -> None:
         if self._partition is not None and self._scheduler.partitions is not None:
-            self._scheduler.partitions.release(self._partition, nbytes)
+            try:
+                self._scheduler.partitions.release(self._partition, nbytes)
+            except InvalidArgument:  # the partition was deleted or replaced meanwhile
+                pass
 
     def close(self) -> None:
         if self._closed:
@@ -237,6 +269,9 @@ class RuntimeScheduler:
 
     def _launch(self, task: Task) -> None:
         ctx = task.context
+        if ctx.state.value == "closed":  # destroyed between submit() and launch
+            self.dispatcher.finished(task, None, ContextClosed(ctx.name))
+            return
         launcher = self._launchers.get(ctx)
         if launcher is None:
             with self._lock:
@@ -272,8 +307,8 @@ class RuntimeScheduler:
         self.runtime.bridge.attach()
         one = Oneshot()
         task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
-        ctx._stats.submitted += 1
         self.dispatcher.enqueue(task)
+        ctx._stats.submitted += 1
         try:
             if deadline is None:
                 return await one.wait()

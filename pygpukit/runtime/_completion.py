@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import threading
 import time
@@ -262,7 +263,7 @@ class CompletionBridge:
                     self._free.append(slot)
                     done.append(waiter)
         for w in done:
-            w.resolve(None)
+            _call(w.resolve, None)
 
     def stats(self) -> BridgeStats:
         with self._lock:
@@ -322,9 +323,20 @@ class CompletionBridge:
                     del self._waiters[slot]
                     self._gen[slot] += 1
                     self._free.append(slot)
-                w.resolve(error)
+                _call(w.resolve, error)
                 failed += 1
         return failed
+
+
+_log = logging.getLogger("pygpukit")
+
+
+def _call(callback: Callable[[BaseException | None], None], arg: BaseException | None) -> None:
+    """Run a completion callback; one that fails must not stop the others in its batch."""
+    try:
+        callback(arg)
+    except Exception:
+        _log.exception("a GPU-completion callback raised; the other waiters are unaffected")
 
 
 async def _checkpoint() -> None:

@@ -87,10 +87,8 @@ class Evictable:
     # -- called by the context, under its eviction lock --------------------------------
     def _evict(self) -> int:
         arr = self._array
-        # self._array, the local name and getrefcount's argument: anything more is an
-        # outside reference that would keep the device memory alive.
-        if sys.getrefcount(arr) > 3:
-            return 0
+        if not _sole_owner(arr):
+            return 0  # freeing our reference would free nothing
         backend = self._ctx.runtime.backend
         t0 = time.perf_counter()
         self._host = backend.array_to_host(arr, self._host)
@@ -114,6 +112,23 @@ class Evictable:
             f"<Evictable {self.shape} {self.dtype} of {self._ctx.name!r} "
             f"state={self.state.value} evictions={self.evictions}>"
         )
+
+
+def _sole_owner(arr: Any) -> bool:
+    """Whether dropping the handle's reference would free ``arr``'s memory.
+
+    Views of an array hold its ``base`` (NumPy and CuPy point every view at the array that
+    owns the memory), so the owner's reference count tells: the handle's ``_array`` (or
+    the array's own base pointer), our local names and ``getrefcount``'s argument, nothing
+    more.
+    """
+    # arr: the handle's _array, the caller's local, this parameter, getrefcount's argument
+    if sys.getrefcount(arr) > 4:
+        return False
+    base = getattr(arr, "base", None)
+    if base is None:
+        return True
+    return sys.getrefcount(base) <= 3  # arr.base, the local `base`, the argument
 
 
 class EvictionMixin:

@@ -74,6 +74,7 @@ class Oneshot:
                 fut.set_result(value)
             else:
                 fut.set_exception(exc)
+                fut.exception()  # a waiter that was cancelled meanwhile will never read it
 
     def _settle_trio(self, value: Any, exc: BaseException | None) -> None:
         if self._outcome is None:

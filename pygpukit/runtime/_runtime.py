@@ -176,6 +176,7 @@ class Runtime:
                     lambda n: self.ledger.shrink(account, n),
                     # Guaranteed: take max_vram from the device now, so nothing else can
                     arena_bytes=max_vram if tier is QoSPolicy.GUARANTEED else 0,
+                    label=name,
                 )
             except BaseException:
                 self.ledger.close(account)

@@ -178,7 +178,9 @@ class Backend(ABC):
         """A new event; ``timing`` enables :meth:`RawEvent.elapsed_ms`."""
 
     @abstractmethod
-    def create_pool(self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0) -> RawPool:
+    def create_pool(
+        self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0, label: str | None = None
+    ) -> RawPool:
         """A new allocator whose device memory is charged through ``grow``/``shrink``.
 
         With ``arena_bytes``, that much device memory is taken now and every allocation is

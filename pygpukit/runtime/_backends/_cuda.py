@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument
+from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument, VRAMBudgetExceeded
 from .._arena import Arena
 from ._base import Backend, DeviceInfo, Grower, RawEvent, RawPool, RawStream, Shrinker, Signal
 
@@ -192,8 +192,14 @@ class CudaPool(RawPool):
     """
 
     def __init__(
-        self, backend: CudaBackend, grow: Grower, shrink: Shrinker, arena_bytes: int = 0
+        self,
+        backend: CudaBackend,
+        grow: Grower,
+        shrink: Shrinker,
+        arena_bytes: int = 0,
+        label: str | None = None,
     ) -> None:
+        self._label = label
         self._grow = grow
         self._shrink = shrink
         self._device = backend.device_id
@@ -235,6 +241,14 @@ class CudaPool(RawPool):
         try:
             return self._pool.malloc(nbytes)
         except cupy.cuda.memory.OutOfMemoryError as exc:
+            if self._arena is not None:  # a Guaranteed reservation, fragmented
+                raise VRAMBudgetExceeded(
+                    self._label,
+                    nbytes,
+                    self._arena.largest_free,
+                    self._arena.size,
+                    "its reserved memory is fragmented",
+                ) from exc
             raise CudaError(
                 f"the device is out of memory for {nbytes} bytes ({exc}); memory outside "
                 "pygpukit's budgets (other processes, libraries) took it — lower vram_limit",
@@ -307,8 +321,10 @@ class CudaBackend(Backend):
     def create_event(self, *, timing: bool = False) -> CudaEvent:
         return CudaEvent(self, timing)
 
-    def create_pool(self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0) -> CudaPool:
-        return CudaPool(self, grow, shrink, arena_bytes)
+    def create_pool(
+        self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0, label: str | None = None
+    ) -> CudaPool:
+        return CudaPool(self, grow, shrink, arena_bytes, label)
 
     def install_router(self, router: Callable[[int], Any]) -> None:
         cupy.cuda.set_allocator(router)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._exceptions import CudaError, InvalidArgument
+from ..._exceptions import CudaError, InvalidArgument, VRAMBudgetExceeded
 from ..._units import GB, parse_size
 from .._arena import Arena
 from ._base import Backend, DeviceInfo, Grower, RawEvent, RawPool, RawStream, Shrinker, Signal
@@ -114,11 +114,13 @@ class HostStream(RawStream):
         self.items: deque[_Item] = deque()
         self.busy = False
         self.ready_seq = 0
+        self._closing = False
         self._closed = False
 
     def _put(self, kind: str, arg: Any) -> None:
         if self._closed:
             raise CudaError("this host stream is closed; enqueue work on an open stream")
+        self._ex.raise_fault()  # as on CUDA: a faulted context refuses new work
         self._ex.enqueue(self, _Item(kind, arg))
 
     def _own(self, event: RawEvent) -> HostEvent:
@@ -160,13 +162,14 @@ class HostStream(RawStream):
         self._put("signal", (slot, signal))
 
     def close(self) -> None:
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
-        try:
+        self._closing = True
+        try:  # work already queued (and what it enqueues) still runs, as on CUDA
             self.synchronize()
         except CudaError:
             pass
+        self._closed = True
         self._ex.remove(self)
 
 
@@ -269,12 +272,24 @@ class _Executor:
             self.cv.notify_all()
 
 
+def _fragmented(label: str | None, size: int, arena: Arena) -> VRAMBudgetExceeded:
+    return VRAMBudgetExceeded(
+        label, size, arena.largest_free, arena.size, "its reserved memory is fragmented"
+    )
+
+
 class HostPool(RawPool):
     """Allocations charged through ``grow``/``shrink`` and returned when the array dies."""
 
     def __init__(
-        self, backend: HostBackend, grow: Grower, shrink: Shrinker, arena_bytes: int = 0
+        self,
+        backend: HostBackend,
+        grow: Grower,
+        shrink: Shrinker,
+        arena_bytes: int = 0,
+        label: str | None = None,
     ) -> None:
+        self._label = label
         self._backend = backend
         self._grow = grow
         self._shrink = shrink
@@ -309,10 +324,7 @@ class HostPool(RawPool):
         assert self._arena is not None
         offset = self._arena.take(size)
         if offset is None:
-            raise MemoryError(
-                f"reserved memory is fragmented: no free range of {size} bytes "
-                f"(largest {self._arena.largest_free})"
-            )
+            raise _fragmented(self._label, size, self._arena)
         return offset
 
     def _release(self, size: int, offset: int) -> None:
@@ -400,8 +412,10 @@ class HostBackend(Backend):
     def create_event(self, *, timing: bool = False) -> HostEvent:
         return HostEvent(self._ex, timing)
 
-    def create_pool(self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0) -> HostPool:
-        return HostPool(self, grow, shrink, arena_bytes)
+    def create_pool(
+        self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0, label: str | None = None
+    ) -> HostPool:
+        return HostPool(self, grow, shrink, arena_bytes, label)
 
     def install_router(self, router: Callable[[int], Any]) -> None:
         self._xp._router = router
