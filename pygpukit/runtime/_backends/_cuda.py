@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised on machines without C
 __all__ = ("CudaBackend",)
 
 _NOT_READY = 600  # cudaErrorNotReady
+_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation (CuPy does not export the name)
 
 
 @contextmanager
@@ -215,7 +216,7 @@ class CudaPool(RawPool):
             offset = self._arena.take(size)
             if offset is None:  # fragmented: CuPy frees its cached blocks and asks again
                 self._shrink(size)
-                raise _rt.CUDARuntimeError(_rt.errorMemoryAllocation)
+                raise _rt.CUDARuntimeError(_OUT_OF_MEMORY)
             grant = _Grant(self._base)
             weakref.finalize(grant, self._give, offset, size)
             ptr = self._base.ptr + offset  # type: ignore[union-attr]
@@ -252,7 +253,7 @@ class CudaPool(RawPool):
             raise CudaError(
                 f"the device is out of memory for {nbytes} bytes ({exc}); memory outside "
                 "pygpukit's budgets (other processes, libraries) took it — lower vram_limit",
-                status=int(_rt.errorMemoryAllocation),
+                status=_OUT_OF_MEMORY,
             ) from exc
 
     def used_bytes(self) -> int:
