@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +35,7 @@ __all__ = (
     "Sentence",
     "build_assistant",
     "build_describe",
+    "save_assistant_weights",
 )
 
 
@@ -102,6 +104,16 @@ def _context(rt: Runtime, name: str, tier: QoSPolicy, max_vram: int) -> Executio
     return rt.create_context(name, max_vram=max_vram, base_vram=base, qos=tier)
 
 
+def save_assistant_weights(directory: str | Path, models: Models | None = None) -> None:
+    """Write the assistant's (random) weights as ``lm.npz`` and ``tts.npz`` in ``directory``;
+    :func:`build_assistant` loads them back with ``weights=directory``."""
+    models = models or Models.small()
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    TinyLM(models.lm, seed=1).save(path / "lm.npz")
+    TinyTTS(models.tts, seed=2).save(path / "tts.npz")
+
+
 def build_assistant(
     rt: Runtime,
     service: str,
@@ -109,16 +121,24 @@ def build_assistant(
     *,
     models: Models | None = None,
     max_vram: int = 256 << 20,
+    weights: str | Path | None = None,
 ) -> Pipeline:
-    """Contexts ``<service>-llm`` and ``<service>-tts`` of ``tier``, their models, and the
-    streaming pipeline ``<service>``: Prompt → Sentence* → Audio*."""
+    """Contexts ``<service>-llm`` and ``<service>-tts`` of ``tier``, their models (random,
+    or loaded from ``weights``/lm.npz and tts.npz), and the streaming pipeline
+    ``<service>``: Prompt → Sentence* → Audio*."""
     models = models or Models.small()
     llm_ctx = _context(rt, f"{service}-llm", tier, max_vram)
     tts_ctx = _context(rt, f"{service}-tts", tier, max_vram)
     with context_session(llm_ctx):
-        lm = TinyLM(models.lm, xp=rt.xp, seed=1)
+        if weights is None:
+            lm = TinyLM(models.lm, xp=rt.xp, seed=1)
+        else:
+            lm = TinyLM.load(Path(weights) / "lm.npz", xp=rt.xp)
     with context_session(tts_ctx):
-        tts = TinyTTS(models.tts, xp=rt.xp, seed=2)
+        if weights is None:
+            tts = TinyTTS(models.tts, xp=rt.xp, seed=2)
+        else:
+            tts = TinyTTS.load(Path(weights) / "tts.npz", xp=rt.xp)
 
     @stage(f"{service}_llm", context=llm_ctx)
     async def generate(inp: Prompt) -> AsyncIterator[Sentence]:
@@ -134,7 +154,7 @@ def build_assistant(
     @stage(f"{service}_tts", context=tts_ctx)
     async def speak(inp: Sentence) -> Audio:
         samples = await tts_ctx.submit(tts.synthesize, inp.text, priority=_submit_priority())
-        return Audio(text=inp.text, samples=samples, sample_rate=models.tts.sample_rate)
+        return Audio(text=inp.text, samples=samples, sample_rate=tts.config.sample_rate)
 
     return Pipeline.chain(service, generate, speak, runtime=rt).build()
 

@@ -1,6 +1,8 @@
 """LLM → TTS, streamed sentence by sentence (models with random weights).
 
     python examples/pipelines/assistant.py "Tell me about GPUs" [--backend host]
+    python examples/pipelines/assistant.py --save-weights weights/   # write them once
+    python examples/pipelines/assistant.py "Hi" --weights weights/   # load them
 
 Prints each sentence's audio as it arrives, then the per-stage timings: the first audio
 comes long before the LLM has finished.
@@ -12,13 +14,13 @@ import argparse
 import asyncio
 import time
 
-from pygpukit.examples import build_assistant
+from pygpukit.examples import build_assistant, save_assistant_weights
 from pygpukit.runtime import QoSPolicy, Runtime
 
 
-async def main(prompt: str, backend: str, tokens: int) -> None:
+async def main(prompt: str, backend: str, tokens: int, weights: str | None) -> None:
     with Runtime(backend=backend) as rt:
-        assistant = build_assistant(rt, "assistant", QoSPolicy.GUARANTEED)
+        assistant = build_assistant(rt, "assistant", QoSPolicy.GUARANTEED, weights=weights)
         start = time.perf_counter()
         async for audio in assistant.stream({"prompt": prompt, "max_new_tokens": tokens}):
             print(
@@ -36,5 +38,11 @@ if __name__ == "__main__":
     p.add_argument("prompt", nargs="?", default="Hello there.")
     p.add_argument("--backend", default="auto")
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--weights", help="directory with lm.npz and tts.npz (default: random)")
+    p.add_argument("--save-weights", metavar="DIR", help="write random weights there and exit")
     a = p.parse_args()
-    asyncio.run(main(a.prompt, a.backend, a.tokens))
+    if a.save_weights:
+        save_assistant_weights(a.save_weights)
+        print(f"wrote {a.save_weights}/lm.npz and {a.save_weights}/tts.npz")
+    else:
+        asyncio.run(main(a.prompt, a.backend, a.tokens, a.weights))
