@@ -3,14 +3,17 @@ time, and the summary row that ``pygpukit bench`` prints."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..runtime import Runtime, Stream
 
-__all__ = ("Row", "busy_kernel", "noop_kernel", "pct")
+__all__ = ("Row", "bench_main", "busy_kernel", "noop_kernel", "pct")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -76,3 +79,32 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+
+Option = tuple[str, dict[str, Any]]
+
+
+def bench_main(
+    argv: list[str] | None,
+    doc: str | None,
+    options: Sequence[Option],
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any]], Any],
+) -> dict[str, Any]:
+    """The command line every benchmark module shares: ``--backend``, its own ``options``,
+    ``--json``; ``report`` prints a table (or returns :class:`Row` objects to print)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backend", default="auto", help="auto, cuda or host")
+    for flag, kwargs in options:
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    result = run(args)
+    result.update(python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    rows = report(result)
+    for row in rows or ():
+        print(f"{row.figure}: {row.value}  [{row.baseline}]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result

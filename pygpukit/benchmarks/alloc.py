@@ -9,13 +9,11 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from typing import Any
 
 from ..runtime import QoSPolicy, Runtime, context_session
-from ._common import Row
+from ._common import Row, bench_main
 
 
 def _time(n: int, alloc: Any) -> float:
@@ -75,19 +73,16 @@ def summary(r: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--n", type=int, default=20_000)
-    p.add_argument("--size", type=int, default=1 << 20)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    result = run(args.backend, args.n, args.size)
-    for row in summary(result):
-        print(f"{row.figure}: {row.value}  [{row.baseline}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return bench_main(
+        argv,
+        __doc__,
+        [
+            ("--n", {"type": int, "default": 20_000}),
+            ("--size", {"type": int, "default": 1 << 20}),
+        ],
+        lambda a: run(a.backend, a.n, a.size),
+        summary,
+    )
 
 
 if __name__ == "__main__":

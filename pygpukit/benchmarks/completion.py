@@ -21,9 +21,7 @@ p50 to pygpukit's, and writes everything as JSON with ``--json``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import platform
 import statistics
 import sys
@@ -33,7 +31,7 @@ from typing import Any
 
 from ..runtime import CompletionBridge, Runtime, Stream
 from ..runtime._completion import make_channel
-from ._common import Row, busy_kernel, noop_kernel, pct
+from ._common import Row, bench_main, busy_kernel, noop_kernel, pct
 
 Method = Callable[[Stream], Awaitable[None]]
 
@@ -208,19 +206,17 @@ def summary(r: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--n", type=int, default=2000, help="samples per method and loop")
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--loops", default="asyncio,uvloop")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    result = run(args.backend, args.n, args.warmup, args.loops.split(","))
-    print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return bench_main(
+        argv,
+        __doc__,
+        [
+            ("--n", {"type": int, "default": 2000, "help": "samples per method and loop"}),
+            ("--warmup", {"type": int, "default": 50}),
+            ("--loops", {"default": "asyncio,uvloop"}),
+        ],
+        lambda a: run(a.backend, a.n, a.warmup, a.loops.split(",")),
+        print_table,
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
-import platform
 import statistics
 import time
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime import QoSPolicy, Runtime, context_session
-from ._common import Row
+from ._common import Row, bench_main
 
 GIB = 1 << 30
 
@@ -152,19 +150,16 @@ def summary(r: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--gib", type=float, default=1.0)
-    p.add_argument("--cycles", type=int, default=3)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    result = asyncio.run(_run(args))
-    result.update(python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return bench_main(
+        argv,
+        __doc__,
+        [
+            ("--gib", {"type": float, "default": 1.0}),
+            ("--cycles", {"type": int, "default": 3}),
+        ],
+        lambda a: asyncio.run(_run(a)),
+        print_table,
+    )
 
 
 if __name__ == "__main__":

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ..runtime import QoSPolicy, Runtime, Stream
-from ._common import Row, busy_kernel, pct
+from ._common import Row, bench_main, busy_kernel, pct
 
 Launch = Callable[[Stream], None]
 
@@ -202,23 +200,20 @@ def summary(r: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--samples", type=int, default=200)
-    p.add_argument("--step-ms", type=float, default=1.0)
-    p.add_argument("--block-us", type=float, default=100.0)
-    p.add_argument("--waves", type=int, default=20, help="block rounds per flood kernel")
-    p.add_argument("--flood-kernels", type=int, default=2, help="flood kernels per task")
-    p.add_argument("--gap-ms", type=float, default=4.0, help="pause between Guaranteed steps")
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    result = asyncio.run(_run(args))
-    result.update(python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return bench_main(
+        argv,
+        __doc__,
+        [
+            ("--samples", {"type": int, "default": 200}),
+            ("--step-ms", {"type": float, "default": 1.0}),
+            ("--block-us", {"type": float, "default": 100.0}),
+            ("--waves", {"type": int, "default": 20, "help": "block rounds per flood kernel"}),
+            ("--flood-kernels", {"type": int, "default": 2, "help": "flood kernels per task"}),
+            ("--gap-ms", {"type": float, "default": 4.0, "help": "pause between Guaranteed steps"}),
+        ],
+        lambda a: asyncio.run(_run(a)),
+        print_table,
+    )
 
 
 if __name__ == "__main__":

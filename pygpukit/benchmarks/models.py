@@ -12,15 +12,13 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 from typing import Any
 
 from ..models import LMConfig, TinyLM
 from ..runtime import QoSPolicy, Runtime, context_session
-from ._common import Row, pct
+from ._common import Row, bench_main, pct
 
 N_MODELS = 4
 
@@ -124,20 +122,17 @@ def summary(r: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--size", default="auto", choices=("auto", "small", "large"))
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    result = asyncio.run(_run(args.backend, args.tokens, args.rounds, args.size))
-    for row in summary(result):
-        print(f"{row.figure}: {row.value}  [{row.baseline}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return bench_main(
+        argv,
+        __doc__,
+        [
+            ("--tokens", {"type": int, "default": 32}),
+            ("--rounds", {"type": int, "default": 3}),
+            ("--size", {"default": "auto", "choices": ("auto", "small", "large")}),
+        ],
+        lambda a: asyncio.run(_run(a.backend, a.tokens, a.rounds, a.size)),
+        summary,
+    )
 
 
 if __name__ == "__main__":

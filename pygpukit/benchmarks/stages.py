@@ -10,9 +10,7 @@ per stage: graph driving, request propagation, the task group, timings.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -20,7 +18,7 @@ from pydantic import BaseModel
 
 from ..pipeline import Pipeline, registry, stage
 from ..runtime import Runtime, context_session
-from ._common import Row, pct
+from ._common import Row, bench_main, pct
 
 STAGES = 4
 
@@ -90,18 +88,15 @@ def summary(r: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--n", type=int, default=500)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    result = asyncio.run(_run(args.backend, args.n))
-    for row in summary(result):
-        print(f"{row.figure}: {row.value}  [{row.baseline}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return bench_main(
+        argv,
+        __doc__,
+        [
+            ("--n", {"type": int, "default": 500}),
+        ],
+        lambda a: asyncio.run(_run(a.backend, a.n)),
+        summary,
+    )
 
 
 if __name__ == "__main__":

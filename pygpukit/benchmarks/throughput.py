@@ -10,14 +10,12 @@ rate at which the same kernels and signals can merely be *enqueued*, nothing awa
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import time
 from typing import Any
 
 from ..runtime import Runtime
-from ._common import Row, noop_kernel
+from ._common import Row, bench_main, noop_kernel
 
 UNMATCHED = 1 << 20  # a generation no slot has: the bridge ignores these signals
 
@@ -103,18 +101,15 @@ def summary(r: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--n", type=int, default=20_000)
-    p.add_argument("--json")
-    args = p.parse_args(argv)
-    result = asyncio.run(_run(args.backend, args.n))
-    for row in summary(result):
-        print(f"{row.figure}: {row.value}  [{row.baseline}]")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return bench_main(
+        argv,
+        __doc__,
+        [
+            ("--n", {"type": int, "default": 20_000}),
+        ],
+        lambda a: asyncio.run(_run(a.backend, a.n)),
+        summary,
+    )
 
 
 if __name__ == "__main__":
