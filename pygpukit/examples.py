@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,14 +48,17 @@ class Sentence(BaseModel):
     text: str
 
 
-Samples = Array["float32", (None,)]  # a mono waveform of any length
+if TYPE_CHECKING:
+    Samples = Any
+else:
+    Samples = Array["float32", (None,)]  # a mono waveform of any length
 
 
 class Audio(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     text: str
-    samples: Samples  # type: ignore[valid-type]
+    samples: Samples
     sample_rate: int
 
 
@@ -219,4 +222,4 @@ def build_describe(
 def audio_seconds(result: Any) -> float:
     """Seconds of audio in a pipeline result (one Audio or a list of them)."""
     items = result.output if isinstance(result.output, list) else [result.output]
-    return sum(len(a.samples) / a.sample_rate for a in items)
+    return float(sum(len(a.samples) / a.sample_rate for a in items))

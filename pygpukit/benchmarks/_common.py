@@ -31,7 +31,7 @@ def noop_kernel(rt: Runtime) -> Callable[[Stream], None]:
     import cupy
 
     kernel = cupy.RawKernel(r'extern "C" __global__ void noop() {}', "noop")
-    return lambda s: kernel((1,), (1,), (), stream=s.raw.cp)
+    return lambda s: kernel((1,), (1,), (), stream=s.raw.cp)  # type: ignore[attr-defined]
 
 
 def busy_kernel(rt: Runtime) -> Callable[..., None]:
@@ -57,7 +57,7 @@ def busy_kernel(rt: Runtime) -> Callable[..., None]:
     )
 
     def cuda(s: Stream, seconds: float, blocks: int = 1, threads: int = 1) -> None:
-        spin((blocks,), (threads,), (cupy.int64(int(seconds * 1e9)),), stream=s.raw.cp)
+        spin((blocks,), (threads,), (cupy.int64(int(seconds * 1e9)),), stream=s.raw.cp)  # type: ignore[attr-defined]
 
     return cuda
 

@@ -31,7 +31,7 @@ GIB = 1 << 30
 def _digest(rt: Runtime, arr: Any) -> str:
     host = arr.get() if rt.backend.name == "cuda" else arr
     return hashlib.blake2b(
-        memoryview(np.ascontiguousarray(host)).cast("B"), digest_size=16
+        np.ascontiguousarray(host).view(np.uint8).data, digest_size=16
     ).hexdigest()
 
 

@@ -81,7 +81,7 @@ async def _run(backend: str, tokens: int, rounds: int, size: str) -> dict[str, A
             "d_model": cfg.d_model,
         }
         for name, body in (("pygpukit", through_pygpukit), ("inline", inline_one_stream)):
-            stop, late = asyncio.Event(), []
+            stop, late = asyncio.Event(), list[float]()
             tick = asyncio.create_task(_ticker(stop, late))
             t0 = time.perf_counter()
             n = await body()

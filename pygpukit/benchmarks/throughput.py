@@ -11,6 +11,7 @@ rate at which the same kernels and signals can merely be *enqueued*, nothing awa
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -18,6 +19,10 @@ from ..runtime import Runtime
 from ._common import Row, bench_main, noop_kernel
 
 UNMATCHED = 1 << 20  # a generation no slot has: the bridge ignores these signals
+
+
+def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    fut.set_result(None)
 
 
 async def _bridge(rt: Runtime, n: int, streams: list[Any]) -> float:
@@ -29,8 +34,8 @@ async def _bridge(rt: Runtime, n: int, streams: list[Any]) -> float:
     for i in range(n):
         s = streams[i % len(streams)]
         launch(s)
-        fut = loop.create_future()
-        bridge.on_done(s.raw, backend, lambda e, f=fut: f.set_result(None))
+        fut: asyncio.Future[None] = loop.create_future()
+        bridge.on_done(s.raw, backend, functools.partial(_resolve, fut))
         futures.append(fut)
     await asyncio.gather(*futures)
     return n / (time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import sys
 import threading
 import typing
 from collections.abc import Callable
-from typing import Any, get_args, get_origin
+from typing import Any, get_args, get_origin, overload
 
 from pydantic import BaseModel
 
@@ -190,6 +190,16 @@ def _inspect(fn: Callable[..., Any], localns: dict[str, Any] | None) -> Stage:
     assert isinstance(inp, type)
     assert isinstance(out, type)
     return Stage(fn.__name__, fn, inp, out, streaming=streaming, context=None)
+
+
+@overload
+def stage(name: Callable[..., Any], *, context: str | ExecutionContext | None = None) -> Stage: ...
+
+
+@overload
+def stage(
+    name: str | None = None, *, context: str | ExecutionContext | None = None
+) -> Callable[[Callable[..., Any]], Stage]: ...
 
 
 def stage(

@@ -311,7 +311,7 @@ class CompletionBridge:
         for backend, group in by_backend.values():
             streams = list({id(w.stream): w.stream for _, w in group if w.stream}.values())
             try:
-                error = backend.fault(streams)  # type: ignore[arg-type]
+                error = backend.fault(streams)
             except Exception as exc:  # a query that itself fails is a fault too
                 error = exc
             if error is None:

@@ -51,7 +51,7 @@ class Runtime:
     ) -> None:
         if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
             raise InvalidArgument(f"device_id must be a non-negative int, not {device_id!r}")
-        cls = backend_class(resolve_backend_name(backend))
+        cls: Any = backend_class(resolve_backend_name(backend))
         self.backend: Backend = cls(device_id)
         self.device: DeviceInfo = self.backend.info()
         self.bridge = bridge or default_bridge()

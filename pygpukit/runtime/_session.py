@@ -187,11 +187,11 @@ def hook_future_loops() -> None:
         return
     policy = asyncio.get_event_loop_policy()
     if not isinstance(policy, _LoopHookingPolicy):
-        asyncio.set_event_loop_policy(_LoopHookingPolicy(policy))
+        asyncio.set_event_loop_policy(_LoopHookingPolicy(policy))  # type: ignore[abstract]
 
 
 # -- trio: an instrument ----------------------------------------------------------------
-class _TrioBinder:
+class _TrioBinder:  # a trio.abc.Instrument by duck typing (trio is optional)
     def __init__(self) -> None:
         self._tokens: dict[int, Any] = {}
 
@@ -218,7 +218,7 @@ def _hook_trio() -> None:
         _trio_var = trio.lowlevel.RunVar("pygpukit_binder")
     if _trio_var.get(None) is None:
         instrument = _TrioBinder()
-        trio.lowlevel.add_instrument(instrument)
+        trio.lowlevel.add_instrument(instrument)  # type: ignore[arg-type]
         _trio_var.set(instrument)
         # We are inside a task step that began before the instrument existed: save the
         # thread's binding now so that this step's after_task_step restores it.

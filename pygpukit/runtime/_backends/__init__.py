@@ -41,11 +41,11 @@ def _gpu_visible() -> bool:
         cls = backend_class("cuda")
     except BackendUnavailable:
         return False
-    from ._cuda import _rt  # the module imported; CuPy is there
+    from . import _cuda  # the module imported; CuPy is there
 
     del cls
     try:
-        return int(_rt.getDeviceCount()) > 0
+        return int(_cuda.backend_class._device_count()) > 0
     except Exception:
         return False
 

@@ -273,6 +273,14 @@ class CudaBackend(Backend):
     name = "cuda"
     spin_helps = True
 
+    @staticmethod
+    def _device_count() -> int:
+        """Visible CUDA devices (0 where the driver is missing or broken)."""
+        try:
+            return _device_count_impl()
+        except Exception:
+            return 0
+
     def __init__(self, device_id: int = 0) -> None:
         try:
             count = _rt.getDeviceCount()
@@ -332,7 +340,7 @@ class CudaBackend(Backend):
 
     def bind_stream(self, stream: RawStream | None) -> object:
         prev = cupy.cuda.get_current_stream()
-        torch = sys.modules.get("torch")
+        torch: Any = sys.modules.get("torch")
         torch_on = torch is not None and torch.cuda.is_initialized()
         torch_prev = torch.cuda.current_stream(self.device_id) if torch_on else None
         if isinstance(stream, CudaStream):
@@ -349,6 +357,8 @@ class CudaBackend(Backend):
         return (prev, torch_prev)
 
     def restore_stream(self, token: object) -> None:
+        prev: Any
+        torch_prev: Any
         prev, torch_prev = token  # type: ignore[misc]
         if cupy.cuda.get_current_stream() is not prev:
             prev.use()
@@ -416,6 +426,10 @@ class CudaBackend(Backend):
 
     def close(self) -> None:
         self._closed = True
+
+
+def _device_count_impl() -> int:
+    return int(_rt.getDeviceCount())
 
 
 def _priority_range() -> tuple[int, int]:

@@ -302,7 +302,8 @@ class HostPool(RawPool):
         size = -(-nbytes // _ALIGN) * _ALIGN if nbytes else 0
         self._grow(size)
         try:
-            if self._arena is None or size == 0:
+            owner: Any
+            if self._arena is None or self._base is None or size == 0:
                 buf = owner = self._backend.take(size)
                 offset = -1
             else:
@@ -310,7 +311,7 @@ class HostPool(RawPool):
                 # A ctypes view of the range owns it: NumPy collapses chains of array views
                 # down to the first non-array base, so every array made from ``buf`` keeps
                 # this object (and its charge) alive, and no longer.
-                owner = (ctypes.c_uint8 * size).from_buffer(self._base, offset)
+                owner = (ctypes.c_uint8 * size).from_buffer(self._base, offset)  # type: ignore[arg-type]
                 buf = np.frombuffer(owner, dtype=np.uint8)
         except BaseException:
             self._shrink(size)
@@ -455,7 +456,7 @@ class HostBackend(Backend):
         if out is None or out.shape != array.shape or out.dtype != array.dtype:
             out = np.empty(array.shape, dtype=array.dtype)
         np.copyto(out, array)
-        return out
+        return out  # type: ignore[no-any-return]
 
     def array_from_host(self, host: Any) -> np.ndarray[Any, Any]:
         out = self._xp.empty(host.shape, dtype=host.dtype)

@@ -34,12 +34,13 @@ class HostXP:
 
     def _take(self, shape: Any, dtype: Any) -> np.ndarray[Any, Any]:
         dt = np.dtype(dtype)
-        shape_t = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+        shape_t = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
         nbytes = math.prod(shape_t) * dt.itemsize
         if self._router is None:
             return np.empty(shape_t, dtype=dt)
-        buf = self._router(nbytes)
-        return buf[:nbytes].view(dt).reshape(shape_t)
+        buf: np.ndarray[Any, Any] = self._router(nbytes)
+        out: np.ndarray[Any, Any] = buf[:nbytes].view(dt).reshape(shape_t)
+        return out
 
     def empty(self, shape: Any, dtype: Any = float) -> np.ndarray[Any, Any]:
         return self._take(shape, dtype)
