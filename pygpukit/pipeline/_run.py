@@ -193,14 +193,19 @@ class _Run:
                 await emit(await node.stage.fn(inp))
         clock.end = self.now()
 
+    async def _chain(self, chain: list[Node]) -> None:
+        for node in chain:
+            await self.node(node)
+
     async def supervise(self) -> None:
         deadline = self.info.deadline
         delay = math.inf if deadline is None else deadline - time.monotonic()
         try:
             with anyio.move_on_after(delay) as scope:
                 async with anyio.create_task_group() as tg:
-                    for node in self.plan.nodes.values():
-                        tg.start_soon(self.node, node, name=f"pipeline {self.plan.name}:{node.id}")
+                    for chain in _chains(self.plan):
+                        name = f"pipeline {self.plan.name}:{'+'.join(n.id for n in chain)}"
+                        tg.start_soon(self._chain, chain, name=name)
             if scope.cancelled_caught:
                 message: tuple[str, Any] = ("error", self._late())
             else:
@@ -293,3 +298,26 @@ async def drive(plan: Plan, request: BaseModel, info: RequestInfo) -> AsyncGener
     if error is not None:
         raise error
     yield run.result(None)
+
+
+def _chains(plan: Plan) -> list[list[Node]]:
+    """Group the plan into tasks: a stage whose only input is the one stage before it, which
+    feeds nothing else, runs in that stage's task right after it (nothing could overlap them
+    anyway). Streaming stages and their consumers keep tasks of their own, so items flow
+    while they are produced; independent branches stay concurrent."""
+    chains: list[list[Node]] = []
+    tail: dict[str, list[Node]] = {}  # stage id -> the chain it currently ends
+    for node in plan.nodes.values():
+        sources = {b.source for b in node.bindings if b.source != INPUT}
+        chain = None
+        if len(sources) == 1 and not node.per_item:
+            (prev_id,) = sources
+            prev = plan.nodes[prev_id]
+            if prev.readers == (node.id,) and not prev.per_item:
+                chain = tail.pop(prev_id, None)
+        if chain is None:
+            chain = []
+            chains.append(chain)
+        chain.append(node)
+        tail[node.id] = chain
+    return chains
