@@ -16,7 +16,6 @@ from ._exceptions import CudaError as CudaError
 from ._exceptions import DeadlineExceeded as DeadlineExceeded
 from ._exceptions import DuplicateContextName as DuplicateContextName
 from ._exceptions import InvalidArgument as InvalidArgument
-from ._exceptions import NotInitialized as NotInitialized
 from ._exceptions import PipelineValidationError as PipelineValidationError
 from ._exceptions import PygpukitError as PygpukitError
 from ._exceptions import QueueFull as QueueFull
@@ -52,7 +51,6 @@ __all__ = (
     "Event",
     "ExecutionContext",
     "InvalidArgument",
-    "NotInitialized",
     "PipelineValidationError",
     "PygpukitError",
     "QoSPolicy",

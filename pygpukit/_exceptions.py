@@ -12,8 +12,7 @@ The tree::
     ├── AdmissionRejected                      -- a reservation cannot be granted
     ├── QueueFull                              -- a bounded queue is at its limit
     ├── DeadlineExceeded (also TimeoutError)   -- work could not start before its deadline
-    ├── PipelineValidationError (also ValueError)
-    └── NotInitialized                         -- module-level API used before initialize()
+    └── PipelineValidationError (also ValueError)
 
 Argument errors are ``TypeError`` / ``ValueError`` subclasses as well, so callers that
 catch the built-in kinds keep working. Messages are built from structured fields in
@@ -33,7 +32,6 @@ __all__ = (
     "DeadlineExceeded",
     "DuplicateContextName",
     "InvalidArgument",
-    "NotInitialized",
     "PipelineValidationError",
     "PygpukitError",
     "QueueFull",
@@ -144,15 +142,6 @@ class DeadlineExceeded(PygpukitError, TimeoutError):
 
 class PipelineValidationError(PygpukitError, ValueError):
     """A pipeline graph is malformed; the message names the stage and field."""
-
-
-class NotInitialized(PygpukitError, RuntimeError):
-    """The module-level scheduler API was used before ``initialize()``."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"{what}() needs the default runtime; call pygpukit.scheduler.initialize() first"
-        )
 
 
 def _fix_module(namespace: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import time
 
 import pygpukit
 from pygpukit import current_context, current_stream
+from pygpukit.benchmarks._common import busy_kernel
 
 CALLS: list[tuple[str, str]] = []
 
@@ -40,19 +41,7 @@ def _work(ctx, n: int = 128) -> float:  # type: ignore[no-untyped-def]
 
 def _busy(ctx, seconds: float) -> None:  # type: ignore[no-untyped-def]
     """Occupy the context's stream for a while (a spin kernel, or a host item)."""
-    if ctx.runtime.backend.name == "host":
-        ctx.stream.launch_host_func(lambda: time.sleep(seconds))
-        return
-    import cupy
-
-    spin = cupy.RawKernel(
-        r"""extern "C" __global__ void spin(long long ns) {
-            long long t0, t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0)); t = t0;
-            while (t - t0 < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); }
-        }""",
-        "spin",
-    )
-    spin((1,), (1,), (cupy.int64(int(seconds * 1e9)),))
+    busy_kernel(ctx.runtime)(ctx.stream, seconds)
 
 
 def run_llm_inference(prompt: str) -> str:

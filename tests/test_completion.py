@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from pygpukit import CudaError
+from pygpukit.benchmarks._common import busy_kernel
 from pygpukit.runtime import Runtime
 from pygpukit.runtime._completion import CAPACITY, CompletionBridge, make_channel
 
@@ -29,21 +30,7 @@ def _gate(stream) -> threading.Event:  # type: ignore[no-untyped-def]
 
 def _busy(rt: Runtime, stream, seconds: float) -> None:  # type: ignore[no-untyped-def]
     """Keep ``stream`` busy for about ``seconds`` of device time."""
-    if rt.backend.name == "host":
-        stream.launch_host_func(lambda: time.sleep(seconds))
-        return
-    import cupy
-
-    spin = cupy.RawKernel(
-        r"""extern "C" __global__ void spin(long long ns) {
-            long long start; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-            long long now = start;
-            while (now - start < ns) { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); }
-        }""",
-        "spin",
-    )
-    with stream.raw.cp:
-        spin((1,), (1,), (cupy.int64(int(seconds * 1e9)),))
+    busy_kernel(rt)(stream, seconds)
 
 
 async def test_await_stream_returns_after_the_work(rt: Runtime) -> None:

@@ -140,8 +140,6 @@ class Dispatcher:
         self.in_flight_tier: Counter[QoSPolicy] = Counter()
         self.in_flight_ctx: Counter[Any] = Counter()
         self.queued_ctx: Counter[Any] = Counter()
-        self.launch_order: list[Task] = []  # kept only when record_order is set (tests)
-        self.record_order = False
 
     # -- queue ------------------------------------------------------------------------
     def enqueue(self, task: Task) -> None:
@@ -180,12 +178,13 @@ class Dispatcher:
         return sorted(live, key=lambda t: t.key)
 
     # -- launching --------------------------------------------------------------------
-    def _eligible(self, task: Task, shares: bool, waiting: set[Any]) -> bool:
-        if shares and self._over_share is not None:
-            part = getattr(task.context, "partition", None)
-            # Held back only while another partition has work waiting (contention), and only
-            # if this one used more than its compute share of recent GPU time.
-            if waiting - {part} and self._over_share(task):
+    def _eligible(self, task: Task, shares: bool, waiting: Callable[[], set[Any]]) -> bool:
+        # Held back only if its partition used more than its compute share of recent GPU
+        # time while another partition has work waiting (contention). The waiting set is
+        # built only when some task is over its share: dispatch without partitions pays
+        # nothing for them.
+        if shares and self._over_share is not None and self._over_share(task):
+            if waiting() - {getattr(task.context, "partition", None)}:
                 return False
         cap = self.config.tier_in_flight.get(task.tier)
         if cap is not None and self.in_flight_tier[task.tier] >= cap:
@@ -219,12 +218,20 @@ class Dispatcher:
 
     def _pass(self, now: float, shares: bool, launch: list[Task], expired: list[Task]) -> None:
         """One scan of the queue (call with the lock held)."""
-        waiting = {
-            getattr(t.context, "partition", None)
-            for _, t in self._heap
-            if t.state is TaskState.QUEUED
-        }
         blocked: list[tuple[tuple[int, int, int], Task]] = []
+        cache: list[set[Any]] = []
+
+        def waiting() -> set[Any]:  # partitions with queued work (held back or not yet seen)
+            if not cache:
+                cache.append(
+                    {
+                        getattr(t.context, "partition", None)
+                        for _, t in (*self._heap, *blocked)
+                        if t.state is TaskState.QUEUED
+                    }
+                )
+            return cache[0]
+
         while self._heap:
             entry = heapq.heappop(self._heap)
             task = entry[1]
@@ -243,8 +250,6 @@ class Dispatcher:
             self.queued_ctx[task.context] -= 1
             self.in_flight_tier[task.tier] += 1
             self.in_flight_ctx[task.context] += 1
-            if self.record_order:
-                self.launch_order.append(task)
             launch.append(task)
         for entry in blocked:
             heapq.heappush(self._heap, entry)

@@ -320,9 +320,6 @@ class RuntimeScheduler:
             self.dispatcher.cancel(task)  # before launch: out of the queue; after: no-op
             raise
 
-    def context_opened(self, ctx: ExecutionContext) -> None:
-        return None
-
     def context_closed(self, ctx: ExecutionContext) -> None:
         admission = self._admissions.pop(ctx.name, None)
         if admission is not None:
