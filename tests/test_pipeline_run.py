@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
+from dataclasses import replace
 
 import anyio
 import numpy as np
@@ -18,7 +20,8 @@ from pydantic import BaseModel
 
 from pygpukit import MB, DeadlineExceeded, QoSPolicy, current_context
 from pygpukit.pipeline import Array, Pipeline, RequestInfo, current_request, stage
-from pygpukit.runtime import ExecutionContext, Runtime
+from pygpukit.pipeline import _run as pipeline_run
+from pygpukit.runtime import ExecutionContext, Runtime, _session, hook_event_loop
 
 pytestmark = pytest.mark.anyio
 
@@ -411,3 +414,216 @@ async def test_a_per_item_stage_reads_a_fixed_value_from_another_branch(
     # a pipeline whose output runs once streams exactly one item
     items = [item async for item in p.output("see").stream({"prompt": "dog"})]
     assert items == [Scene(caption="DOG")]
+
+
+# -- sequential chains run inline, in the caller's task -------------------------------------
+class Held(BaseModel):
+    n: int
+    delay: float
+    data: Array[np.float32, (None,)]
+
+
+TASKS: list[object] = []  # the task each inline-test stage ran in
+MARK: ContextVar[str] = ContextVar("tr_mark", default="caller")
+INNER: list[Pipeline] = []  # a pipeline a stage runs (nested runs)
+
+
+@stage("tr_make", context="left")
+async def make(inp: Job) -> Held:
+    with _logged("tr_make"):
+        TASKS.append(anyio.get_current_task().id)
+        MARK.set("tr_make")  # a stage's variables stay in its run
+        data = _ctx().runtime.xp.ones(inp.n, dtype="float32")  # charged to "left"
+        return Held(n=inp.n, delay=inp.delay, data=data)
+
+
+@stage("tr_hold", context="right")
+async def hold(inp: Held) -> Part:
+    with _logged("tr_hold"):
+        TASKS.append(anyio.get_current_task().id)
+        assert MARK.get() == "tr_make"  # the stage before it set it, in the same run
+        x = _ctx().runtime.xp.full(inp.n, 2, dtype="float32")  # charged to "right"
+        await anyio.sleep(inp.delay)
+        return Part(value=float(inp.data.sum() + x.sum()))
+
+
+@stage("tr_half", context="left")
+async def half(inp: Part) -> Part:
+    with _logged("tr_half"):
+        TASKS.append(anyio.get_current_task().id)
+        for pipeline in INNER:  # a run inside a stage sees its own request, then ours again
+            inner = await pipeline.run({"n": 2, "delay": 0.0})
+            assert inner.output == Part(value=2.0)
+            req = current_request()
+            assert req is not None and (req.pipeline, req.stage_id) == ("chain", "tr_half")
+        return Part(value=inp.value / 2)
+
+
+@pytest.fixture(autouse=True)
+def _clear_inline_state() -> Iterator[None]:
+    yield
+    TASKS.clear()
+    INNER.clear()
+
+
+def _chain(rt: Runtime) -> Pipeline:
+    return Pipeline.chain("chain", make, hold, half, runtime=rt)
+
+
+async def test_a_sequential_chain_runs_in_the_callers_task(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    p = _chain(host_rt)
+    assert p.plan.sequential and not _fan(host_rt).plan.sequential
+    deadline = time.monotonic() + 60
+    result = await p.run({"n": 100, "delay": 0.0}, tier="burstable", priority=2, deadline=deadline)
+    assert result.output == Part(value=150.0)
+    if pipeline_run._may_run_inline():
+        assert TASKS == [anyio.get_current_task().id] * 3  # no task of its own
+    else:  # CUDA binders, and this task was created before its loop was hooked
+        assert len(TASKS) == 3 and len(set(TASKS)) == 1
+        assert TASKS[0] != anyio.get_current_task().id
+    assert LOG == [f"{e} {s}" for s in ("tr_make", "tr_hold", "tr_half") for e in ("enter", "exit")]
+    info = RequestInfo(QoSPolicy.BURSTABLE, 2, deadline, "chain", "")
+    assert SEEN == [replace(info, stage_id=s) for s in ("tr_make", "tr_hold", "tr_half")]
+    # what the stages set (sessions, request, their own variables) stays in the run
+    assert (current_request(), current_context(), MARK.get()) == (None, None, "caller")
+    previous_end = 0.0
+    for sid, timing in result.timings.items():
+        assert timing.start is not None and timing.end is not None, sid
+        assert timing.first_item_at is not None, sid
+        assert previous_end <= timing.start <= timing.first_item_at <= timing.end, sid
+        assert (timing.items, timing.calls) == (1, 1), sid
+        previous_end = timing.end
+    assert previous_end <= result.elapsed_s
+    assert result.first_output_s == result.timings["tr_half"].first_item_at
+    assert ctxs["left"].usage().sessions == 2 and ctxs["right"].usage().sessions == 1
+
+
+async def test_a_run_inside_a_stage_leaves_the_stage_its_request(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    INNER.append(Pipeline.chain("inner", left, runtime=host_rt))
+    result = await _chain(host_rt).run({"n": 4, "delay": 0.0})
+    assert result.output == Part(value=6.0)
+    assert [info.pipeline for info in SEEN if info is not None] == [
+        "chain",
+        "chain",
+        "chain",
+        "inner",
+    ]
+
+
+async def test_a_lone_streaming_stage_runs_inline_and_returns_its_items(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext]
+) -> None:
+    p = Pipeline("words", runtime=host_rt).add(words)
+    assert p.plan.sequential
+    result = await p.run({"prompt": "a bb"})
+    assert result.output == [Word(text="a"), Word(text="bb")]
+    timing = result.timings["tr_words"]
+    assert (timing.items, timing.calls) == (2, 1)
+    assert result.first_output_s == timing.first_item_at
+
+
+@pytest.fixture(params=["inline", "task"])
+def placement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Sequential runs inline, and in a task of their own (as where the caller's task may
+    not hold sessions: CUDA, a task created before its loop was hooked)."""
+    if request.param == "task":
+        monkeypatch.setattr(pipeline_run, "_may_run_inline", lambda: False)
+    return request.param  # type: ignore[no-any-return]
+
+
+async def test_cancelling_a_sequential_run_frees_its_memory_at_once(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext], placement: str
+) -> None:
+    before = _used(ctxs)
+    tasks_before = _asyncio_tasks()
+    with anyio.move_on_after(0.1) as scope:
+        await _chain(host_rt).run({"n": 1 << 16, "delay": 30.0})
+    assert scope.cancelled_caught
+    assert LOG == ["enter tr_make", "exit tr_make", "enter tr_hold", "exit tr_hold"]
+    assert (TASKS[0] == anyio.get_current_task().id) == (placement == "inline")
+    # the first stage's output and the second's own array were both released
+    assert _used(ctxs) == before
+    assert _asyncio_tasks() == tasks_before
+
+
+async def test_a_sequential_run_past_its_deadline_names_the_stage_it_cut(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext], placement: str
+) -> None:
+    before = _used(ctxs)
+    with pytest.raises(
+        DeadlineExceeded,
+        match=r"^pipeline 'chain' missed its deadline after \d+\.\d ms; stages cancelled: "
+        r"'tr_hold' — give the request a later deadline or a higher tier$",
+    ):
+        await _chain(host_rt).run({"n": 1 << 16, "delay": 30.0}, deadline=time.monotonic() + 0.1)
+    assert _balanced() and "enter tr_half" not in LOG, LOG
+    assert _used(ctxs) == before
+    with pytest.raises(DeadlineExceeded, match=r"before it started"):
+        await _chain(host_rt).run({"n": 4}, deadline=time.monotonic() - 0.01)
+
+
+@stage("tr_spin", context="left")
+async def spin(inp: Job) -> Job:
+    with _logged("tr_spin"):
+        end = time.perf_counter() + inp.delay
+        while time.perf_counter() < end:  # busy, never yielding to the loop
+            pass
+        return inp
+
+
+async def test_a_stage_that_never_yields_still_stops_the_next_one_past_the_deadline(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext], placement: str
+) -> None:
+    p = Pipeline.chain("spun", spin, make, hold, runtime=host_rt)
+    with pytest.raises(
+        DeadlineExceeded, match=r"^pipeline 'spun' missed .* stages cancelled: 'tr_make' — "
+    ):
+        await p.run({"n": 8, "delay": 0.05}, deadline=time.monotonic() + 0.02)
+    assert LOG == ["enter tr_spin", "exit tr_spin"]
+
+
+async def test_a_failing_stage_of_a_sequential_run_raises_its_own_error(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext], placement: str
+) -> None:
+    p = Pipeline.chain("doomed", make, boom, runtime=host_rt)
+    with pytest.raises(ValueError, match=r"^boom$"):
+        await p.run({"n": 8, "delay": 0.0})
+    assert LOG == ["enter tr_make", "exit tr_make", "enter tr_boom", "exit tr_boom"]
+    assert current_request() is None and MARK.get() == "caller"
+    result = await _chain(host_rt).run({"n": 100, "delay": 0.0})  # and the next run works
+    assert result.output == Part(value=150.0)
+
+
+class _NoStreams:
+    """A backend binder with a thread-local current stream that binds nothing."""
+
+    def bind_stream(self, raw: object) -> None:
+        return None
+
+    def restore_stream(self, token: object) -> None:
+        pass
+
+
+async def test_only_tasks_that_bind_their_own_stream_run_stages_inline(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend_name: str
+) -> None:
+    monkeypatch.setattr(_session, "_binders", [])  # host backend only: no stream to bind
+    assert pipeline_run._may_run_inline()
+    monkeypatch.setattr(_session, "_binders", [_NoStreams()])  # as if CUDA were in use
+    if anyio_backend_name == "trio":
+        assert pipeline_run._may_run_inline()  # trio's instrument binds every task
+        return
+    hook_event_loop()
+    seen: list[bool] = []
+
+    async def probe() -> None:
+        seen.append(pipeline_run._may_run_inline())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe)  # created on a hooked loop: binds its stream at every step
+    await asyncio.Task(probe())  # bypasses the task factory, as a task made before the hook
+    assert seen == [True, False]

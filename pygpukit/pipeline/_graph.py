@@ -185,8 +185,11 @@ class Pipeline:
         """Run the pipeline once; return the output stage's result and per-stage timings.
 
         Independent stages run concurrently; a streaming stage's readers run once per
-        item as items arrive. Every stage sees ``tier``, ``priority`` and ``deadline``
-        through :func:`current_request`. Cancelling the call cancels every stage.
+        item as items arrive. A graph that is one chain (each stage reads only the one
+        before it) runs in the calling task, one stage after another, each stage still
+        setting context variables of its own as if it were a task. Every stage sees
+        ``tier``, ``priority`` and ``deadline`` through :func:`current_request`.
+        Cancelling the call cancels every stage.
 
         :param request: a :attr:`request_model` instance or a mapping of its fields
         :param deadline: a ``time.monotonic()`` time by which the whole run must finish

@@ -62,10 +62,24 @@ class Node:
 
 @dataclass(frozen=True)
 class Plan:
+    """A validated graph, ready to run.
+
+    :ivar nodes: by stage id, in the order they were added (sources before their readers
+        within each group)
+    :ivar groups: stage ids by the task that runs them, one after another; a single group
+        means the whole graph is one sequential chain
+    """
+
     name: str
     nodes: dict[str, Node]
     output: str
     request_model: type[BaseModel]
+    groups: tuple[tuple[str, ...], ...]
+
+    @property
+    def sequential(self) -> bool:
+        """Whether every stage only follows the one before it (nothing could overlap)."""
+        return len(self.groups) == 1
 
 
 def _list(names: Any) -> str:
@@ -255,4 +269,27 @@ def compile_plan(
         )
         for e in entries
     }
-    return Plan(name, nodes, output, _request_model(name, reads))
+    return Plan(name, nodes, output, _request_model(name, reads), _groups(nodes))
+
+
+def _groups(nodes: dict[str, Node]) -> tuple[tuple[str, ...], ...]:
+    """Group the stages into tasks: a stage whose only input is the one stage before it,
+    which feeds nothing else, runs in that stage's task right after it (nothing could
+    overlap them anyway). Streaming stages and their consumers keep tasks of their own, so
+    items flow while they are produced; independent branches stay concurrent."""
+    groups: list[list[str]] = []
+    tail: dict[str, list[str]] = {}  # stage id -> the group it currently ends
+    for node in nodes.values():
+        sources = {b.source for b in node.bindings if b.source != INPUT}
+        group = None
+        if len(sources) == 1 and not node.per_item:
+            (prev_id,) = sources
+            prev = nodes[prev_id]
+            if prev.readers == (node.id,) and not prev.per_item:
+                group = tail.pop(prev_id, None)
+        if group is None:
+            group = []
+            groups.append(group)
+        group.append(node.id)
+        tail[node.id] = group
+    return tuple(tuple(g) for g in groups)

@@ -1,6 +1,15 @@
-"""Running a compiled plan: one task per stage, streamed edges, deadlines, cancellation.
+"""Running a compiled plan: stages in turn or in tasks, streamed edges, deadlines,
+cancellation.
 
-Structure of a run (:func:`drive`)::
+A plan that is one sequential chain (:attr:`Plan.sequential`: each stage only follows the
+one before it), run to the end by :func:`collect`, runs *inline*: the caller's task awaits
+each stage in turn inside its context's session, the way one would await the stage
+functions by hand, but in a copy of the caller's context variables, as a task would be.
+Nothing could overlap anyway, and a task, a task group and a channel per run cost more
+than the stages' own Python (and a dozen loop iterations). A deadline is a cancel scope
+around the chain; the caller's cancellation reaches the running stage directly.
+
+Every other run (and every :meth:`Pipeline.stream`) is *driven* (:func:`drive`)::
 
     caller task ── task group ── supervisor ── deadline scope ── task group ── stage tasks
                                                                            └─ ...
@@ -15,19 +24,18 @@ reports the outcome (done, or the error) through the same channel as the output 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import time
 import traceback
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import replace
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from typing import Any
 
 import anyio
 from pydantic import BaseModel
 
 from .._exceptions import DeadlineExceeded
-from ..runtime import context_session
-from ..runtime._session import hook_running_loop
+from ..runtime import _session, context_session
 from ._plan import INPUT, Node, Plan
 from ._result import PipelineResult, RequestInfo, StageTiming, request_var
 
@@ -49,16 +57,6 @@ class _Clock:
 
     def freeze(self) -> StageTiming:
         return StageTiming(self.start, self.end, self.items, self.first, self.calls)
-
-
-class _Slot:
-    """A once-computed stage output that readers wait for."""
-
-    __slots__ = ("event", "value")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.value: BaseModel | None = None
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -83,38 +81,86 @@ def _drain(recv: Any) -> None:
             recv.receive_nowait()
 
 
+def _may_run_inline() -> bool:
+    """Whether the calling task may hold its stages' sessions itself.
+
+    On CUDA the runtime re-binds a task's stream at every step only for tasks created on a
+    hooked loop; an older task (``asyncio.run``'s main task, when the runtime was made
+    inside it) binds at session entry only, and two such tasks may not hold sessions at
+    once. Stages run in such a task would inherit that limit, so they get a task of their
+    own, which is created hooked. Host-only programs bind no stream and may always.
+    """
+    return not _session._binders or _session._current_task_is_hooked()[0]
+
+
+class _InOwnContext:
+    """Awaits a coroutine in the calling task, but with every step run in a copy of the
+    caller's :mod:`contextvars` context, as a task of its own would be: what the stages set
+    (their sessions, :func:`current_request`, the user's own variables) never leaks into
+    the caller. The stream of the session current *in that copy* is bound around each step
+    (the task's own binding reads the caller's context, not this one).
+    """
+
+    __slots__ = ("_coro", "_ctx")
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._coro = _session._BoundCoroutine(coro)
+        self._ctx = contextvars.copy_context()
+
+    def __await__(self) -> _InOwnContext:
+        return self
+
+    def __iter__(self) -> _InOwnContext:
+        return self
+
+    def __next__(self) -> Any:
+        return self._ctx.run(self._coro.send, None)
+
+    def send(self, value: Any) -> Any:
+        return self._ctx.run(self._coro.send, value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._ctx.run(self._coro.throw, *args)
+
+    def close(self) -> None:
+        self._ctx.run(self._coro.close)
+
+
 class _Run:
     """The state of one execution of a plan."""
 
-    def __init__(
-        self, plan: Plan, request: BaseModel, info: RequestInfo, sink: Callable[..., Any]
-    ) -> None:
+    def __init__(self, plan: Plan, request: BaseModel, info: RequestInfo) -> None:
         self.plan = plan
         self.request = request
         self.info = info
-        self.sink = sink  # awaitable: sends ("item", model) to the caller
         self.t0 = time.perf_counter()
         self.clocks = {i: _Clock() for i in plan.nodes}
-        self.slots = {i: _Slot() for i, n in plan.nodes.items() if not n.per_item}
+        self.values: dict[str, BaseModel] = {}  # outputs of stages that run once
+        self.ready: dict[str, anyio.Event] = {}  # set when values[id] is (driven runs)
         self.running: set[str] = set()
         self.edges: dict[tuple[str, str], Any] = {}
-        for node in plan.nodes.values():
-            if node.stream_source is not None:
-                send, recv = anyio.create_memory_object_stream[BaseModel](STREAM_BUFFER)
-                self.edges[(node.stream_source, node.id)] = (send, recv)
+        self.outputs: list[BaseModel] = []  # output items, when not sent to a sink
+        self.sink: Callable[..., Any] | None = None  # awaitable; sends ("item", model)
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    # -- one stage ----------------------------------------------------------------------
     async def _value(self, source: str, field: str) -> Any:
         if source == INPUT:
             return getattr(self.request, field)
-        slot = self.slots[source]
-        await slot.event.wait()
-        return getattr(slot.value, field)
+        value = self.values.get(source)
+        if value is None:  # another task computes it
+            await self.ready[source].wait()
+            value = self.values[source]
+        return getattr(value, field)
 
     async def node(self, node: Node) -> None:
-        """Run one stage of the plan (a task of the inner task group)."""
+        """Run one stage of the plan."""
+        info = self.info
+        token = request_var.set(
+            RequestInfo(info.tier, info.priority, info.deadline, info.pipeline, node.id)
+        )
         try:
             await self._node(node)
         except anyio.get_cancelled_exc_class() as exc:
@@ -123,10 +169,16 @@ class _Run:
             # exception ends up in; cancellation must free the memory at once.
             traceback.clear_frames(exc.__traceback__)
             raise
+        finally:
+            request_var.reset(token)  # the next stage of the chain sets its own
 
     async def _node(self, node: Node) -> None:
-        request_var.set(replace(self.info, stage_id=node.id))
         self.running.add(node.id)
+        if not self.edges:  # fast path: no streamed edge anywhere in the plan
+            fixed = {b.field: await self._value(b.source, b.source_field) for b in node.bindings}
+            await self._call(node, fixed, self._emitter(node, []))
+            self.running.discard(node.id)
+            return
         async with contextlib.AsyncExitStack() as stack:
             outs = [
                 stack.enter_context(self.edges[(node.id, r)][0])  # closed when we end
@@ -167,13 +219,17 @@ class _Run:
             if clock.first is None:
                 clock.first = self.now()
             if not node.per_item:
-                slot = self.slots[node.id]
-                slot.value = out
-                slot.event.set()
+                self.values[node.id] = out
+                ready = self.ready.get(node.id)
+                if ready is not None:
+                    ready.set()
             for send in outs:
                 await send.send(out)
             if is_output:
-                await self.sink(("item", out))
+                if self.sink is None:
+                    self.outputs.append(out)
+                else:
+                    await self.sink(("item", out))
 
         return emit
 
@@ -194,17 +250,67 @@ class _Run:
         clock.end = self.now()
 
     async def _chain(self, chain: list[Node]) -> None:
+        deadline = self.info.deadline
         for node in chain:
+            # Stages that never yield give the deadline's cancel scope no chance to fire;
+            # the next stage must not start late all the same.
+            if deadline is not None and time.monotonic() >= deadline:
+                self.running.add(node.id)
+                raise self._late()
             await self.node(node)
 
+    # -- a sequential plan, in the caller's task ------------------------------------------
+    async def inline(self) -> PipelineResult:
+        """Run a sequential plan in the calling task (in a task of its own where the
+        calling task may not hold sessions, see :func:`_may_run_inline`)."""
+        chain = [self.plan.nodes[i] for i in self.plan.groups[0]]
+        deadline = self.info.deadline
+        try:
+            if deadline is None:
+                await self._inline_chain(chain)
+            else:
+                with anyio.move_on_after(deadline - time.monotonic()) as scope:
+                    await self._inline_chain(chain)
+                if scope.cancelled_caught:
+                    raise self._late()
+        except BaseException:
+            self.release()  # a traceback keeping this run alive keeps no stage's output
+            raise
+        output = self.outputs if self.plan.nodes[self.plan.output].per_item else self.outputs[0]
+        return self.result(output)
+
+    async def _inline_chain(self, chain: list[Node]) -> None:
+        if _may_run_inline():
+            await _InOwnContext(self._chain(chain))
+            return
+        _session.hook_running_loop()  # so that the task is created hooked
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._chain, chain, name=f"pipeline {self.plan.name}")
+        except Exception as exc:
+            raise _unwrap(exc) from None
+
+    # -- any plan, in tasks of its own ----------------------------------------------------
+    def start_driven(self, sink: Callable[..., Any]) -> None:
+        """Prepare the channels a driven run needs; ``sink`` takes the output items."""
+        self.sink = sink
+        for node in self.plan.nodes.values():
+            if not node.per_item:
+                self.ready[node.id] = anyio.Event()
+            if node.stream_source is not None:
+                send, recv = anyio.create_memory_object_stream[BaseModel](STREAM_BUFFER)
+                self.edges[(node.stream_source, node.id)] = (send, recv)
+
     async def supervise(self) -> None:
+        assert self.sink is not None
         deadline = self.info.deadline
         delay = math.inf if deadline is None else deadline - time.monotonic()
         try:
             with anyio.move_on_after(delay) as scope:
                 async with anyio.create_task_group() as tg:
-                    for chain in _chains(self.plan):
-                        name = f"pipeline {self.plan.name}:{'+'.join(n.id for n in chain)}"
+                    for group in self.plan.groups:
+                        chain = [self.plan.nodes[i] for i in group]
+                        name = f"pipeline {self.plan.name}:{'+'.join(group)}"
                         tg.start_soon(self._chain, chain, name=name)
             if scope.cancelled_caught:
                 message: tuple[str, Any] = ("error", self._late())
@@ -226,7 +332,8 @@ class _Run:
         for _send, recv in self.edges.values():
             _drain(recv)
         self.edges.clear()
-        self.slots.clear()
+        self.values.clear()
+        self.outputs.clear()
 
     def result(self, output: Any) -> PipelineResult:
         out_clock = self.clocks[self.plan.output]
@@ -238,8 +345,20 @@ class _Run:
         )
 
 
+def _check_deadline(plan: Plan, info: RequestInfo) -> None:
+    if info.deadline is not None and info.deadline <= time.monotonic():
+        late = (time.monotonic() - info.deadline) * 1e3
+        raise DeadlineExceeded(
+            f"pipeline {plan.name!r} missed its deadline before it started ({late:.1f} ms "
+            "late); no stage ran — give the request a later deadline"
+        )
+
+
 async def collect(plan: Plan, request: BaseModel, info: RequestInfo) -> PipelineResult:
     """Run ``plan`` to the end and gather its output."""
+    if plan.sequential:
+        _check_deadline(plan, info)
+        return await _Run(plan, request, info).inline()
     items: list[Any] = []
     result: PipelineResult | None = None
     async with contextlib.aclosing(drive(plan, request, info)) as gen:
@@ -250,7 +369,7 @@ async def collect(plan: Plan, request: BaseModel, info: RequestInfo) -> Pipeline
                 items.append(x)
     assert result is not None
     output = items if plan.nodes[plan.output].per_item else items[0]
-    return replace(result, output=output)
+    return PipelineResult(output, result.timings, result.first_output_s, result.elapsed_s)
 
 
 async def drive(plan: Plan, request: BaseModel, info: RequestInfo) -> AsyncGenerator[Any, None]:
@@ -259,17 +378,13 @@ async def drive(plan: Plan, request: BaseModel, info: RequestInfo) -> AsyncGener
 
     Callers must close the generator (``aclosing``) if they stop early.
     """
-    if info.deadline is not None and info.deadline <= time.monotonic():
-        late = (time.monotonic() - info.deadline) * 1e3
-        raise DeadlineExceeded(
-            f"pipeline {plan.name!r} missed its deadline before it started ({late:.1f} ms "
-            "late); no stage ran — give the request a later deadline"
-        )
+    _check_deadline(plan, info)
     # Stage tasks must be created on a hooked loop, so that each binds its own context's
     # stream at every step (on CUDA two unhooked tasks may not hold sessions at once).
-    hook_running_loop()
+    _session.hook_running_loop()
     send, recv = anyio.create_memory_object_stream[tuple[str, Any]](STREAM_BUFFER)
-    run = _Run(plan, request, info, send.send)
+    run = _Run(plan, request, info)
+    run.start_driven(send.send)
     error: BaseException | None = None
     closed = False
     try:
@@ -298,26 +413,3 @@ async def drive(plan: Plan, request: BaseModel, info: RequestInfo) -> AsyncGener
     if error is not None:
         raise error
     yield run.result(None)
-
-
-def _chains(plan: Plan) -> list[list[Node]]:
-    """Group the plan into tasks: a stage whose only input is the one stage before it, which
-    feeds nothing else, runs in that stage's task right after it (nothing could overlap them
-    anyway). Streaming stages and their consumers keep tasks of their own, so items flow
-    while they are produced; independent branches stay concurrent."""
-    chains: list[list[Node]] = []
-    tail: dict[str, list[Node]] = {}  # stage id -> the chain it currently ends
-    for node in plan.nodes.values():
-        sources = {b.source for b in node.bindings if b.source != INPUT}
-        chain = None
-        if len(sources) == 1 and not node.per_item:
-            (prev_id,) = sources
-            prev = plan.nodes[prev_id]
-            if prev.readers == (node.id,) and not prev.per_item:
-                chain = tail.pop(prev_id, None)
-        if chain is None:
-            chain = []
-            chains.append(chain)
-        chain.append(node)
-        tail[node.id] = chain
-    return chains
