@@ -26,9 +26,11 @@ from ._units import MB as MB
 from .runtime import ContextUsage as ContextUsage
 from .runtime import Event as Event
 from .runtime import ExecutionContext as ExecutionContext
+from .runtime import Graph as Graph
 from .runtime import QoSPolicy as QoSPolicy
 from .runtime import Runtime as Runtime
 from .runtime import Stream as Stream
+from .runtime import capture_graph as capture_graph
 from .runtime import context_session as context_session
 from .runtime import current_context as current_context
 from .runtime import current_stream as current_stream
@@ -50,6 +52,7 @@ __all__ = (
     "DuplicateContextName",
     "Event",
     "ExecutionContext",
+    "Graph",
     "InvalidArgument",
     "PipelineValidationError",
     "PygpukitError",
@@ -59,6 +62,7 @@ __all__ = (
     "Stream",
     "VRAMBudgetExceeded",
     "__version__",
+    "capture_graph",
     "context_session",
     "current_context",
     "current_stream",

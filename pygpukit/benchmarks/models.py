@@ -7,6 +7,10 @@
   contexts, four streams, four launcher threads) against the same four run one after
   another on one stream. Throughput in tokens per second.
 
+Both are measured twice: with eager decode steps (hundreds of kernel launches per token
+from Python) and with each step replayed from a CUDA graph (``generate(graph=True)``), the
+baseline always running the same code as the measured side.
+
     pygpukit bench --only models          (or: python -m pygpukit.benchmarks.models)
 """
 
@@ -31,8 +35,8 @@ def _config(rt: Runtime, size: str) -> LMConfig:
     return LMConfig(d_model=64, n_layers=2, n_heads=4, d_ff=256, max_len=256)
 
 
-def _generate(lm: TinyLM, tokens: int, seed: int) -> int:
-    return sum(1 for _ in lm.generate("benchmark", tokens, temperature=1.0, seed=seed))
+def _generate(lm: TinyLM, tokens: int, seed: int, graph: bool) -> int:
+    return sum(1 for _ in lm.generate("benchmark", tokens, temperature=1.0, seed=seed, graph=graph))
 
 
 async def _ticker(stop: asyncio.Event, late: list[float]) -> None:
@@ -51,28 +55,6 @@ async def _run(backend: str, tokens: int, rounds: int, size: str) -> dict[str, A
             with context_session(ctx):
                 lms.append(TinyLM(cfg, xp=rt.xp, seed=i))
             ctxs.append(ctx)
-        for ctx, lm in zip(ctxs, lms, strict=True):  # warm-up
-            await ctx.submit(_generate, lm, 4, 0)
-
-        async def through_pygpukit() -> int:
-            async def one(i: int) -> int:
-                done = 0
-                for r in range(rounds):
-                    done += await ctxs[i].submit(_generate, lms[i], tokens, r)
-                return done
-
-            return sum(await asyncio.gather(*(one(i) for i in range(N_MODELS))))
-
-        async def inline_one_stream() -> int:
-            done = 0
-            with context_session(ctxs[0]):  # one stream for all four
-                for r in range(rounds):
-                    for i in range(N_MODELS):
-                        done += _generate(lms[i], tokens, r)
-                        await asyncio.sleep(0)
-                await ctxs[0].synchronize()
-            return done
-
         out: dict[str, Any] = {
             "device": rt.device.name,
             "backend": rt.backend.name,
@@ -80,45 +62,83 @@ async def _run(backend: str, tokens: int, rounds: int, size: str) -> dict[str, A
             "rounds": rounds,
             "d_model": cfg.d_model,
         }
-        for name, body in (("pygpukit", through_pygpukit), ("inline", inline_one_stream)):
-            stop, late = asyncio.Event(), list[float]()
-            tick = asyncio.create_task(_ticker(stop, late))
-            t0 = time.perf_counter()
-            n = await body()
-            elapsed = time.perf_counter() - t0
-            stop.set()
-            await tick
-            out[name] = {
-                "tokens_per_s": n / elapsed,
-                "lag_p50_ms": pct(late, 50),
-                "lag_p99_ms": pct(late, 99),
-                "ticks": len(late),
-            }
+        for graph in (False, True):
+            for ctx, lm in zip(ctxs, lms, strict=True):  # warm-up (and the graphs' capture)
+                await ctx.submit(_generate, lm, 4, 0, graph)
+            mode = "graph" if graph else "eager"
+            out[mode] = await _compare(ctxs, lms, tokens, rounds, graph)
         return out
 
 
+async def _compare(
+    ctxs: list[Any], lms: list[TinyLM], tokens: int, rounds: int, graph: bool
+) -> dict[str, Any]:
+    """Tokens/s and ticker lateness: through ``submit`` (4 contexts) and inline on one stream."""
+
+    async def through_pygpukit() -> int:
+        async def one(i: int) -> int:
+            done = 0
+            for r in range(rounds):
+                done += await ctxs[i].submit(_generate, lms[i], tokens, r, graph)
+            return done
+
+        return sum(await asyncio.gather(*(one(i) for i in range(N_MODELS))))
+
+    async def inline_one_stream() -> int:
+        done = 0
+        with context_session(ctxs[0]):  # one stream for all four
+            for r in range(rounds):
+                for i in range(N_MODELS):
+                    done += _generate(lms[i], tokens, r, graph)
+                    await asyncio.sleep(0)
+            await ctxs[0].synchronize()
+        return done
+
+    out: dict[str, Any] = {}
+    for name, body in (("pygpukit", through_pygpukit), ("inline", inline_one_stream)):
+        stop, late = asyncio.Event(), list[float]()
+        tick = asyncio.create_task(_ticker(stop, late))
+        t0 = time.perf_counter()
+        n = await body()
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        await tick
+        out[name] = {
+            "tokens_per_s": n / elapsed,
+            "lag_p50_ms": pct(late, 50),
+            "lag_p99_ms": pct(late, 99),
+            "ticks": len(late),
+        }
+    return out
+
+
 def summary(r: dict[str, Any]) -> list[Row]:
-    ours, inline = r["pygpukit"], r["inline"]
     gpu = r["backend"] == "cuda"
-    speedup = ours["tokens_per_s"] / inline["tokens_per_s"]
-    return [
-        Row(
-            "models",
-            "event-loop lag (1 ms timer, p99) while 4 models run via submit",
-            f"{ours['lag_p99_ms']:.2f} ms",
-            f"models inline on the loop {inline['lag_p99_ms']:.1f} ms",
-            "<=2 ms",
-            ours["lag_p99_ms"] <= 2 if gpu else None,
-        ),
-        Row(
-            "models",
-            "4 batch-1 models concurrently: tokens/s",
-            f"{ours['tokens_per_s']:.0f} ({speedup:.2f}x)",
-            f"serialized on one stream {inline['tokens_per_s']:.0f}",
-            ">=2.5x",
-            speedup >= 2.5 if gpu else None,
-        ),
-    ]
+    rows = []
+    for mode in ("eager", "graph"):
+        ours, inline = r[mode]["pygpukit"], r[mode]["inline"]
+        speedup = ours["tokens_per_s"] / inline["tokens_per_s"]
+        # the targets are judged on the graph runs, the way a served model should be written
+        judged = gpu and mode == "graph"
+        rows += [
+            Row(
+                "models",
+                f"event-loop lag (1 ms timer, p99) while 4 models run via submit, {mode}",
+                f"{ours['lag_p99_ms']:.2f} ms",
+                f"models inline on the loop {inline['lag_p99_ms']:.1f} ms",
+                "<=2 ms",
+                ours["lag_p99_ms"] <= 2 if judged else None,
+            ),
+            Row(
+                "models",
+                f"4 batch-1 models concurrently: tokens/s, {mode}",
+                f"{ours['tokens_per_s']:.0f} ({speedup:.2f}x)",
+                f"serialized on one stream {inline['tokens_per_s']:.0f}",
+                ">=2.5x",
+                speedup >= 2.5 if judged else None,
+            ),
+        ]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

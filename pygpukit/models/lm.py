@@ -19,9 +19,28 @@ from typing import Any
 
 import numpy as np
 
-from .layers import Model, ParamSpec, encoder_block, layer_norm, to_host, transformer_block_specs
+from ._gemv import vecmat_t
+from .layers import (
+    Model,
+    ParamSpec,
+    decode_block,
+    encoder_block,
+    layer_norm,
+    to_host,
+    transformer_block_specs,
+)
 
-__all__ = ("BOS", "EOS", "VOCAB_SIZE", "KVCache", "LMConfig", "TinyLM", "decode", "encode")
+__all__ = (
+    "BOS",
+    "EOS",
+    "VOCAB_SIZE",
+    "FixedStep",
+    "KVCache",
+    "LMConfig",
+    "TinyLM",
+    "decode",
+    "encode",
+)
 
 BOS = 256
 EOS = 257
@@ -82,6 +101,7 @@ class TinyLM(Model):
 
     config_cls = LMConfig
     config: LMConfig
+    _spare_step: FixedStep | None = None
 
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.config
@@ -150,6 +170,10 @@ class TinyLM(Model):
         """Logits ``(vocab,)`` after appending one token to ``cache`` (one position)."""
         return self._forward([token], cache, cache.length)[0]
 
+    def decoder(self) -> FixedStep:
+        """A one-token step with fixed shapes over a cache of its own (see :class:`FixedStep`)."""
+        return FixedStep(self)
+
     def logits_cached(self, tokens: Sequence[int], prefill: int = 1) -> Any:
         """Logits ``(T, vocab)`` computed the way :meth:`generate` does: ``prefill``
         tokens in one pass, then one cached step per token. Must match
@@ -180,6 +204,7 @@ class TinyLM(Model):
         *,
         temperature: float = 0.0,
         seed: int = 0,
+        graph: bool = False,
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` generated token ids, one at a time.
 
@@ -188,6 +213,10 @@ class TinyLM(Model):
         them. ``temperature=0`` is greedy; otherwise tokens are sampled with
         ``numpy.random.default_rng(seed)``. Stops early at EOS (not yielded) or when the
         context is full.
+
+        ``graph=True`` runs the steps as :class:`FixedStep` and, where a pygpukit context is
+        current, captures one step into a CUDA graph and replays it for every later token:
+        one launch per token instead of hundreds. The tokens are the same either way.
         """
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -200,6 +229,9 @@ class TinyLM(Model):
         if len(ids) > max_len - 1:
             ids = [BOS, *ids[-(max_len - 2) :]]
         rng = np.random.default_rng(seed)
+        if graph:
+            yield from self._generate_fixed(ids, max_new_tokens, temperature, rng)
+            return
         cache, logits = self.prefill(ids)
         for n in range(max_new_tokens):
             tok = self._pick(logits, temperature, rng)
@@ -209,6 +241,26 @@ class TinyLM(Model):
             if n + 1 == max_new_tokens or cache.length >= max_len:
                 return
             logits = self.step(tok, cache)
+
+    def _generate_fixed(
+        self, ids: list[int], max_new_tokens: int, temperature: float, rng: np.random.Generator
+    ) -> Iterator[int]:
+        step = self._spare_step or FixedStep(self)
+        self._spare_step = None  # one generation per step; a concurrent one makes its own
+        try:
+            logits, pos = step.prefill(ids), len(ids)
+            for n in range(max_new_tokens):
+                tok = self._pick(logits, temperature, rng)
+                if tok == EOS:
+                    return
+                yield tok
+                if n + 1 == max_new_tokens or pos >= self.config.max_len:
+                    return
+                step.set(tok, pos)
+                step.advance()
+                logits, pos = step.logits, pos + 1
+        finally:
+            self._spare_step = step
 
     def sentences(
         self,
@@ -239,3 +291,80 @@ class TinyLM(Model):
             text = decode(buf)
             if text.strip():
                 yield text
+
+
+class FixedStep:
+    """Decode steps of one sequence that launch the same kernels on the same buffers.
+
+    The token and its position live in device buffers (``token``, ``pos``); the step
+    writes its key/value into the cache row ``pos`` selects and attends to rows
+    ``0 .. pos`` under a mask, so nothing about a step depends on a host value. That is
+    what CUDA graph capture needs: ``replay = capture(step.run)`` records one step and
+    replays it for every later token (see :meth:`TinyLM.generate`). The logits of the last
+    step are in :attr:`logits`, always the same array.
+    """
+
+    def __init__(self, lm: TinyLM) -> None:
+        xp, c = lm.xp, lm.config
+        self.lm = lm
+        self.cache = lm.new_cache()
+        self.token = xp.zeros((1,), dtype=xp.int64)
+        self.pos = xp.zeros((1,), dtype=xp.int64)
+        self._positions = xp.arange(c.max_len, dtype=xp.int64)
+        self.logits: Any = None
+        self._graph: Any = None
+        self._runs = 0
+
+    def prefill(self, tokens: Sequence[int]) -> Any:
+        """Run the prompt into the cache (variable shape, not captured); its last logits."""
+        return self.lm._forward(tokens, self.cache, 0)[-1]
+
+    def set(self, token: int, pos: int) -> None:
+        """Point the next step at ``token`` in position ``pos`` (two tiny device writes)."""
+        if not 0 <= pos < self.lm.config.max_len:
+            raise ValueError(f"position {pos} outside max_len={self.lm.config.max_len}")
+        self.token.fill(token)
+        self.pos.fill(pos)
+
+    def advance(self) -> None:
+        """:meth:`run`, replayed from a CUDA graph after the first time.
+
+        The first step runs normally (it compiles kernels and warms the pools); the second
+        is captured where a pygpukit context is current (:func:`pygpukit.capture_graph`)
+        and every step after that is one graph launch. Without a context it always runs.
+        """
+        if self._graph is not None:
+            self._graph.launch()
+            return
+        if self._runs >= 1:
+            from ..runtime import capture_graph, current_context
+
+            if current_context() is not None:
+                self._graph = capture_graph(self.run)
+                self._graph.launch()
+                return
+        self.run()
+        self._runs += 1
+
+    def close(self) -> None:
+        """Free the captured graph and its buffers (the cache stays until this is dropped)."""
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
+
+    def run(self) -> None:
+        """One step: append the token at ``pos`` to the cache; logits into :attr:`logits`."""
+        lm = self.lm
+        xp, c, p = lm.xp, lm.config, lm.params
+        x = xp.take(p["tok_emb"], self.token, axis=0) + xp.take(p["pos_emb"], self.pos, axis=0)
+        write = (self._positions == self.pos)[None, :, None]
+        visible = self._positions <= self.pos
+        for i, prefix in enumerate(lm._iter_blocks(c.n_layers)):
+            kv = (self.cache.keys[i], self.cache.values[i])
+            x = decode_block(xp, p, prefix, x, c.n_heads, kv, write, visible)
+        x = layer_norm(xp, x, p["ln_f.g"], p["ln_f.b"])
+        logits = vecmat_t(xp, x, p["tok_emb"])[0]
+        if self.logits is None:
+            self.logits = logits
+        else:
+            self.logits[...] = logits

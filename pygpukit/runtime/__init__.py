@@ -7,6 +7,8 @@ from ._completion import default_bridge as default_bridge
 from ._context import ContextState as ContextState
 from ._context import ContextUsage as ContextUsage
 from ._context import ExecutionContext as ExecutionContext
+from ._graph import Graph as Graph
+from ._graph import capture_graph as capture_graph
 from ._runtime import Runtime as Runtime
 from ._session import context_session as context_session
 from ._session import current_context as current_context
@@ -25,10 +27,12 @@ __all__ = (
     "DeviceInfo",
     "Event",
     "ExecutionContext",
+    "Graph",
     "HandleState",
     "QoSPolicy",
     "Runtime",
     "Stream",
+    "capture_graph",
     "context_session",
     "current_context",
     "current_stream",

@@ -7,12 +7,13 @@ import os
 from functools import cache
 
 from ..._exceptions import BackendUnavailable, InvalidArgument
-from ._base import Backend, DeviceInfo, RawEvent, RawPool, RawStream, Signal
+from ._base import Backend, DeviceInfo, RawEvent, RawGraph, RawPool, RawStream, Signal
 
 __all__ = (
     "Backend",
     "DeviceInfo",
     "RawEvent",
+    "RawGraph",
     "RawPool",
     "RawStream",
     "Signal",

@@ -124,6 +124,18 @@ Shrinker = Callable[[int], None]
 """Called by a pool after it gave ``n`` bytes of device memory back."""
 
 
+class RawGraph(ABC):
+    """Device work recorded once from a function; :meth:`launch` enqueues all of it again."""
+
+    @abstractmethod
+    def launch(self, stream: RawStream) -> None:
+        """Enqueue the recorded work on ``stream`` (one call, however many kernels)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of the graph and the memory its work uses."""
+
+
 class RawPool(ABC):
     """A context's allocator: serves the array library and reports what it holds.
 
@@ -232,6 +244,14 @@ class Backend(ABC):
     @abstractmethod
     def array_from_host(self, host: Any) -> Any:
         """A new device array (allocated through the router) holding ``host``'s bytes."""
+
+    @abstractmethod
+    def capture(self, stream: RawStream, fn: Callable[[], object]) -> RawGraph:
+        """Record the device work ``fn`` enqueues on ``stream`` without running it.
+
+        ``fn`` runs with ``stream`` as the current stream; the memory it allocates stays
+        with the graph (the replays use the same buffers) until the graph is closed.
+        """
 
     @abstractmethod
     def synchronize(self) -> None:

@@ -16,7 +16,17 @@ from typing import Any
 
 from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument, VRAMBudgetExceeded
 from .._arena import Arena
-from ._base import Backend, DeviceInfo, Grower, RawEvent, RawPool, RawStream, Shrinker, Signal
+from ._base import (
+    Backend,
+    DeviceInfo,
+    Grower,
+    RawEvent,
+    RawGraph,
+    RawPool,
+    RawStream,
+    Shrinker,
+    Signal,
+)
 
 try:
     import cupy
@@ -174,6 +184,32 @@ class CudaStream(RawStream):
             pass
         if self._companion is not None:
             self._companion.close()
+
+
+class CudaGraph(RawGraph):
+    """A CUDA graph and the device memory its kernels read and write."""
+
+    def __init__(self, graph: Any, keep: list[Any]) -> None:
+        self._graph: Any = graph
+        self._keep: list[Any] | None = keep
+        self._last: CudaStream | None = None
+
+    def launch(self, stream: RawStream) -> None:
+        assert isinstance(stream, CudaStream)
+        if self._graph is None:
+            raise InvalidArgument("this graph is closed; capture the work again")
+        with _translated():
+            self._graph.launch(stream.cp)
+        self._last = stream
+
+    def close(self) -> None:
+        """Free the graph's buffers once its last replay has run."""
+        if self._last is not None:
+            try:
+                self._last.cp.synchronize()
+            except _rt.CUDARuntimeError:
+                pass
+        self._graph = self._keep = self._last = None
 
 
 class _Grant:
@@ -419,6 +455,35 @@ class CudaBackend(Backend):
             out = cupy.empty(host.shape, dtype=host.dtype)  # routed: charged to the context
             _rt.memcpy(out.data.ptr, host.ctypes.data, host.nbytes, _rt.memcpyHostToDevice)
         return out
+
+    def capture(self, stream: RawStream, fn: Callable[[], object]) -> CudaGraph:
+        assert isinstance(stream, CudaStream)
+        route = cupy.cuda.get_allocator()
+        keep: list[Any] = []
+
+        def hold(nbytes: int) -> Any:
+            # Kept alive with the graph: a block freed during capture and handed to later
+            # work would be overwritten by every replay.
+            mem = route(nbytes)
+            keep.append(mem)
+            return mem
+
+        token = self.bind_stream(stream)
+        try:
+            with _translated(), cupy.cuda.using_allocator(hold):
+                stream.cp.begin_capture()
+                try:
+                    fn()
+                except BaseException:
+                    try:
+                        stream.cp.end_capture()
+                    except _rt.CUDARuntimeError:
+                        pass  # fn's own error is the one to report
+                    raise
+                graph = stream.cp.end_capture()
+        finally:
+            self.restore_stream(token)
+        return CudaGraph(graph, keep)
 
     def synchronize(self) -> None:
         with _translated(), cupy.cuda.Device(self.device_id):

@@ -30,7 +30,17 @@ import numpy as np
 from ..._exceptions import CudaError, InvalidArgument, VRAMBudgetExceeded
 from ..._units import GB, parse_size
 from .._arena import Arena
-from ._base import Backend, DeviceInfo, Grower, RawEvent, RawPool, RawStream, Shrinker, Signal
+from ._base import (
+    Backend,
+    DeviceInfo,
+    Grower,
+    RawEvent,
+    RawGraph,
+    RawPool,
+    RawStream,
+    Shrinker,
+    Signal,
+)
 from ._hostxp import HostXP
 
 __all__ = ("HostBackend",)
@@ -45,6 +55,22 @@ class _Item:
     def __init__(self, kind: str, arg: Any) -> None:
         self.kind = kind  # "call" | "record" | "wait" | "signal"
         self.arg = arg
+
+
+class HostGraph(RawGraph):
+    """Host "device work" is array work done synchronously on the calling thread, so a
+    replay runs the captured function again."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._fn: Callable[[], object] | None = fn
+
+    def launch(self, stream: RawStream) -> None:
+        if self._fn is None:
+            raise InvalidArgument("this graph is closed; capture the work again")
+        self._fn()
+
+    def close(self) -> None:
+        self._fn = None
 
 
 class HostEvent(RawEvent):
@@ -412,6 +438,9 @@ class HostBackend(Backend):
 
     def create_event(self, *, timing: bool = False) -> HostEvent:
         return HostEvent(self._ex, timing)
+
+    def capture(self, stream: RawStream, fn: Callable[[], object]) -> HostGraph:
+        return HostGraph(fn)
 
     def create_pool(
         self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0, label: str | None = None
