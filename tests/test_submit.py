@@ -14,6 +14,7 @@ from pygpukit import (
     DeadlineExceeded,
     QoSPolicy,
     QueueFull,
+    context_session,
     current_context,
     current_stream,
 )
@@ -245,3 +246,111 @@ async def test_destroying_a_context_lets_running_tasks_deliver(host_rt: Runtime)
             await anyio.sleep(0.005)
             await anyio.to_thread.run_sync(host_rt.destroy_context, ctx)
     assert sorted(results) == [0, 1, 2]  # type: ignore[type-var]
+
+
+async def test_quick_functions_run_inline_and_keep_the_order(rt: Runtime) -> None:
+    """A function seen to be quick runs on the loop thread (CUDA) once the launcher is idle;
+    a slow one, or one behind queued work, goes to the launcher; the order holds."""
+    ctx = rt.create_context("inline", max_vram=16 * MB)
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, int]] = []
+    xp = rt.xp
+
+    def quick(tag: str) -> int:
+        assert current_context() is ctx and current_stream() is ctx.stream
+        seen.append((tag, threading.get_ident()))
+        return int(xp.ones((256,), dtype="float32").size)  # charged to ctx, freed
+
+    def slow(tag: str) -> None:
+        time.sleep(0.005)
+        seen.append((tag, threading.get_ident()))
+
+    with context_session(ctx):
+        xp.ones((256,), dtype="float32")  # compile the kernel beforehand
+    assert await ctx.submit(quick, "first") == 256  # unknown yet: the launcher
+    assert await ctx.submit(quick, "warm") == 256  # its first call was slower (new thread)
+    assert await ctx.submit(quick, "second") == 256
+    await ctx.submit(slow, "slow-1")
+    await ctx.submit(slow, "slow-2")  # known slow: the launcher again
+    async with anyio.create_task_group() as tg:  # a slow task queued ahead: no overtaking
+        tg.start_soon(ctx.submit, slow, "slow-3")
+        await anyio.sleep(0.001)
+        tg.start_soon(ctx.submit, quick, "after-slow")
+    threads = dict(seen)
+    assert [tag for tag, _ in seen] == [
+        "first",
+        "warm",
+        "second",
+        "slow-1",
+        "slow-2",
+        "slow-3",
+        "after-slow",
+    ]
+    assert threads["first"] != loop_thread and threads["slow-2"] != loop_thread
+    if rt.backend.name == "cuda":
+        assert threads["second"] == loop_thread  # inline: no thread hand-off
+    else:
+        assert threads["second"] != loop_thread  # the host executor's units run tasks
+    usage = ctx.usage()
+    assert (usage.tasks, usage.failed, usage.in_flight, usage.used) == (7, 0, 0, 0)
+
+
+async def test_inline_errors_and_the_switch_to_turn_it_off(rt: Runtime) -> None:
+    ctx = rt.create_context("inline", max_vram=16 * MB)
+    calls: list[int] = []
+
+    def flaky(fail: bool) -> int:
+        calls.append(threading.get_ident())
+        if fail:
+            raise KeyError("inline")
+        return 1
+
+    await ctx.submit(flaky, False)
+    with pytest.raises(KeyError, match="inline"):
+        await ctx.submit(flaky, True)  # inline on CUDA: raised to the caller all the same
+    assert ctx.usage().failed == 1 and ctx.usage().in_flight == 0
+
+    off = Runtime(backend=rt.backend.name)
+    try:
+        off.scheduler = RuntimeScheduler(off, DispatcherConfig(inline_us=0))
+        octx = off.create_context("off", max_vram=16 * MB)
+        calls.clear()
+        for _ in range(3):
+            await octx.submit(flaky, False)
+        assert threading.get_ident() not in calls
+    finally:
+        off.close()
+
+
+async def test_many_quick_tasks_in_flight_all_finish(rt: Runtime) -> None:
+    """Quick tasks launched inline as others finish must not nest their completions (on the
+    GPU a nested chain down a queue of hundreds overflowed the stack and stranded tasks)."""
+    from pygpukit.benchmarks._common import noop_kernel
+
+    ctx = rt.create_context("many", max_vram=16 * MB)
+    launch = noop_kernel(rt)
+
+    def task(i: int) -> int:
+        launch(ctx.stream)
+        return i
+
+    for i in range(20):  # learn that it is quick
+        await ctx.submit(task, i)
+    with anyio.fail_after(60):
+        for _ in range(3):
+            results = await _gather([ctx.submit(task, i) for i in range(600)])
+            assert results == list(range(600))
+    usage = ctx.usage()
+    assert (usage.tasks, usage.failed, usage.in_flight, usage.queued) == (1820, 0, 0, 0)
+
+
+async def _gather(coros: list) -> list:  # type: ignore[type-arg]
+    out: list[object] = [None] * len(coros)
+
+    async def one(i: int, c) -> None:  # type: ignore[no-untyped-def]
+        out[i] = await c
+
+    async with anyio.create_task_group() as tg:
+        for i, c in enumerate(coros):
+            tg.start_soon(one, i, c)
+    return out

@@ -49,6 +49,9 @@ class DispatcherConfig:
     :ivar context_in_flight: tasks of one context in flight at once
     :ivar max_queued: tasks of one context waiting to launch; more raise QueueFull
     :ivar strict: hold BestEffort launches while any Guaranteed task is in flight
+    :ivar inline_us: a task function whose calls took at most this long (smoothed) runs on
+        the event loop thread when its context's launcher thread is idle, instead of
+        waking that thread (CUDA only; 0 turns it off)
     """
 
     tier_in_flight: Mapping[QoSPolicy, int | None] = field(
@@ -61,6 +64,7 @@ class DispatcherConfig:
     context_in_flight: int | None = 4
     max_queued: int | None = 1024
     strict: bool = False
+    inline_us: float = 100.0
 
 
 class Task:
@@ -135,7 +139,11 @@ class Dispatcher:
         self.clock = clock
         self._launch = launch
         self._lock = threading.Lock()
-        self._heap: list[tuple[tuple[int, int, int], Task]] = []
+        # One heap per context: everything that decides whether a task may launch (its
+        # tier's and its context's caps, its partition's share, strict mode) is the same
+        # for every task of a context, so a context whose first task is held back is held
+        # back entirely and a pass looks at one task per context, not at the whole queue.
+        self._queues: dict[Any, list[tuple[tuple[int, int, int], Task]]] = {}
         self._seq = itertools.count(1)
         self.in_flight_tier: Counter[QoSPolicy] = Counter()
         self.in_flight_ctx: Counter[Any] = Counter()
@@ -158,7 +166,7 @@ class Dispatcher:
             task.seq = next(self._seq)
             task.t_queued = self.clock()
             self.queued_ctx[task.context] += 1
-            heapq.heappush(self._heap, (task.key, task))
+            heapq.heappush(self._queues.setdefault(task.context, []), (task.key, task))
         self.pump()
 
     def cancel(self, task: Task) -> bool:
@@ -174,7 +182,7 @@ class Dispatcher:
     def queued(self) -> list[Task]:
         """Waiting tasks in launch order."""
         with self._lock:
-            live = [t for _, t in self._heap if t.state is TaskState.QUEUED]
+            live = [t for q in self._queues.values() for _, t in q if t.state is TaskState.QUEUED]
         return sorted(live, key=lambda t: t.key)
 
     # -- launching --------------------------------------------------------------------
@@ -217,42 +225,54 @@ class Dispatcher:
             self._launch(task)
 
     def _pass(self, now: float, shares: bool, launch: list[Task], expired: list[Task]) -> None:
-        """One scan of the queue (call with the lock held)."""
-        blocked: list[tuple[tuple[int, int, int], Task]] = []
+        """One merge over the contexts' queues in task order (call with the lock held)."""
+        heads: list[tuple[tuple[int, int, int], Task]] = []
+        for ctx, q in list(self._queues.items()):
+            head = self._head(q, now, expired)
+            if head is None:
+                del self._queues[ctx]
+            else:
+                heads.append((head.key, head))
+        heapq.heapify(heads)
         cache: list[set[Any]] = []
 
-        def waiting() -> set[Any]:  # partitions with queued work (held back or not yet seen)
+        def waiting() -> set[Any]:  # partitions with queued work
             if not cache:
-                cache.append(
-                    {
-                        getattr(t.context, "partition", None)
-                        for _, t in (*self._heap, *blocked)
-                        if t.state is TaskState.QUEUED
-                    }
-                )
+                cache.append({getattr(ctx, "partition", None) for ctx in self._queues})
             return cache[0]
 
-        while self._heap:
-            entry = heapq.heappop(self._heap)
-            task = entry[1]
-            if task.state is not TaskState.QUEUED:
-                continue
-            if task.deadline is not None and now > task.deadline:
-                task.state = TaskState.EXPIRED
-                self.queued_ctx[task.context] -= 1
-                expired.append(task)
-                continue
+        while heads:
+            task = heapq.heappop(heads)[1]
             if not self._eligible(task, shares, waiting):
-                blocked.append(entry)
-                continue
+                continue  # and so is the rest of its context's queue, this pass
+            q = self._queues[task.context]
+            heapq.heappop(q)
             task.state = TaskState.RUNNING
             task.t_launched = now
             self.queued_ctx[task.context] -= 1
             self.in_flight_tier[task.tier] += 1
             self.in_flight_ctx[task.context] += 1
             launch.append(task)
-        for entry in blocked:
-            heapq.heappush(self._heap, entry)
+            head = self._head(q, now, expired)
+            if head is not None:
+                heapq.heappush(heads, (head.key, head))
+
+    def _head(
+        self, q: list[tuple[tuple[int, int, int], Task]], now: float, expired: list[Task]
+    ) -> Task | None:
+        """The first live task of one context's queue, dropping cancelled and late ones."""
+        while q:
+            task = q[0][1]
+            if task.state is not TaskState.QUEUED:
+                heapq.heappop(q)
+            elif task.deadline is not None and now > task.deadline:
+                heapq.heappop(q)
+                task.state = TaskState.EXPIRED
+                self.queued_ctx[task.context] -= 1
+                expired.append(task)
+            else:
+                return task
+        return None
 
     def expire(self, task: Task) -> bool:
         """Fail a still-queued task whose deadline passed; ``False`` if it launched."""

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._exceptions import AdmissionRejected, ContextClosed, InvalidArgument
-from ..runtime._oneshot import Oneshot
+from ..runtime._completion import checkpoint
+from ..runtime._oneshot import Oneshot, running_library
 from ..runtime._session import _current
 from ..runtime._tiers import QoSPolicy
 from ._admission import QosPolicyEvaluator, QosTaskMeta
@@ -33,6 +34,22 @@ if TYPE_CHECKING:
 __all__ = ("RuntimeScheduler",)
 
 _log = logging.getLogger("pygpukit")
+
+
+class _Submitting(threading.local):
+    """The task this thread's ``submit()`` is enqueueing, if any."""
+
+    submitting: Task | None = None
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio loop or a trio run (not a launcher thread,
+    not the completion watchdog)."""
+    try:
+        running_library()
+    except RuntimeError:
+        return False
+    return True
 
 
 class _Outcome:
@@ -66,16 +83,32 @@ class _Outcome:
 
 
 class _Launcher:
-    """One thread per context, running its tasks in the order they launch."""
+    """One thread per context, running its tasks in the order they launch.
+
+    A function already seen to return quickly (:attr:`DispatcherConfig.inline_us`) is run
+    right on the event loop thread instead, when nothing of its context is waiting for the
+    thread: launching a trivial kernel costs a few microseconds, waking a thread and
+    handing it the GIL ten times that (bench/RESULTS.md §3). Order is kept: the thread is
+    idle, so everything it launched is already on the stream.
+    """
 
     def __init__(self, ctx: ExecutionContext, scheduler: RuntimeScheduler) -> None:
         self.ctx = ctx
         self.scheduler = scheduler
         self.queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self.outstanding = 0  # tasks handed to the thread whose fn has not returned yet
+        self._costs: dict[Any, float] = {}  # fn -> smoothed seconds its calls took
+        self._events: list[Any] = []  # timing events ready for reuse
         self.thread = threading.Thread(
             target=self._run, name=f"pygpukit-launcher-{ctx.name}", daemon=True
         )
         self.thread.start()
+
+    # -- the launcher thread -----------------------------------------------------------
+    def put(self, task: Task) -> None:
+        with self.scheduler._lock:
+            self.outstanding += 1
+        self.queue.put(task)
 
     def _run(self) -> None:
         ctx = self.ctx
@@ -89,12 +122,9 @@ class _Launcher:
             if task is None:
                 return
             box = _Outcome()
-            try:
-                start = backend.create_event(timing=True)
-                raw.record(start)
-                ctx._enter()  # pins evictable buffers; restores evicted ones
-            except BaseException as exc:  # a closed or faulted stream, a failed restore
-                self._finish(task, box, exc, entered=False)
+            start = self._begin(task, box)
+            if start is None:
+                self._ran()
                 continue
             if not backend.tasks_on_streams:
                 self._execute(task, box, start)
@@ -102,24 +132,83 @@ class _Launcher:
             # The host executor's units are its compute: run fn as a stream item, so stream
             # priorities order it as they order kernels on a GPU. A guard right behind the
             # item lets the watchdog fail the task if the device faults before it runs.
+            self._ran()
             try:
                 raw.launch_host_func(functools.partial(self._execute, task, box, start, ctx))
                 rt.bridge.on_done(raw, backend, functools.partial(self._guard, task, box))
             except BaseException as exc:
                 self._finish(task, box, exc)
 
+    def _ran(self) -> None:
+        with self.scheduler._lock:
+            self.outstanding -= 1
+
+    # -- on the event loop -------------------------------------------------------------
+    def try_inline(self, task: Task) -> bool:
+        """Run ``task`` here and now if that is known to be quick and keeps the order."""
+        limit = self.scheduler.inline_s
+        cost = self._costs.get(task.fn)
+        if cost is None or cost > limit or self.outstanding or not self.ctx._nothing_evicted():
+            return False
+        rt = self.ctx.runtime
+        box = _Outcome()
+        token = rt.backend.bind_stream(self.ctx.stream.raw)
+        try:
+            start = self._begin(task, box)
+            if start is not None:
+                self._execute(task, box, start, self.ctx)
+        finally:
+            rt.backend.restore_stream(token)
+        return True
+
+    # -- both ---------------------------------------------------------------------------
+    def _event(self) -> Any:
+        try:
+            return self._events.pop()
+        except IndexError:
+            return self.ctx.runtime.backend.create_event(timing=True)
+
+    def _begin(self, task: Task, box: _Outcome) -> Any:
+        """Mark the task's start on the stream and pin the context; ``None`` if that failed
+        (the task is then finished with the error)."""
+        try:
+            start = self._event()
+            self.ctx.stream.raw.record(start)
+            self.ctx._enter()  # pins evictable buffers; restores evicted ones
+        except BaseException as exc:  # a closed or faulted stream, a failed restore
+            self._finish(task, box, exc, entered=False)
+            return None
+        return start
+
     def _execute(
         self, task: Task, box: _Outcome, start: Any, bind: ExecutionContext | None = None
     ) -> None:
         """Run the task, then mark the end of the work it enqueued and await that."""
         rt = self.ctx.runtime
+        t0 = time.perf_counter()
         box.run(task, bind)
-        end = rt.backend.create_event(timing=True)
+        took = time.perf_counter() - t0
+        costs = self._costs
+        if len(costs) > 256 and task.fn not in costs:
+            costs.clear()  # bounded: functions made per call never repeat anyway
+        costs[task.fn] = took  # the latest call decides where the next one runs
+        end = self._event()
         try:
             self.ctx.stream.raw.record(end)  # after everything fn enqueued
-            rt.bridge.on_done(end, rt.backend, functools.partial(self._done, task, box, start, end))
+            rt.bridge.on_done(
+                end,
+                rt.backend,
+                functools.partial(self._done, task, box, start, end),
+                # only a task run inline by its own submit() call may finish synchronously:
+                # one launched by another task's completion would nest the next completion
+                # in this one, and so on down the queue
+                spin=bind is not None and self.scheduler._local.submitting is task,
+            )
         except BaseException as exc:  # the device is gone: finish the task now
             self._finish(task, box, box.error or exc)
+        finally:
+            if threading.current_thread() is self.thread:
+                self._ran()  # everything it launched is on the stream: inlining may follow
 
     def _guard(self, task: Task, box: _Outcome, device_error: BaseException | None) -> None:
         if device_error is not None and not box.ran:
@@ -134,6 +223,7 @@ class _Launcher:
                 gpu_ms = start.elapsed_ms(end)
             except Exception:
                 gpu_ms = 0.0
+            self._events += (start, end)  # both complete: safe to record again
         self._finish(task, box, box.error or device_error, gpu_ms=gpu_ms)
 
     def _finish(
@@ -217,6 +307,9 @@ class RuntimeScheduler:
         self._launchers: dict[ExecutionContext, _Launcher] = {}
         self._admissions: dict[str, _Admission] = {}
         self._lock = threading.Lock()
+        self._local = _Submitting()
+        self.inline_s = self.dispatcher.config.inline_us / 1e6
+        self._inline_here = self.inline_s > 0
         #: ``listener(task)`` is called as each submitted task finishes (timelines, metrics);
         #: it runs on the thread that drains completions, so it must be quick.
         self.listeners: list[Callable[[Task], None]] = []
@@ -278,7 +371,14 @@ class RuntimeScheduler:
                 launcher = self._launchers.get(ctx)
                 if launcher is None:
                     launcher = self._launchers[ctx] = _Launcher(ctx, self)
-        launcher.queue.put(task)
+        if (
+            self._inline_here
+            and not self.runtime.backend.tasks_on_streams
+            and _on_event_loop()
+            and launcher.try_inline(task)
+        ):
+            return
+        launcher.put(task)
 
     async def submit(
         self,
@@ -307,11 +407,17 @@ class RuntimeScheduler:
         self.runtime.bridge.attach()
         one = Oneshot()
         task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
-        self.dispatcher.enqueue(task)
+        self._local.submitting = task
+        try:
+            self.dispatcher.enqueue(task)
+        finally:
+            self._local.submitting = None
         ctx._stats.submitted += 1
         try:
             if deadline is None:
-                return await one.wait()
+                if one.done():  # finished inline: still a scheduling point, as awaits are
+                    await checkpoint()
+                return await one.wait(again=False)
             with anyio.move_on_after(max(0.0, deadline - self.dispatcher.clock())):
                 return await one.wait()
             self.dispatcher.expire(task)  # no-op if it launched meanwhile

@@ -166,25 +166,38 @@ class CompletionBridge:
             end = time.perf_counter_ns() + self.spin_us * 1000
             while True:
                 if query():
-                    await _checkpoint()  # an await is a scheduling point, done or not
+                    await checkpoint()  # an await is a scheduling point, done or not
                     return
                 if time.perf_counter_ns() >= end:
                     break
         self.attach()
         one = Oneshot()
         self.on_done(target, backend, lambda exc: one.set(None, exc))
-        await one.wait()
+        await one.wait(again=False)
 
     def on_done(
         self,
         target: RawStream | RawEvent,
         backend: Backend,
         callback: Callable[[BaseException | None], None],
+        *,
+        spin: bool = False,
     ) -> None:
         """Call ``callback(None)`` once ``target``'s work has run, ``callback(error)`` if the
         device faults first. It runs on whichever loop thread drains the bridge (or on the
         watchdog thread), so it must be quick and thread-safe.
+
+        With ``spin`` (for a caller on the loop thread) ``target`` is first queried for up
+        to :attr:`spin_us` when no other waiter is pending, as :meth:`wait` does; if it is
+        done by then, ``callback(None)`` runs right here, before this returns.
         """
+        if spin and self.spin_us > 0 and backend.spin_helps and not self._waiters:
+            query = target.query
+            end = time.perf_counter_ns() + self.spin_us * 1000
+            while time.perf_counter_ns() < end:
+                if query():
+                    callback(None)
+                    return
         probe = target if isinstance(target, RawStream) else getattr(target, "origin", None)
         token = self._register(_Waiter(callback, backend, probe))
         self._arm(token, target)
@@ -230,7 +243,13 @@ class CompletionBridge:
             slot = self._free.pop()
             self._waiters[slot] = waiter
             token = slot + CAPACITY * self._gen[slot]
-        self._ensure_watchdog()
+            # Under the lock the watchdog clears its wake-up flag with: it either sees this
+            # waiter or its flag is set again here. Setting a set flag is skipped (it takes
+            # the flag's own lock and notifies; once per await adds up).
+            if not self._wake.is_set():
+                self._wake.set()
+        if self._watchdog is None:
+            self._ensure_watchdog()
         return token
 
     def _arm(self, token: int, target: RawStream | RawEvent) -> None:
@@ -339,7 +358,8 @@ def _call(callback: Callable[[BaseException | None], None], arg: BaseException |
         _log.exception("a GPU-completion callback raised; the other waiters are unaffected")
 
 
-async def _checkpoint() -> None:
+async def checkpoint() -> None:
+    """Let the loop run other tasks once (asyncio or trio)."""
     if asyncio._get_running_loop() is not None:
         await asyncio.sleep(0)
     else:

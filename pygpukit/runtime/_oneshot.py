@@ -81,11 +81,20 @@ class Oneshot:
             self._outcome = (value, exc)
             self._event.set()
 
-    async def wait(self) -> Any:
+    def done(self) -> bool:
+        """Whether the value is already there (a wait will not suspend)."""
         if self._loop is not None:
-            # shielded: a cancelled wait (a timeout, say) leaves the value deliverable to a
-            # later wait instead of cancelling it
-            return await asyncio.shield(self._fut)
+            return bool(self._fut.done())
+        return self._outcome is not None
+
+    async def wait(self, *, again: bool = True) -> Any:
+        """The value, once set. With ``again`` (the default) a cancelled wait (a timeout,
+        say) leaves the value deliverable to a later wait; without it the wait is cheaper
+        and a cancelled one is final."""
+        if self._loop is not None:
+            if again:
+                return await asyncio.shield(self._fut)
+            return await self._fut
         await self._event.wait()
         assert self._outcome is not None
         value, exc = self._outcome
