@@ -532,6 +532,8 @@ def placement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     not hold sessions: CUDA, a task created before its loop was hooked)."""
     if request.param == "task":
         monkeypatch.setattr(pipeline_run, "_may_run_inline", lambda: False)
+    else:  # these tests use the host backend only: no stream to bind, even where CUDA is
+        monkeypatch.setattr(_session, "_binders", [])
     return request.param  # type: ignore[no-any-return]
 
 
