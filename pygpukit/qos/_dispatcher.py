@@ -164,10 +164,34 @@ class Dispatcher:
                     "or raise DispatcherConfig.max_queued"
                 )
             task.seq = next(self._seq)
-            task.t_queued = self.clock()
+            task.t_queued = now = self.clock()
             self.queued_ctx[task.context] += 1
-            heapq.heappush(self._queues.setdefault(task.context, []), (task.key, task))
-        self.pump()
+            # At rest every queued task is held back, and a new task frees nothing: if this
+            # one may run and nothing of its context waits ahead of it, it launches now.
+            direct = (
+                task.context not in self._queues
+                and (task.deadline is None or now <= task.deadline)
+                and self._eligible(task, True, self._waiting_partitions)
+            )
+            if direct:
+                self._start(task, now)
+            else:
+                heapq.heappush(self._queues.setdefault(task.context, []), (task.key, task))
+        if direct:
+            self._launch(task)
+        else:
+            self.pump()
+
+    def _waiting_partitions(self) -> set[Any]:
+        return {getattr(ctx, "partition", None) for ctx in self._queues}
+
+    def _start(self, task: Task, now: float) -> None:
+        """Count ``task`` as launched (call with the lock held)."""
+        task.state = TaskState.RUNNING
+        task.t_launched = now
+        self.queued_ctx[task.context] -= 1
+        self.in_flight_tier[task.tier] += 1
+        self.in_flight_ctx[task.context] += 1
 
     def cancel(self, task: Task) -> bool:
         """Take a queued task out; ``False`` if it already launched (or ended)."""
@@ -212,6 +236,8 @@ class Dispatcher:
         Partitions over their compute share are held back, unless nothing would run
         otherwise (the GPU is never left idle to honour a share).
         """
+        if not self._queues:  # nothing waits (read without the lock: a task enqueued
+            return  # meanwhile is pumped by its own enqueue)
         launch: list[Task] = []
         expired: list[Task] = []
         with self._lock:
@@ -238,7 +264,7 @@ class Dispatcher:
 
         def waiting() -> set[Any]:  # partitions with queued work
             if not cache:
-                cache.append({getattr(ctx, "partition", None) for ctx in self._queues})
+                cache.append(self._waiting_partitions())
             return cache[0]
 
         while heads:
@@ -247,14 +273,12 @@ class Dispatcher:
                 continue  # and so is the rest of its context's queue, this pass
             q = self._queues[task.context]
             heapq.heappop(q)
-            task.state = TaskState.RUNNING
-            task.t_launched = now
-            self.queued_ctx[task.context] -= 1
-            self.in_flight_tier[task.tier] += 1
-            self.in_flight_ctx[task.context] += 1
+            self._start(task, now)
             launch.append(task)
             head = self._head(q, now, expired)
-            if head is not None:
+            if head is None:
+                del self._queues[task.context]
+            else:
                 heapq.heappush(heads, (head.key, head))
 
     def _head(

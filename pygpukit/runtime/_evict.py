@@ -212,6 +212,8 @@ class EvictionMixin:
         """A session or task begins: pin the buffers and bring back evicted ones."""
         with self._evict_lock:
             self._busy += 1
+            if not self._evictables:
+                return  # nothing could be evicted: the common case, kept cheap
             try:
                 self._restore_evicted()
             except BaseException:

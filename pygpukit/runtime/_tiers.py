@@ -20,6 +20,11 @@ class QoSPolicy(enum.Enum):
     BURSTABLE = "burstable"
     BEST_EFFORT = "best_effort"
 
+    # Members are singletons compared by identity, so the identity hash is consistent with
+    # equality; Enum's own hashes the name in Python, which the dispatcher's per-tier
+    # counters paid several times per task.
+    __hash__ = object.__hash__
+
     def stream_priority(self, priority_range: tuple[int, int]) -> int:
         """This tier's stream priority inside the device's ``(least, greatest)`` range."""
         least, greatest = priority_range
