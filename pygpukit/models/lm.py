@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._gemv import vecmat_t
+from ._gemv import layer_norm_row, vecmat_t
 from .layers import (
     Model,
     ParamSpec,
@@ -297,12 +297,19 @@ class FixedStep:
     """Decode steps of one sequence that launch the same kernels on the same buffers.
 
     The token and its position live in device buffers (``token``, ``pos``); the step
-    writes its key/value into the cache row ``pos`` selects and attends to rows
-    ``0 .. pos`` under a mask, so nothing about a step depends on a host value. That is
-    what CUDA graph capture needs: ``replay = capture(step.run)`` records one step and
-    replays it for every later token (see :meth:`TinyLM.generate`). The logits of the last
-    step are in :attr:`logits`, always the same array.
+    writes its key/value into the cache row ``pos`` selects and attends to the rows up to
+    ``pos`` under a mask, so nothing about a step depends on a host value. That is what
+    CUDA graph capture needs: :meth:`advance` records a step once and replays it for every
+    later token (see :meth:`TinyLM.generate`). The logits of the last step are in
+    :attr:`logits`, always the same array.
+
+    Attention runs over a *bucket* of the cache, the smallest power of two (from
+    :attr:`MIN_BUCKET`) that holds ``pos``, not over all ``max_len`` rows: a short
+    sequence does a fraction of the work. Each bucket is one graph, captured the first time
+    the sequence reaches it.
     """
+
+    MIN_BUCKET = 64
 
     def __init__(self, lm: TinyLM) -> None:
         xp, c = lm.xp, lm.config
@@ -311,8 +318,9 @@ class FixedStep:
         self.token = xp.zeros((1,), dtype=xp.int64)
         self.pos = xp.zeros((1,), dtype=xp.int64)
         self._positions = xp.arange(c.max_len, dtype=xp.int64)
+        self._at = 0  # the host's copy of pos
         self.logits: Any = None
-        self._graph: Any = None
+        self._graphs: dict[int, Any] = {}  # bucket -> Graph
         self._runs = 0
 
     def prefill(self, tokens: Sequence[int]) -> Any:
@@ -325,44 +333,59 @@ class FixedStep:
             raise ValueError(f"position {pos} outside max_len={self.lm.config.max_len}")
         self.token.fill(token)
         self.pos.fill(pos)
+        self._at = pos
+
+    def bucket(self, pos: int) -> int:
+        """Cache rows a step at ``pos`` attends over."""
+        rows = self.MIN_BUCKET
+        while rows <= pos:
+            rows *= 2
+        return min(rows, self.lm.config.max_len)
 
     def advance(self) -> None:
         """:meth:`run`, replayed from a CUDA graph after the first time.
 
-        The first step runs normally (it compiles kernels and warms the pools); the second
-        is captured where a pygpukit context is current (:func:`pygpukit.capture_graph`)
-        and every step after that is one graph launch. Without a context it always runs.
+        The first step runs normally (it compiles kernels and warms the pools); after that
+        each bucket's step is captured where a pygpukit context is current
+        (:func:`pygpukit.capture_graph`) and replayed with one launch. Without a context
+        every step runs normally.
         """
-        if self._graph is not None:
-            self._graph.launch()
-            return
-        if self._runs >= 1:
+        rows = self.bucket(self._at)
+        graph = self._graphs.get(rows)
+        if graph is None and self._runs >= 1:
             from ..runtime import capture_graph, current_context
 
             if current_context() is not None:
-                self._graph = capture_graph(self.run)
-                self._graph.launch()
-                return
-        self.run()
+                graph = self._graphs[rows] = capture_graph(self.run, rows)
+        if graph is not None:
+            graph.launch()
+            return
+        self.run(rows)
         self._runs += 1
 
     def close(self) -> None:
-        """Free the captured graph and its buffers (the cache stays until this is dropped)."""
-        if self._graph is not None:
-            self._graph.close()
-            self._graph = None
+        """Free the captured graphs and their buffers (the cache stays until this is dropped)."""
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
 
-    def run(self) -> None:
-        """One step: append the token at ``pos`` to the cache; logits into :attr:`logits`."""
+    def run(self, rows: int | None = None) -> None:
+        """One step: append the token at ``pos`` to the cache; logits into :attr:`logits`.
+
+        Attention covers the first ``rows`` cache rows (all of them by default); ``pos``
+        must be below ``rows``.
+        """
         lm = self.lm
         xp, c, p = lm.xp, lm.config, lm.params
+        rows = c.max_len if rows is None else rows
         x = xp.take(p["tok_emb"], self.token, axis=0) + xp.take(p["pos_emb"], self.pos, axis=0)
-        write = (self._positions == self.pos)[None, :, None]
-        visible = self._positions <= self.pos
+        positions = self._positions[:rows]
+        write = (positions == self.pos)[None, :, None]
+        visible = positions <= self.pos
         for i, prefix in enumerate(lm._iter_blocks(c.n_layers)):
-            kv = (self.cache.keys[i], self.cache.values[i])
+            kv = (self.cache.keys[i][:, :rows], self.cache.values[i][:, :rows])
             x = decode_block(xp, p, prefix, x, c.n_heads, kv, write, visible)
-        x = layer_norm(xp, x, p["ln_f.g"], p["ln_f.b"])
+        x = layer_norm_row(xp, x, p["ln_f.g"], p["ln_f.b"])
         logits = vecmat_t(xp, x, p["tok_emb"])[0]
         if self.logits is None:
             self.logits = logits
