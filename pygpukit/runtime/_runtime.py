@@ -78,10 +78,16 @@ class Runtime:
 
     # -- allocation routing ---------------------------------------------------------------
     def _route(self, nbytes: int) -> Any:
+        # Called by the array library for every cache miss of its own: one Python frame.
         ctx = _current.get()
-        if ctx is not None:
-            return ctx._pool.malloc(nbytes)
-        return self._unscoped.malloc(nbytes)
+        pool = self._unscoped if ctx is None else ctx._pool
+        try:
+            return pool.fast_malloc(nbytes)
+        except Exception as exc:
+            error = pool.translate(exc, nbytes)
+            if error is exc:
+                raise
+            raise error from exc
 
     @property
     def xp(self) -> Any:

@@ -143,6 +143,15 @@ class RawPool(ABC):
     budget and may refuse) and every byte it gives back is reported to ``shrink``.
     """
 
+    def fast_malloc(self, nbytes: int) -> Any:
+        """:meth:`malloc` without translating allocation errors (the router does that with
+        :meth:`translate`); a pool may bind this to its allocator's own entry point."""
+        return self.malloc(nbytes)
+
+    def translate(self, exc: BaseException, nbytes: int) -> BaseException:
+        """The error :meth:`malloc` raises for ``exc`` from :meth:`fast_malloc`."""
+        return exc
+
     @abstractmethod
     def malloc(self, nbytes: int) -> Any:
         """Allocate ``nbytes`` for the array library (a CuPy ``MemoryPointer`` on CUDA)."""

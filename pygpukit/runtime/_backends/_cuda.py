@@ -244,6 +244,7 @@ class CudaPool(RawPool):
         with _translated(), cupy.cuda.Device(self._device):
             self._base = cupy.cuda.Memory(arena_bytes) if arena_bytes else None
         self._pool = cupy.cuda.MemoryPool(allocator=self._allocate)
+        self.fast_malloc = self._pool.malloc  # type: ignore[method-assign]  # no Python frame
 
     def _allocate(self, size: int) -> Any:
         # Called by CuPy's pool only on a cache miss, with the size already rounded.
@@ -277,20 +278,28 @@ class CudaPool(RawPool):
     def malloc(self, nbytes: int) -> Any:
         try:
             return self._pool.malloc(nbytes)
-        except cupy.cuda.memory.OutOfMemoryError as exc:
-            if self._arena is not None:  # a Guaranteed reservation, fragmented
-                raise VRAMBudgetExceeded(
-                    self._label,
-                    nbytes,
-                    self._arena.largest_free,
-                    self._arena.size,
-                    "its reserved memory is fragmented",
-                ) from exc
-            raise CudaError(
-                f"the device is out of memory for {nbytes} bytes ({exc}); memory outside "
-                "pygpukit's budgets (other processes, libraries) took it — lower vram_limit",
-                status=_OUT_OF_MEMORY,
-            ) from exc
+        except Exception as exc:
+            error = self.translate(exc, nbytes)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def translate(self, exc: BaseException, nbytes: int) -> BaseException:
+        if not isinstance(exc, cupy.cuda.memory.OutOfMemoryError):
+            return exc  # a budget refusal from grow, or anything else: as it is
+        if self._arena is not None:  # a Guaranteed reservation, fragmented
+            return VRAMBudgetExceeded(
+                self._label,
+                nbytes,
+                self._arena.largest_free,
+                self._arena.size,
+                "its reserved memory is fragmented",
+            )
+        return CudaError(
+            f"the device is out of memory for {nbytes} bytes ({exc}); memory outside "
+            "pygpukit's budgets (other processes, libraries) took it — lower vram_limit",
+            status=_OUT_OF_MEMORY,
+        )
 
     def used_bytes(self) -> int:
         return int(self._pool.used_bytes())
