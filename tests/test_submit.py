@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import threading
 import time
 import traceback
+import weakref
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from pygpukit import (
@@ -248,10 +252,20 @@ async def test_destroying_a_context_lets_running_tasks_deliver(host_rt: Runtime)
     assert sorted(results) == [0, 1, 2]  # type: ignore[type-var]
 
 
+INLINE = DispatcherConfig(inline_us=100)
+
+
+def _inline(rt: Runtime) -> Runtime:
+    """``rt`` with inline execution of quick functions turned on (it is opt-in)."""
+    rt.scheduler = RuntimeScheduler(rt, INLINE)
+    return rt
+
+
 async def test_quick_functions_run_inline_and_keep_the_order(rt: Runtime) -> None:
-    """A function seen to be quick runs on the loop thread (CUDA) once the launcher is idle;
-    a slow one, or one behind queued work, goes to the launcher; the order holds."""
-    ctx = rt.create_context("inline", max_vram=16 * MB)
+    """With inline execution on, a function seen to be quick runs on the loop thread (CUDA)
+    once the launcher is idle; a slow one, or one behind queued work, goes to the launcher;
+    the order holds."""
+    ctx = _inline(rt).create_context("inline", max_vram=16 * MB)
     loop_thread = threading.get_ident()
     seen: list[tuple[str, int]] = []
     xp = rt.xp
@@ -295,8 +309,7 @@ async def test_quick_functions_run_inline_and_keep_the_order(rt: Runtime) -> Non
     assert (usage.tasks, usage.failed, usage.in_flight, usage.used) == (7, 0, 0, 0)
 
 
-async def test_inline_errors_and_the_switch_to_turn_it_off(rt: Runtime) -> None:
-    ctx = rt.create_context("inline", max_vram=16 * MB)
+async def test_inline_is_opt_in_and_errors_still_reach_the_caller(rt: Runtime) -> None:
     calls: list[int] = []
 
     def flaky(fail: bool) -> int:
@@ -305,21 +318,88 @@ async def test_inline_errors_and_the_switch_to_turn_it_off(rt: Runtime) -> None:
             raise KeyError("inline")
         return 1
 
-    await ctx.submit(flaky, False)
-    with pytest.raises(KeyError, match="inline"):
-        await ctx.submit(flaky, True)  # inline on CUDA: raised to the caller all the same
-    assert ctx.usage().failed == 1 and ctx.usage().in_flight == 0
+    plain = rt.create_context("plain", max_vram=16 * MB)  # the default: never inline
+    for _ in range(4):
+        await plain.submit(flaky, False)
+    assert threading.get_ident() not in calls
 
-    off = Runtime(backend=rt.backend.name)
+    on = Runtime(backend=rt.backend.name)
     try:
-        off.scheduler = RuntimeScheduler(off, DispatcherConfig(inline_us=0))
-        octx = off.create_context("off", max_vram=16 * MB)
-        calls.clear()
+        ctx = _inline(on).create_context("inline", max_vram=16 * MB)
         for _ in range(3):
-            await octx.submit(flaky, False)
-        assert threading.get_ident() not in calls
+            await ctx.submit(flaky, False)
+        with pytest.raises(KeyError, match="inline"):
+            await ctx.submit(flaky, True)  # inline on CUDA: raised to the caller all the same
+        assert ctx.usage().failed == 1 and ctx.usage().in_flight == 0
     finally:
-        off.close()
+        on.close()
+
+
+@dataclasses.dataclass
+class _Step:  # a dataclass with __call__ is unhashable
+    scale: int
+
+    def __call__(self, x: int) -> int:
+        return self.scale * x
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["default", "inline"])
+async def test_unhashable_callables_and_made_per_call_functions(rt: Runtime, inline: bool) -> None:
+    """Remembering how long functions take neither fails on unhashable callables nor keeps
+    what a function made per call captured alive (its arrays stay charged otherwise)."""
+    if inline:
+        _inline(rt)
+    ctx = rt.create_context("calls", max_vram=64 * MB)
+    for i in range(5):
+        assert await ctx.submit(_Step(3), i) == 3 * i
+    xp = rt.xp
+    alive = weakref.WeakSet()  # type: ignore[var-annotated]
+    for _ in range(10):
+        with context_session(ctx):
+            held = xp.ones((1 << 18,), dtype="float32")  # 1 MiB captured by the closure
+        box = _Box(held)
+        alive.add(box)
+        assert await ctx.submit(lambda b=box: int(b.array.size)) == 1 << 18
+        del held, box
+    gc.collect()
+    assert len(alive) == 0
+    assert ctx.usage().used == 0 and ctx.usage().failed == 0
+    assert await ctx.submit(lambda: 1) == 1  # and the runtime is healthy
+
+
+class _Box:
+    def __init__(self, array: object) -> None:
+        self.array = array
+
+
+async def test_a_task_finished_inline_still_yields_with_a_deadline(rt: Runtime) -> None:
+    """A submit that finished synchronously (inline, GPU already done) is a scheduling point
+    with or without a deadline: a loop of them does not starve other tasks."""
+    from pygpukit.benchmarks._common import noop_kernel
+
+    ctx = _inline(rt).create_context("yield", max_vram=16 * MB)
+    launch = noop_kernel(rt)
+    ticks = 0
+
+    def task() -> None:
+        launch(ctx.stream)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    for _ in range(5):
+        await ctx.submit(task)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        start = ticks
+        for _ in range(200):
+            await ctx.submit(task, deadline=time.monotonic() + 10)
+        assert ticks - start >= 100
+        tg.cancel_scope.cancel()
 
 
 async def test_many_quick_tasks_in_flight_all_finish(rt: Runtime) -> None:
@@ -327,7 +407,7 @@ async def test_many_quick_tasks_in_flight_all_finish(rt: Runtime) -> None:
     GPU a nested chain down a queue of hundreds overflowed the stack and stranded tasks)."""
     from pygpukit.benchmarks._common import noop_kernel
 
-    ctx = rt.create_context("many", max_vram=16 * MB)
+    ctx = _inline(rt).create_context("many", max_vram=16 * MB)
     launch = noop_kernel(rt)
 
     def task(i: int) -> int:

@@ -2,8 +2,10 @@
 
 CPU time (``time.process_time``, all threads) per task over ``--n`` tasks of
 ``ctx.submit(launch_noop)``: awaited in batches of 256 (many in flight, the way the raw
-launches are measured) and one at a time; against launching the same kernel directly (what
-any code pays) and launching it then awaiting the stream inline.
+launches are measured) and one at a time, with the default dispatcher and with inline
+execution of quick functions turned on (``DispatcherConfig(inline_us=100)``); against
+launching the same kernel directly (what any code pays) and launching it then awaiting the
+stream inline.
 
     pygpukit bench --only submit          (or: python -m pygpukit.benchmarks.submit)
 """
@@ -14,6 +16,7 @@ import asyncio
 import time
 from typing import Any
 
+from ..qos import DispatcherConfig, RuntimeScheduler
 from ..runtime import QoSPolicy, Runtime
 from ._common import Row, bench_main, noop_kernel
 
@@ -21,74 +24,84 @@ BATCH = 256  # submits awaited together (the default queue holds 1024 per contex
 
 
 async def _run(backend: str, n: int) -> dict[str, Any]:
-    with Runtime(backend=backend) as rt:
-        ctx = rt.create_context("bench", max_vram=64 << 20, qos=QoSPolicy.GUARANTEED)
-        launch = noop_kernel(rt)
-        stream = ctx.stream
+    cpu: dict[str, float] = {}
+    wall: dict[str, float] = {}
 
-        def task() -> None:
-            launch(stream)
+    def timed(name: str, c0: float, w0: float) -> None:
+        cpu[name], wall[name] = time.process_time() - c0, time.perf_counter() - w0
 
-        for _ in range(50):  # warm-up: launcher thread, events, kernels
-            await ctx.submit(task)
-        cpu: dict[str, float] = {}
-        wall: dict[str, float] = {}
+    for mode, config in (("", None), (", inline", DispatcherConfig(inline_us=100))):
+        with Runtime(backend=backend) as rt:
+            if config is not None:  # inline execution of quick functions is opt-in
+                rt.scheduler = RuntimeScheduler(rt, config)
+            ctx = rt.create_context("bench", max_vram=64 << 20, qos=QoSPolicy.GUARANTEED)
+            launch = noop_kernel(rt)
+            stream = ctx.stream
 
-        c0, w0 = time.process_time(), time.perf_counter()
-        for _ in range(n):
-            launch(stream)
-        await stream
-        cpu["raw launch"], wall["raw launch"] = time.process_time() - c0, time.perf_counter() - w0
+            def task(launch: Any = launch, stream: Any = stream) -> None:
+                launch(stream)
 
-        c0, w0 = time.process_time(), time.perf_counter()
-        for _ in range(n):
-            launch(stream)
-            await stream
-        cpu["launch + await"] = time.process_time() - c0
-        wall["launch + await"] = time.perf_counter() - w0
+            for _ in range(50):  # warm-up: launcher thread, events, kernels
+                await ctx.submit(task)
+            if not mode:
+                c0, w0 = time.process_time(), time.perf_counter()
+                for _ in range(n):
+                    launch(stream)
+                await stream
+                timed("raw launch", c0, w0)
 
-        c0, w0 = time.process_time(), time.perf_counter()
-        for _ in range(n):
-            await ctx.submit(task)
-        cpu["submit"], wall["submit"] = time.process_time() - c0, time.perf_counter() - w0
+                c0, w0 = time.process_time(), time.perf_counter()
+                for _ in range(n):
+                    launch(stream)
+                    await stream
+                timed("launch + await", c0, w0)
 
-        c0, w0 = time.process_time(), time.perf_counter()
-        for i in range(0, n, BATCH):  # many at once, like the raw launches
-            await asyncio.gather(*(ctx.submit(task) for _ in range(min(BATCH, n - i))))
-        cpu["submit, batched"] = time.process_time() - c0
-        wall["submit, batched"] = time.perf_counter() - w0
-        return {
-            "device": rt.device.name,
-            "backend": rt.backend.name,
-            "n": n,
-            "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
-            "wall_us": {k: v / n * 1e6 for k, v in wall.items()},
-        }
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(n):
+                await ctx.submit(task)
+            timed("submit" + mode, c0, w0)
+
+            c0, w0 = time.process_time(), time.perf_counter()
+            for i in range(0, n, BATCH):  # many at once, like the raw launches
+                await asyncio.gather(*(ctx.submit(task) for _ in range(min(BATCH, n - i))))
+            timed("submit, batched" + mode, c0, w0)
+            device, backend_name = rt.device.name, rt.backend.name
+    return {
+        "device": device,
+        "backend": backend_name,
+        "n": n,
+        "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
+        "wall_us": {k: v / n * 1e6 for k, v in wall.items()},
+    }
 
 
 def summary(r: dict[str, Any]) -> list[Row]:
     cpu, wall = r["cpu_us"], r["wall_us"]
     raw = cpu["raw launch"]
-    over = cpu["submit, batched"] - raw
-    return [
-        Row(
-            "submit",
-            "ctx.submit(trivial kernel), many in flight: CPU us per task over raw launch",
-            f"+{over:.1f} us ({cpu['submit, batched']:.1f} us; wall "
-            f"{wall['submit, batched']:.1f} us)",
-            f"raw launch {raw:.1f} us",
-            "<=15 us over raw",
-            over <= 15 if r["backend"] == "cuda" else None,
-        ),
-        Row(
-            "submit",
-            "ctx.submit(trivial kernel), one at a time: CPU us per task",
-            f"{cpu['submit']:.1f} us (wall {wall['submit']:.1f} us)",
-            f"launch+await inline {cpu['launch + await']:.1f} us",
-            "(latency; no target)",
-            None,
-        ),
-    ]
+    rows = []
+    for mode, label in (("", "default"), (", inline", "inline_us=100")):
+        over = cpu["submit, batched" + mode] - raw
+        rows += [
+            Row(
+                "submit",
+                f"ctx.submit(trivial kernel), {label}, many in flight: CPU us per task over "
+                "raw launch",
+                f"+{over:.1f} us ({cpu['submit, batched' + mode]:.1f} us; wall "
+                f"{wall['submit, batched' + mode]:.1f} us)",
+                f"raw launch {raw:.1f} us",
+                "<=15 us over raw",
+                over <= 15 if r["backend"] == "cuda" else None,
+            ),
+            Row(
+                "submit",
+                f"ctx.submit(trivial kernel), {label}, one at a time: CPU us per task",
+                f"{cpu['submit' + mode]:.1f} us (wall {wall['submit' + mode]:.1f} us)",
+                f"launch+await inline {cpu['launch + await']:.1f} us",
+                "(latency; no target)",
+                None,
+            ),
+        ]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

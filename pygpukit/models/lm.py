@@ -216,7 +216,9 @@ class TinyLM(Model):
 
         ``graph=True`` runs the steps as :class:`FixedStep` and, where a pygpukit context is
         current, captures one step into a CUDA graph and replays it for every later token:
-        one launch per token instead of hundreds. The tokens are the same either way.
+        one launch per token instead of hundreds. The computation is the same either way
+        (its sums may round differently in the last bit). The captured graphs stay with the
+        model for the next call, their memory charged to the context they were captured in.
         """
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -350,16 +352,16 @@ class FixedStep:
         (:func:`pygpukit.capture_graph`) and replayed with one launch. Without a context
         every step runs normally.
         """
-        rows = self.bucket(self._at)
-        graph = self._graphs.get(rows)
-        if graph is None and self._runs >= 1:
-            from ..runtime import capture_graph, current_context
+        from ..runtime import capture_graph, current_context
 
-            if current_context() is not None:
+        rows = self.bucket(self._at)
+        if current_context() is not None:  # else set() wrote on a stream graphs don't use
+            graph = self._graphs.get(rows)
+            if graph is None and self._runs >= 1:
                 graph = self._graphs[rows] = capture_graph(self.run, rows)
-        if graph is not None:
-            graph.launch()
-            return
+            if graph is not None:
+                graph.launch()  # on the current context's stream, where set() wrote
+                return
         self.run(rows)
         self._runs += 1
 

@@ -49,9 +49,11 @@ class DispatcherConfig:
     :ivar context_in_flight: tasks of one context in flight at once
     :ivar max_queued: tasks of one context waiting to launch; more raise QueueFull
     :ivar strict: hold BestEffort launches while any Guaranteed task is in flight
-    :ivar inline_us: a task function whose calls took at most this long (smoothed) runs on
-        the event loop thread when its context's launcher thread is idle, instead of
-        waking that thread (CUDA only; 0 turns it off)
+    :ivar inline_us: opt-in (0, the default, turns it off; CUDA only): a task whose
+        function's last call took at most this long runs on the event loop thread when its
+        context's launcher thread is idle, instead of waking that thread. Such a function
+        must not block or wait for the loop, and allocations under memory pressure then
+        make room on the loop thread
     """
 
     tier_in_flight: Mapping[QoSPolicy, int | None] = field(
@@ -64,7 +66,7 @@ class DispatcherConfig:
     context_in_flight: int | None = 4
     max_queued: int | None = 1024
     strict: bool = False
-    inline_us: float = 100.0
+    inline_us: float = 0.0
 
 
 class Task:
@@ -166,10 +168,9 @@ class Dispatcher:
             task.seq = next(self._seq)
             task.t_queued = now = self.clock()
             self.queued_ctx[task.context] += 1
-            # At rest every queued task is held back, and a new task frees nothing: if this
-            # one may run and nothing of its context waits ahead of it, it launches now.
+            # Nothing queued anywhere: if this task may run, no other can be ahead of it.
             direct = (
-                task.context not in self._queues
+                not self._queues
                 and (task.deadline is None or now <= task.deadline)
                 and self._eligible(task, True, self._waiting_partitions)
             )

@@ -42,6 +42,26 @@ class _Submitting(threading.local):
     submitting: Task | None = None
 
 
+def _cost_key(fn: Any) -> Any:
+    """What identifies ``fn`` for the inline decision: its code object.
+
+    Code is shared by every closure, lambda or bound method made from one ``def`` (so a
+    function made per call is still recognised) and holds no reference to their captured
+    objects or ``self`` (so remembering it keeps no model alive). ``None``: no code to go
+    by (a builtin, say); such a function always goes to the launcher thread.
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = getattr(fn, "__func__", fn)  # a bound method's function
+    code = getattr(fn, "__code__", None)
+    if code is None:  # a callable object: its class's __call__
+        try:
+            code = type(fn).__call__.__code__
+        except AttributeError:
+            pass  # a builtin, or a C-implemented callable
+    return code
+
+
 def _on_event_loop() -> bool:
     """Whether this thread is running an asyncio loop or a trio run (not a launcher thread,
     not the completion watchdog)."""
@@ -85,11 +105,11 @@ class _Outcome:
 class _Launcher:
     """One thread per context, running its tasks in the order they launch.
 
-    A function already seen to return quickly (:attr:`DispatcherConfig.inline_us`) is run
-    right on the event loop thread instead, when nothing of its context is waiting for the
-    thread: launching a trivial kernel costs a few microseconds, waking a thread and
-    handing it the GIL ten times that (bench/RESULTS.md §3). Order is kept: the thread is
-    idle, so everything it launched is already on the stream.
+    Where :attr:`DispatcherConfig.inline_us` turns it on, a function already seen to
+    return quickly runs right on the event loop thread instead, when nothing of its context
+    is waiting for the thread: launching a trivial kernel costs a few microseconds, waking a
+    thread and handing it the GIL ten times that (bench/RESULTS.md §3). Order is kept: the
+    thread is idle, so everything it launched is already on the stream.
     """
 
     def __init__(self, ctx: ExecutionContext, scheduler: RuntimeScheduler) -> None:
@@ -97,7 +117,7 @@ class _Launcher:
         self.scheduler = scheduler
         self.queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self.outstanding = 0  # tasks handed to the thread whose fn has not returned yet
-        self._costs: dict[Any, float] = {}  # fn -> smoothed seconds its calls took
+        self._costs: dict[Any, float] = {}  # code of fn -> seconds its last call took
         self._events: list[Any] = []  # timing events ready for reuse
         self.thread = threading.Thread(
             target=self._run, name=f"pygpukit-launcher-{ctx.name}", daemon=True
@@ -118,6 +138,7 @@ class _Launcher:
         _current.set(ctx)  # this thread's own contextvars: allocations charge ctx
         backend.bind_stream(raw)  # once: this thread only ever runs ctx's work
         while True:
+            task = box = start = None  # hold nothing of the last task while waiting
             task = self.queue.get()
             if task is None:
                 return
@@ -147,7 +168,7 @@ class _Launcher:
     def try_inline(self, task: Task) -> bool:
         """Run ``task`` here and now if that is known to be quick and keeps the order."""
         limit = self.scheduler.inline_s
-        cost = self._costs.get(task.fn)
+        cost = self._costs.get(_cost_key(task.fn))
         if cost is None or cost > limit or self.outstanding or not self.ctx._nothing_evicted():
             return False
         rt = self.ctx.runtime
@@ -188,12 +209,14 @@ class _Launcher:
         t0 = time.perf_counter()
         box.run(task, bind)
         took = time.perf_counter() - t0
-        costs = self._costs
-        if len(costs) > 256 and task.fn not in costs:
-            costs.clear()  # bounded: functions made per call never repeat anyway
-        costs[task.fn] = took  # the latest call decides where the next one runs
-        end = self._event()
+        key = _cost_key(task.fn)
+        if key is not None:
+            costs = self._costs
+            if len(costs) >= 256 and key not in costs:
+                costs.clear()  # bounded
+            costs[key] = took  # the latest call decides where the next one runs
         try:
+            end = self._event()
             self.ctx.stream.raw.record(end)  # after everything fn enqueued
             rt.bridge.on_done(
                 end,
@@ -414,9 +437,9 @@ class RuntimeScheduler:
             self._local.submitting = None
         ctx._stats.submitted += 1
         try:
+            if one.done():  # finished inline: still a scheduling point, as awaits are
+                await checkpoint()
             if deadline is None:
-                if one.done():  # finished inline: still a scheduling point, as awaits are
-                    await checkpoint()
                 return await one.wait(again=False)
             with anyio.move_on_after(max(0.0, deadline - self.dispatcher.clock())):
                 return await one.wait()

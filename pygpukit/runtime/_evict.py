@@ -206,7 +206,10 @@ class EvictionMixin:
 
     def _nothing_evicted(self: Any) -> bool:
         """Whether :meth:`_enter` would restore nothing (and so cannot take long)."""
-        return not any(e.state is EvictableState.EVICTED for e in self._evictables)
+        if not self._evictables:
+            return True
+        with self._evict_lock:
+            return not any(e.state is EvictableState.EVICTED for e in self._evictables)
 
     def _enter(self: Any) -> None:
         """A session or task begins: pin the buffers and bring back evicted ones."""

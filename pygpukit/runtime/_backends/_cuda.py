@@ -125,6 +125,7 @@ class CudaStream(RawStream):
         self._companion: CudaStream | None = None
         self._torch: Any = None
         self._closed = False
+        self.capturing = False
 
     def companion(self) -> CudaStream:
         if self._companion is None:
@@ -145,6 +146,8 @@ class CudaStream(RawStream):
             self.cp.synchronize()
 
     def query(self) -> bool:
+        if self.capturing:  # querying a capturing stream would break the capture
+            return False
         return _check(_rt.streamQuery(self.handle), "cudaStreamQuery")
 
     def record(self, event: RawEvent) -> None:
@@ -192,7 +195,7 @@ class CudaGraph(RawGraph):
     def __init__(self, graph: Any, keep: list[Any]) -> None:
         self._graph: Any = graph
         self._keep: list[Any] | None = keep
-        self._last: CudaStream | None = None
+        self._streams: dict[int, CudaStream] = {}  # every stream it was launched on
 
     def launch(self, stream: RawStream) -> None:
         assert isinstance(stream, CudaStream)
@@ -200,16 +203,17 @@ class CudaGraph(RawGraph):
             raise InvalidArgument("this graph is closed; capture the work again")
         with _translated():
             self._graph.launch(stream.cp)
-        self._last = stream
+        self._streams[stream.handle] = stream
 
     def close(self) -> None:
-        """Free the graph's buffers once its last replay has run."""
-        if self._last is not None:
+        """Free the graph's buffers once every replay has run."""
+        for stream in self._streams.values():
             try:
-                self._last.cp.synchronize()
+                stream.cp.synchronize()
             except _rt.CUDARuntimeError:
                 pass
-        self._graph = self._keep = self._last = None
+        self._graph = self._keep = None
+        self._streams.clear()
 
 
 class _Grant:
@@ -415,6 +419,8 @@ class CudaBackend(Backend):
             _rt.setDevice(self.device_id)
             self._local.device_set = True
         for s in streams:
+            if getattr(s, "capturing", False):
+                continue  # being captured: a query would invalidate the capture
             status = _rt.streamQuery(s.handle)
             if status not in (0, _NOT_READY):
                 return CudaError(
@@ -480,6 +486,9 @@ class CudaBackend(Backend):
         token = self.bind_stream(stream)
         try:
             with _translated(), cupy.cuda.using_allocator(hold):
+                # The watchdog and the completion spin query streams from other threads:
+                # they see a capturing stream as busy instead of querying it.
+                stream.capturing = True
                 stream.cp.begin_capture()
                 try:
                     fn()
@@ -491,6 +500,7 @@ class CudaBackend(Backend):
                     raise
                 graph = stream.cp.end_capture()
         finally:
+            stream.capturing = False
             self.restore_stream(token)
         return CudaGraph(graph, keep)
 
