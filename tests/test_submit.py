@@ -384,21 +384,21 @@ async def test_a_task_finished_inline_still_yields_with_a_deadline(rt: Runtime) 
     def task() -> None:
         launch(ctx.stream)
 
-    async def ticker() -> None:
+    async def ticker() -> None:  # a timer: runs only if the loop gets to run other tasks
         nonlocal ticks
         while True:
+            await anyio.sleep(0.0002)
             ticks += 1
-            await anyio.lowlevel.checkpoint()
 
     for _ in range(5):
         await ctx.submit(task)
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        await anyio.lowlevel.checkpoint()
-        start = ticks
-        for _ in range(200):
+        await anyio.sleep(0.001)
+        start, t0 = ticks, time.perf_counter()
+        while time.perf_counter() - t0 < 0.05:  # 50 ms of back-to-back submits
             await ctx.submit(task, deadline=time.monotonic() + 10)
-        assert ticks - start >= 100
+        assert ticks - start >= 5  # starved: 0
         tg.cancel_scope.cancel()
 
 
@@ -417,11 +417,11 @@ async def test_many_quick_tasks_in_flight_all_finish(rt: Runtime) -> None:
     for i in range(20):  # learn that it is quick
         await ctx.submit(task, i)
     with anyio.fail_after(60):
-        for _ in range(3):
-            results = await _gather([ctx.submit(task, i) for i in range(600)])
-            assert results == list(range(600))
+        for _ in range(2):
+            results = await _gather([ctx.submit(task, i) for i in range(400)])
+            assert results == list(range(400))
     usage = ctx.usage()
-    assert (usage.tasks, usage.failed, usage.in_flight, usage.queued) == (1820, 0, 0, 0)
+    assert (usage.tasks, usage.failed, usage.in_flight, usage.queued) == (820, 0, 0, 0)
 
 
 async def _gather(coros: list) -> list:  # type: ignore[type-arg]

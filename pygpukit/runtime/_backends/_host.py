@@ -287,6 +287,7 @@ class _Executor:
                         status=None,
                     )
                     self.fault_error.__cause__ = exc
+            del item, signals  # hold nothing of it while waiting for the next item
             with cv:
                 stream.busy = False
                 stream.ready_seq = next(self._seq)
