@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime import capture_graph, current_context
 from ._gemv import layer_norm_row, vecmat_t
 from .layers import (
     Model,
@@ -352,8 +353,6 @@ class FixedStep:
         (:func:`pygpukit.capture_graph`) and replayed with one launch. Without a context
         every step runs normally.
         """
-        from ..runtime import capture_graph, current_context
-
         rows = self.bucket(self._at)
         if current_context() is not None:  # else set() wrote on a stream graphs don't use
             graph = self._graphs.get(rows)

@@ -149,6 +149,7 @@ class _Launcher:
                 continue
             if not backend.tasks_on_streams:
                 self._execute(task, box, start)
+                self._ran()  # everything it launched is on the stream: inlining may follow
                 continue
             # The host executor's units are its compute: run fn as a stream item, so stream
             # priorities order it as they order kernels on a GPU. A guard right behind the
@@ -206,15 +207,12 @@ class _Launcher:
     ) -> None:
         """Run the task, then mark the end of the work it enqueued and await that."""
         rt = self.ctx.runtime
-        t0 = time.perf_counter()
-        box.run(task, bind)
-        took = time.perf_counter() - t0
-        key = _cost_key(task.fn)
-        if key is not None:
-            costs = self._costs
-            if len(costs) >= 256 and key not in costs:
-                costs.clear()  # bounded
-            costs[key] = took  # the latest call decides where the next one runs
+        if self.scheduler.inline_s > 0:  # remember how long fn took, for try_inline
+            t0 = time.perf_counter()
+            box.run(task, bind)
+            self._remember(task.fn, time.perf_counter() - t0)
+        else:
+            box.run(task, bind)
         try:
             end = self._event()
             self.ctx.stream.raw.record(end)  # after everything fn enqueued
@@ -229,9 +227,14 @@ class _Launcher:
             )
         except BaseException as exc:  # the device is gone: finish the task now
             self._finish(task, box, box.error or exc)
-        finally:
-            if threading.current_thread() is self.thread:
-                self._ran()  # everything it launched is on the stream: inlining may follow
+
+    def _remember(self, fn: Any, took: float) -> None:
+        key = _cost_key(fn)
+        if key is not None:
+            costs = self._costs
+            if len(costs) >= 256 and key not in costs:
+                costs.clear()  # bounded
+            costs[key] = took  # the latest call decides where the next one runs
 
     def _guard(self, task: Task, box: _Outcome, device_error: BaseException | None) -> None:
         if device_error is not None and not box.ran:
