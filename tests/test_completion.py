@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 
 import anyio
 import pytest
@@ -153,6 +154,33 @@ async def test_python_channel_bridge_works_the_same() -> None:
         await stream
         assert done.is_set()
         assert bridge.stats().pending == 0
+
+
+async def test_a_resolved_waiter_is_not_kept_alive_by_the_watchdog() -> None:
+    """The watchdog looks at the pending waiters every interval; what it saw must not keep a
+    resolved waiter's callback (a task, the arrays it captured) alive until its next look."""
+
+    class Held:
+        pass
+
+    interval = 0.3
+    bridge = CompletionBridge(make_channel("python"), watchdog_interval=interval)
+    with Runtime(backend="host", bridge=bridge) as rt:
+        stream = rt.create_stream()
+        gate = _gate(stream)
+        held = Held()
+        alive = weakref.ref(held)
+        fired = threading.Event()
+        bridge.attach()  # callbacks run where the bridge is drained: this loop
+        bridge.on_done(stream.raw, rt.backend, lambda err, h=held: fired.set())
+        del held
+        await anyio.sleep(interval * 1.5)  # the watchdog has looked at the waiter once
+        gate.set()
+        with anyio.fail_after(5):
+            while not fired.is_set():
+                await anyio.sleep(0.005)
+        gc.collect()
+        assert alive() is None  # held by the watchdog's last look: alive until ~2 intervals
 
 
 def test_native_channel_is_built_and_has_one_bridge() -> None:

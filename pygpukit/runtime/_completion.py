@@ -313,6 +313,9 @@ class CompletionBridge:
                     self._wake.clear()
                     continue
             self.check_faults(live)
+            # hold no snapshot while sleeping: its waiters' callbacks keep finished tasks,
+            # and the arrays their functions captured, alive (and charged) until the next look
+            del live
 
     def check_faults(self, waiters: list[tuple[int, _Waiter]] | None = None) -> int:
         """Fail every pending waiter whose device has faulted; returns how many.
