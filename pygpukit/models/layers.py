@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from ._gemv import bias_gelu, layer_norm_row, vecmat
+from ._gemv import attend_row, bias_gelu, layer_norm_row, vecmat
 
 __all__ = (
     "Model",
@@ -179,34 +179,26 @@ def decode_block(
     p: Mapping[str, Any],
     prefix: str,
     x: Any,
-    n_heads: int,
     cache: tuple[Any, Any],
-    write: Any,
-    visible: Any,
+    pos: Any,
+    rows: int,
 ) -> Any:
     """:func:`encoder_block` for one token, with shapes that never change.
 
-    The position lives on the device: ``write`` (``(1, max_len, 1)`` bool) selects the cache
-    row this token's key and value go to, ``visible`` (``(max_len,)`` bool) the rows it
-    attends to. Every step launches the same kernels on the same buffers and calls no
-    library routine (attention is written out as products and sums; matrix products,
-    LayerNorm and bias+GELU are the kernels of :mod:`pygpukit.models._gemv`), so a step can
-    be captured once into a CUDA graph and replayed.
+    The position lives on the device: ``pos`` (``(1,)`` int64) is the cache row this
+    token's key and value go to; attention covers cache rows ``0 .. pos`` of the first
+    ``rows`` (each cache ``(H, max_len, dh)``). Every step launches the same kernels on the
+    same buffers and calls no library routine (the kernels of :mod:`pygpukit.models._gemv`:
+    matrix products, LayerNorm, attention, bias+GELU), so a step can be captured once into
+    a CUDA graph and replayed.
     """
-    d = x.shape[1]
     h = layer_norm_row(xp, x, p[f"{prefix}.ln1.g"], p[f"{prefix}.ln1.b"])
     qkv = vecmat(xp, h, p[f"{prefix}.attn.wqkv"], p[f"{prefix}.attn.bqkv"])
-    q = _split_heads(qkv[:, :d], n_heads)  # (H, 1, dh)
-    kc, vc = cache  # (H, max_len, dh)
-    xp.copyto(kc, _split_heads(qkv[:, d : 2 * d], n_heads), where=write)
-    xp.copyto(vc, _split_heads(qkv[:, 2 * d :], n_heads), where=write)
-    scores = xp.sum(q * kc, axis=-1) * F32(1.0 / math.sqrt(q.shape[-1]))  # (H, max_len)
-    weights = softmax(xp, xp.where(visible[None, :], scores, F32(-1e30)), axis=-1)
-    a = xp.sum(weights[:, :, None] * vc, axis=1).reshape(1, d)  # (H, dh) -> (1, d)
-    x = x + vecmat(xp, a, p[f"{prefix}.attn.wo"], p[f"{prefix}.attn.bo"])
+    a = attend_row(xp, qkv, cache[0], cache[1], pos, rows)
+    x = vecmat(xp, a, p[f"{prefix}.attn.wo"], p[f"{prefix}.attn.bo"], residual=x)
     h = layer_norm_row(xp, x, p[f"{prefix}.ln2.g"], p[f"{prefix}.ln2.b"])
     h = bias_gelu(xp, vecmat(xp, h, p[f"{prefix}.mlp.w1"]), p[f"{prefix}.mlp.b1"])
-    return x + vecmat(xp, h, p[f"{prefix}.mlp.w2"], p[f"{prefix}.mlp.b2"])
+    return vecmat(xp, h, p[f"{prefix}.mlp.w2"], p[f"{prefix}.mlp.b2"], residual=x)
 
 
 def _block_out(xp: Any, p: Mapping[str, Any], prefix: str, x: Any, a: Any) -> Any:

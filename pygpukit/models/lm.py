@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime import capture_graph, current_context
-from ._gemv import layer_norm_row, vecmat_t
+from ._gemv import embed_row, layer_norm_row, sample_row, vecmat_t
 from .layers import (
     Model,
     ParamSpec,
@@ -251,18 +251,17 @@ class TinyLM(Model):
         step = self._spare_step or FixedStep(self)
         self._spare_step = None  # one generation per step; a concurrent one makes its own
         try:
-            logits, pos = step.prefill(ids), len(ids)
-            for n in range(max_new_tokens):
-                tok = self._pick(logits, temperature, rng)
+            count = min(max_new_tokens, self.config.max_len - len(ids) + 1)
+            step.start(ids, temperature, rng)
+            for k in range(count):
+                while step.issued < min(count, k + 1 + step.LOOKAHEAD):
+                    step.next()  # the device runs ahead while this token is read
+                tok = step.token_at(k)
                 if tok == EOS:
                     return
                 yield tok
-                if n + 1 == max_new_tokens or pos >= self.config.max_len:
-                    return
-                step.set(tok, pos)
-                step.advance()
-                logits, pos = step.logits, pos + 1
         finally:
+            step.drain()  # nothing of this generation left running on the buffers
             self._spare_step = step
 
     def sentences(
@@ -299,12 +298,15 @@ class TinyLM(Model):
 class FixedStep:
     """Decode steps of one sequence that launch the same kernels on the same buffers.
 
-    The token and its position live in device buffers (``token``, ``pos``); the step
-    writes its key/value into the cache row ``pos`` selects and attends to the rows up to
-    ``pos`` under a mask, so nothing about a step depends on a host value. That is what
-    CUDA graph capture needs: :meth:`advance` records a step once and replays it for every
-    later token (see :meth:`TinyLM.generate`). The logits of the last step are in
-    :attr:`logits`, always the same array.
+    The token, its position and the sampler's state live in device buffers, so nothing
+    about a step depends on a host value. That is what CUDA graph capture needs:
+    :meth:`advance` records a step once and replays it for every later token (see
+    :meth:`TinyLM.generate`). A step writes the key/value of ``token`` into the cache row
+    ``pos`` selects, attends to the rows up to ``pos``, leaves its logits in
+    :attr:`logits` (always the same array), then samples the next token on the device (the
+    host's float64 arithmetic: the same token): into ``token`` for the next step and into
+    :attr:`tokens`, host memory the device writes; ``pos`` moves on by one. The host can
+    queue steps ahead (:attr:`LOOKAHEAD`) and read each token when it is ready.
 
     Attention runs over a *bucket* of the cache, the smallest power of two (from
     :attr:`MIN_BUCKET`) that holds ``pos``, not over all ``max_len`` rows: a short
@@ -313,6 +315,12 @@ class FixedStep:
     """
 
     MIN_BUCKET = 64
+    LOOKAHEAD = 4  # steps queued beyond the token being read
+    NOISE_ROWS = 64  # tokens' worth of sampling noise uploaded at a time
+    #: prompts up to this many tokens run through the (captured) step one token at a time;
+    #: longer ones in one batched pass. A batched pass launches some 300 kernels from
+    #: Python, about as much host time as 30 replayed steps take on the GPU (RESULTS.md §6).
+    STEP_PROMPT = 32
 
     def __init__(self, lm: TinyLM) -> None:
         xp, c = lm.xp, lm.config
@@ -320,9 +328,17 @@ class FixedStep:
         self.cache = lm.new_cache()
         self.token = xp.zeros((1,), dtype=xp.int64)
         self.pos = xp.zeros((1,), dtype=xp.int64)
-        self._positions = xp.arange(c.max_len, dtype=xp.int64)
+        self.n = xp.zeros((1,), dtype=xp.int64)  # tokens sampled in this generation
+        self.prompt = xp.zeros((c.max_len,), dtype=xp.int64)
+        self.prompt_len = xp.zeros((1,), dtype=xp.int64)  # positions below it are forced
+        self.temperature = xp.zeros((1,), dtype=xp.float64)
+        self.noise = xp.zeros((self.NOISE_ROWS, VOCAB_SIZE), dtype=xp.float64)
+        self.logits = xp.zeros((VOCAB_SIZE,), dtype=xp.float32)
+        self.tokens = _device_writable(xp, c.max_len + 1)  # token k at k % len
+        self.issued = 0  # tokens of this generation whose sampling is queued
+        self._rng: np.random.Generator | None = None
+        self._marks: list[Any] = [None] * (self.LOOKAHEAD + 2)
         self._at = 0  # the host's copy of pos
-        self.logits: Any = None
         self._graphs: dict[int, Any] = {}  # bucket -> Graph
         self._runs = 0
 
@@ -336,6 +352,7 @@ class FixedStep:
             raise ValueError(f"position {pos} outside max_len={self.lm.config.max_len}")
         self.token.fill(token)
         self.pos.fill(pos)
+        self.prompt_len.fill(0)  # the next token is sampled
         self._at = pos
 
     def bucket(self, pos: int) -> int:
@@ -345,6 +362,83 @@ class FixedStep:
             rows *= 2
         return min(rows, self.lm.config.max_len)
 
+    # -------------------------------------------------------------- one generation
+    def start(self, ids: Sequence[int], temperature: float, rng: np.random.Generator) -> None:
+        """Begin a generation after the prompt ``ids``: run the prompt into the cache and
+        queue the sampling of the first new token (:meth:`token_at` ``(0)``).
+
+        A prompt of up to :attr:`STEP_PROMPT` tokens where a context is current (so steps
+        are replayed graphs) goes through the step, one position per replay, each step
+        taking the prompt's next token instead of a sampled one; a longer one (or one
+        without a context) runs in one batched pass.
+        """
+        ids = self.lm._check_tokens(ids, 0)
+        self.drain()
+        self._rng = rng if temperature > 0 else None
+        self.n.fill(0)
+        self.temperature.fill(temperature)
+        self.issued = 0
+        self._feed()
+        if len(ids) <= self.STEP_PROMPT and current_context() is not None:
+            self.prompt[: len(ids)] = self.lm.xp.asarray(np.asarray(ids, dtype=np.int64))
+            self.prompt_len.fill(len(ids))
+            self.token.fill(ids[0])
+            self.pos.fill(0)
+            self._at = 0
+            for _ in ids:  # the last one samples the first new token
+                self.advance()
+        else:
+            self.logits[...] = self.prefill(ids)
+            self.prompt_len.fill(0)
+            self.pos.fill(len(ids) - 1)  # sampling moves it on to the first new token's place
+            self._sample()
+            self._at = len(ids)
+        self._mark()
+
+    def next(self) -> None:
+        """Queue the step that samples the generation's next token."""
+        if self._at >= self.lm.config.max_len:
+            raise ValueError(f"the sequence is full (max_len={self.lm.config.max_len})")
+        self._feed()
+        self.advance()
+        self._mark()
+
+    def token_at(self, k: int) -> int:
+        """Token ``k`` of this generation (queued already); blocks this thread until the
+        device has sampled it."""
+        if not 0 <= k < self.issued or k < self.issued - len(self._marks):
+            raise ValueError(f"token {k} is not among the ones queued last")
+        mark = self._marks[k % len(self._marks)]
+        if mark is not None:
+            mark.synchronize()
+        return int(self.tokens[k % len(self.tokens)])
+
+    def drain(self) -> None:
+        """Wait for every step queued so far."""
+        if self.issued:
+            mark = self._marks[(self.issued - 1) % len(self._marks)]
+            if mark is not None:
+                mark.synchronize()
+
+    def _feed(self) -> None:
+        """Upload sampling noise when the next token starts a new block of it (drawn from
+        the generation's NumPy generator in the order the host's sampler draws it)."""
+        if self._rng is not None and self.issued % self.NOISE_ROWS == 0:
+            rows = self._rng.gumbel(size=(self.NOISE_ROWS, VOCAB_SIZE))
+            self.noise[...] = self.lm.xp.asarray(rows)  # after the steps that read the last
+
+    def _mark(self) -> None:
+        """Note where token ``issued`` will be ready (a CUDA event; nothing elsewhere: the
+        array work is done once it is queued)."""
+        xp = self.lm.xp
+        if hasattr(xp, "RawModule"):
+            slot = self.issued % len(self._marks)
+            if self._marks[slot] is None:
+                self._marks[slot] = xp.cuda.Event(disable_timing=True)
+            self._marks[slot].record()  # on the current stream, where the step went
+        self.issued += 1
+
+    # -------------------------------------------------------------- steps
     def advance(self) -> None:
         """:meth:`run`, replayed from a CUDA graph after the first time.
 
@@ -354,6 +448,7 @@ class FixedStep:
         every step runs normally.
         """
         rows = self.bucket(self._at)
+        self._at += 1  # the step samples the next token and moves pos on
         if current_context() is not None:  # else set() wrote on a stream graphs don't use
             graph = self._graphs.get(rows)
             if graph is None and self._runs >= 1:
@@ -366,12 +461,14 @@ class FixedStep:
 
     def close(self) -> None:
         """Free the captured graphs and their buffers (the cache stays until this is dropped)."""
+        self.drain()
         for graph in self._graphs.values():
             graph.close()
         self._graphs.clear()
 
     def run(self, rows: int | None = None) -> None:
-        """One step: append the token at ``pos`` to the cache; logits into :attr:`logits`.
+        """One step: append ``token`` at ``pos`` to the cache, logits into :attr:`logits`,
+        then sample the next token.
 
         Attention covers the first ``rows`` cache rows (all of them by default); ``pos``
         must be below ``rows``.
@@ -379,16 +476,37 @@ class FixedStep:
         lm = self.lm
         xp, c, p = lm.xp, lm.config, lm.params
         rows = c.max_len if rows is None else rows
-        x = xp.take(p["tok_emb"], self.token, axis=0) + xp.take(p["pos_emb"], self.pos, axis=0)
-        positions = self._positions[:rows]
-        write = (positions == self.pos)[None, :, None]
-        visible = positions <= self.pos
+        x = embed_row(xp, p["tok_emb"], p["pos_emb"], self.token, self.pos)
         for i, prefix in enumerate(lm._iter_blocks(c.n_layers)):
-            kv = (self.cache.keys[i][:, :rows], self.cache.values[i][:, :rows])
-            x = decode_block(xp, p, prefix, x, c.n_heads, kv, write, visible)
+            kv = (self.cache.keys[i], self.cache.values[i])
+            x = decode_block(xp, p, prefix, x, kv, self.pos, rows)
         x = layer_norm_row(xp, x, p["ln_f.g"], p["ln_f.b"])
-        logits = vecmat_t(xp, x, p["tok_emb"])[0]
-        if self.logits is None:
-            self.logits = logits
-        else:
-            self.logits[...] = logits
+        vecmat_t(xp, x, p["tok_emb"], out=self.logits)
+        self._sample()
+
+    def _sample(self) -> None:
+        sample_row(
+            self.lm.xp,
+            self.logits,
+            self.noise,
+            self.temperature,
+            self.token,
+            self.pos,
+            self.n,
+            self.prompt,
+            self.prompt_len,
+            self.tokens,
+            BOS,
+        )
+
+
+def _device_writable(xp: Any, n: int) -> Any:
+    """``n`` int32 of host memory the device can write (pinned under CuPy: with unified
+    addressing a kernel writes it through its host address)."""
+    if hasattr(xp, "RawModule"):
+        import cupyx
+
+        out = cupyx.empty_pinned((n,), dtype=np.int32)
+        out[...] = -1
+        return out
+    return np.full((n,), -1, dtype=np.int32)
