@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
+from typing import Any
+
 import pytest
 
 from pygpukit import (
@@ -12,6 +17,8 @@ from pygpukit import (
     context_session,
 )
 from pygpukit.runtime import Runtime
+from pygpukit.runtime._arena import Arena
+from pygpukit.runtime._locks import FinalizerSafeLock
 
 
 def test_allocation_past_max_vram_is_refused_after_asking_handlers(rt: Runtime) -> None:
@@ -137,3 +144,65 @@ def test_a_fragmented_reservation_is_a_budget_error(rt: Runtime) -> None:
             rt.xp.empty(1 << 20, dtype="uint8")
         assert g.usage().available >= 1 << 20  # the budget had room; the layout did not
         del blocks
+
+
+# -- give-backs from garbage-collection finalizers --------------------------------------
+
+
+def test_a_give_back_inside_the_lock_on_the_same_thread_waits_for_the_holder() -> None:
+    """A finalizer can run in the middle of the lock's own critical section (a collection
+    started by an allocation there): its give-back must neither deadlock nor run inside the
+    half-done update; it runs when the holder leaves."""
+    applied: list[int] = []
+    lock = FinalizerSafeLock(applied.append)
+    with lock:
+        lock.later(1)  # what a finalizer on this thread does
+        assert applied == []
+    assert applied == [1]
+    lock.later(2)  # the lock is free: at once
+    assert applied == [1, 2]
+
+
+def test_a_give_back_from_another_thread_never_blocks_and_is_applied() -> None:
+    applied: list[int] = []
+    lock = FinalizerSafeLock(applied.append)
+    entered, leave = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            entered.set()
+            leave.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(5)
+    t0 = time.perf_counter()
+    for i in range(100):
+        lock.later(i)
+    assert time.perf_counter() - t0 < 0.5 and applied == []  # queued, not waited for
+    leave.set()
+    t.join(5)
+    assert applied == list(range(100))  # the holder applied them as it left
+
+
+def test_an_arena_give_from_a_finalizer_mid_take_is_applied_after(monkeypatch: Any) -> None:
+    """Arena.take with a give-back arriving while it holds the lock (as a collection inside
+    it would run one): no deadlock, and the range is free again afterwards."""
+    arena = Arena(1024)
+    first = arena.take(512)
+    assert first is not None
+    real_insort = bisect.insort
+
+    def insort_then_collect(seq: list[int], x: int) -> None:  # runs under take's lock
+        real_insort(seq, x)
+        arena.give(first, 512)  # the finalizer of first's last array
+
+    monkeypatch.setattr(bisect, "insort", insort_then_collect)
+    done = threading.Event()
+    second: list[int | None] = []
+    t = threading.Thread(target=lambda: (second.append(arena.take(256)), done.set()), daemon=True)
+    t.start()
+    assert done.wait(5), "deadlocked"
+    monkeypatch.setattr(bisect, "insort", real_insort)
+    assert second == [512] and arena.used == 256  # first's bytes came back as take left
+    assert arena.take(512) == 0

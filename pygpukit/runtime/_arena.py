@@ -7,7 +7,8 @@ physical: no other allocation in the process — ours or a library's — can use
 from __future__ import annotations
 
 import bisect
-import threading
+
+from ._locks import FinalizerSafeLock
 
 __all__ = ("Arena",)
 
@@ -19,7 +20,7 @@ class Arena:
         self.size = size
         self._starts: list[int] = [0]  # free ranges, sorted by offset
         self._lengths: dict[int, int] = {0: size}
-        self._lock = threading.Lock()
+        self._lock = FinalizerSafeLock(self._give)  # gives come from finalizers
         self.used = 0
 
     def take(self, n: int) -> int | None:
@@ -44,21 +45,24 @@ class Arena:
             return best
 
     def give(self, offset: int, n: int) -> None:
-        """Return ``n`` bytes at ``offset``."""
-        with self._lock:
-            self.used -= n
-            i = bisect.bisect_left(self._starts, offset)
-            # merge with the following range
-            if i < len(self._starts) and self._starts[i] == offset + n:
-                n += self._lengths.pop(self._starts.pop(i))
-            # merge with the preceding range
-            if i > 0:
-                prev = self._starts[i - 1]
-                if prev + self._lengths[prev] == offset:
-                    self._lengths[prev] += n
-                    return
-            self._starts.insert(i, offset)
-            self._lengths[offset] = n
+        """Return ``n`` bytes at ``offset`` (from a finalizer too: applied under the lock,
+        now or when its holder leaves it)."""
+        self._lock.later(offset, n)
+
+    def _give(self, offset: int, n: int) -> None:  # under the lock
+        self.used -= n
+        i = bisect.bisect_left(self._starts, offset)
+        # merge with the following range
+        if i < len(self._starts) and self._starts[i] == offset + n:
+            n += self._lengths.pop(self._starts.pop(i))
+        # merge with the preceding range
+        if i > 0:
+            prev = self._starts[i - 1]
+            if prev + self._lengths[prev] == offset:
+                self._lengths[prev] += n
+                return
+        self._starts.insert(i, offset)
+        self._lengths[offset] = n
 
     @property
     def largest_free(self) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from ..._exceptions import CudaError, InvalidArgument, VRAMBudgetExceeded
 from ..._units import GB, parse_size
 from .._arena import Arena
+from .._locks import FinalizerSafeLock
 from ._base import (
     Backend,
     DeviceInfo,
@@ -321,7 +322,7 @@ class HostPool(RawPool):
         self._grow = grow
         self._shrink = shrink
         self._used = 0
-        self._lock = threading.Lock()
+        self._lock = FinalizerSafeLock(self._unuse)  # releases come from finalizers
         self._arena = Arena(arena_bytes) if arena_bytes else None
         self._base = backend.alloc_raw(arena_bytes) if arena_bytes else None
 
@@ -355,9 +356,11 @@ class HostPool(RawPool):
             raise _fragmented(self._label, size, self._arena)
         return offset
 
-    def _release(self, size: int, offset: int) -> None:
-        with self._lock:
-            self._used -= size
+    def _unuse(self, size: int) -> None:  # under the lock
+        self._used -= size
+
+    def _release(self, size: int, offset: int) -> None:  # a finalizer
+        self._lock.later(size)
         if offset < 0:
             self._backend.give_back(size)
         else:
@@ -395,7 +398,7 @@ class HostBackend(Backend):
         capacity = os.environ.get("PYGPUKIT_HOST_VRAM")
         self._capacity = parse_size(capacity, what="PYGPUKIT_HOST_VRAM") if capacity else 16 * GB
         self._allocated = 0
-        self._lock = threading.Lock()
+        self._lock = FinalizerSafeLock(self._give_back)  # give_back comes from finalizers
         self._ex = _Executor(self._units)
         self._xp = HostXP()
         self._closed = False
@@ -429,8 +432,10 @@ class HostBackend(Backend):
             raise
 
     def give_back(self, size: int) -> None:
-        with self._lock:
-            self._allocated -= size
+        self._lock.later(size)
+
+    def _give_back(self, size: int) -> None:  # under the lock
+        self._allocated -= size
 
     def create_stream(self, priority: int) -> HostStream:
         stream = HostStream(self._ex, priority)
