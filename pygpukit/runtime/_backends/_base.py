@@ -81,6 +81,9 @@ class RawStream(ABC):
 
     handle: int
     priority: int
+    #: work enqueued now is being recorded into a graph, not run: the watchdog and the
+    #: completion spin must not query the stream (a query would invalidate the capture)
+    capturing: bool = False
 
     @abstractmethod
     def synchronize(self) -> None:

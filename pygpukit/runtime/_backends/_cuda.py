@@ -419,7 +419,7 @@ class CudaBackend(Backend):
             _rt.setDevice(self.device_id)
             self._local.device_set = True
         for s in streams:
-            if getattr(s, "capturing", False):
+            if s.capturing:
                 continue  # being captured: a query would invalidate the capture
             status = _rt.streamQuery(s.handle)
             if status not in (0, _NOT_READY):
