@@ -146,8 +146,11 @@ def build_assistant(
     @stage(f"{service}_llm", context=llm_ctx)
     async def generate(inp: Prompt) -> AsyncIterator[Sentence]:
         # Sampling (not greedy): random weights decode greedily into one repeated byte.
+        # graph=True: each decode step is one replayed CUDA graph that samples on the GPU.
         seed = sum(inp.prompt.encode()) % 1000
-        sentences = lm.sentences(inp.prompt, inp.max_new_tokens, temperature=1.0, seed=seed)
+        sentences = lm.sentences(
+            inp.prompt, inp.max_new_tokens, temperature=1.0, seed=seed, graph=True
+        )
         while True:  # one launcher task per sentence: the loop stays free meanwhile
             text = await llm_ctx.submit(next, sentences, None, priority=_submit_priority())
             if text is None:
@@ -183,7 +186,7 @@ def build_describe(
         tts = TinyTTS(models.tts, xp=rt.xp, seed=2)
 
     def _text(prompt: str, n: int) -> str:
-        return "".join(lm.sentences(prompt, n, temperature=1.0, seed=len(prompt)))
+        return "".join(lm.sentences(prompt, n, temperature=1.0, seed=len(prompt), graph=True))
 
     @stage(f"{service}_llm", context=ctxs["llm"])
     async def respond(inp: Prompt) -> Sentence:

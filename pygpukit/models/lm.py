@@ -272,17 +272,21 @@ class TinyLM(Model):
         max_chunk: int = 32,
         temperature: float = 0.0,
         seed: int = 0,
+        graph: bool = False,
     ) -> Iterator[str]:
         """Generated text grouped into "sentences" as it is produced.
 
         A chunk ends after ``.``, ``!`` or ``?``, or after ``max_chunk`` bytes (so random
         weights still give chunks); whatever is left is yielded at the end. Chunks that are
-        only whitespace are skipped.
+        only whitespace are skipped. ``graph`` as in :meth:`generate`.
         """
         if max_chunk <= 0:
             raise ValueError("max_chunk must be positive")
         buf: list[int] = []
-        for tok in self.generate(prompt, max_new_tokens, temperature=temperature, seed=seed):
+        tokens = self.generate(
+            prompt, max_new_tokens, temperature=temperature, seed=seed, graph=graph
+        )
+        for tok in tokens:
             buf.append(tok)
             if tok in SENTENCE_END or len(buf) >= max_chunk:
                 text = decode(buf)
