@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._exceptions import AdmissionRejected, InvalidArgument, VRAMBudgetExceeded, _fmt_bytes
+from ..runtime._locks import BookkeepingLock
 
 __all__ = ("PartitionConfig", "PartitionInfo", "PartitionLimits", "PartitionManager")
 
@@ -142,7 +142,7 @@ class PartitionManager:
         self.config = config
         self.window_s = float(window_s)
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = BookkeepingLock()  # released from memory finalizers: see runtime._locks
         self._parts: dict[str, _Partition] = {}
         self._last = clock()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 
-from ._locks import FinalizerSafeLock
+from ._locks import BookkeepingLock
 
 __all__ = ("Arena",)
 
@@ -20,7 +20,7 @@ class Arena:
         self.size = size
         self._starts: list[int] = [0]  # free ranges, sorted by offset
         self._lengths: dict[int, int] = {0: size}
-        self._lock = FinalizerSafeLock(self._give)  # gives come from finalizers
+        self._lock = BookkeepingLock()  # gives come from finalizers: see _locks
         self.used = 0
 
     def take(self, n: int) -> int | None:
@@ -45,11 +45,11 @@ class Arena:
             return best
 
     def give(self, offset: int, n: int) -> None:
-        """Return ``n`` bytes at ``offset`` (from a finalizer too: applied under the lock,
-        now or when its holder leaves it)."""
-        self._lock.later(offset, n)
+        """Return ``n`` bytes at ``offset``."""
+        with self._lock:
+            self._give(offset, n)
 
-    def _give(self, offset: int, n: int) -> None:  # under the lock
+    def _give(self, offset: int, n: int) -> None:
         self.used -= n
         i = bisect.bisect_left(self._starts, offset)
         # merge with the following range

@@ -14,11 +14,11 @@ runtime collects garbage and tries once more. Nothing lifts a context past ``max
 from __future__ import annotations
 
 import gc
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from .._exceptions import AdmissionRejected, ContextClosed, VRAMBudgetExceeded, _fmt_bytes
+from ._locks import BookkeepingLock
 from ._tiers import QoSPolicy
 
 __all__ = ("Account", "Ledger", "PressureHandler")
@@ -83,7 +83,8 @@ class Ledger:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._lock = threading.RLock()  # trim() frees blocks, which re-enters shrink()
+        # reentrant: trim() frees blocks, which re-enters shrink(); finalizers: see _locks
+        self._lock = BookkeepingLock(reentrant=True)
         self._accounts: list[Account] = []
         self.unscoped = Account(None, None, capacity, 0)
         self._accounts.append(self.unscoped)

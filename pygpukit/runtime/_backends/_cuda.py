@@ -16,6 +16,7 @@ from typing import Any
 
 from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument, VRAMBudgetExceeded
 from .._arena import Arena
+from .._locks import give_back
 from ._base import (
     Backend,
     DeviceInfo,
@@ -259,7 +260,7 @@ class CudaPool(RawPool):
                 self._shrink(size)
                 raise _rt.CUDARuntimeError(_OUT_OF_MEMORY)
             grant = _Grant(self._base)
-            weakref.finalize(grant, self._give, offset, size)
+            weakref.finalize(grant, give_back, self._give, offset, size)
             ptr = self._base.ptr + offset  # type: ignore[union-attr]
             return cupy.cuda.MemoryPointer(
                 cupy.cuda.UnownedMemory(ptr, size, grant, self._device), 0
@@ -270,7 +271,7 @@ class CudaPool(RawPool):
             self._shrink(size)
             raise  # CuPy frees its cached blocks on a CUDA OOM and calls us again
         grant = _Grant(mem)
-        weakref.finalize(grant, self._shrink, size)
+        weakref.finalize(grant, give_back, self._shrink, size)
         owned = cupy.cuda.UnownedMemory(mem.ptr, size, grant, self._device)
         return cupy.cuda.MemoryPointer(owned, 0)
 

@@ -30,7 +30,7 @@ import numpy as np
 from ..._exceptions import CudaError, InvalidArgument, VRAMBudgetExceeded
 from ..._units import GB, parse_size
 from .._arena import Arena
-from .._locks import FinalizerSafeLock
+from .._locks import BookkeepingLock, give_back
 from ._base import (
     Backend,
     DeviceInfo,
@@ -322,7 +322,7 @@ class HostPool(RawPool):
         self._grow = grow
         self._shrink = shrink
         self._used = 0
-        self._lock = FinalizerSafeLock(self._unuse)  # releases come from finalizers
+        self._lock = BookkeepingLock()  # released from finalizers: see _locks
         self._arena = Arena(arena_bytes) if arena_bytes else None
         self._base = backend.alloc_raw(arena_bytes) if arena_bytes else None
 
@@ -346,7 +346,7 @@ class HostPool(RawPool):
             raise
         with self._lock:
             self._used += size
-        weakref.finalize(owner, self._release, size, offset)
+        weakref.finalize(owner, give_back, self._release, size, offset)
         return buf
 
     def _carve(self, size: int) -> int:
@@ -356,11 +356,9 @@ class HostPool(RawPool):
             raise _fragmented(self._label, size, self._arena)
         return offset
 
-    def _unuse(self, size: int) -> None:  # under the lock
-        self._used -= size
-
-    def _release(self, size: int, offset: int) -> None:  # a finalizer
-        self._lock.later(size)
+    def _release(self, size: int, offset: int) -> None:
+        with self._lock:
+            self._used -= size
         if offset < 0:
             self._backend.give_back(size)
         else:
@@ -398,7 +396,7 @@ class HostBackend(Backend):
         capacity = os.environ.get("PYGPUKIT_HOST_VRAM")
         self._capacity = parse_size(capacity, what="PYGPUKIT_HOST_VRAM") if capacity else 16 * GB
         self._allocated = 0
-        self._lock = FinalizerSafeLock(self._give_back)  # give_back comes from finalizers
+        self._lock = BookkeepingLock()  # given back from finalizers: see _locks
         self._ex = _Executor(self._units)
         self._xp = HostXP()
         self._closed = False
@@ -432,10 +430,8 @@ class HostBackend(Backend):
             raise
 
     def give_back(self, size: int) -> None:
-        self._lock.later(size)
-
-    def _give_back(self, size: int) -> None:  # under the lock
-        self._allocated -= size
+        with self._lock:
+            self._allocated -= size
 
     def create_stream(self, priority: int) -> HostStream:
         stream = HostStream(self._ex, priority)
@@ -478,7 +474,7 @@ class HostBackend(Backend):
 
     def alloc_raw(self, nbytes: int) -> np.ndarray[Any, Any]:
         buf = self.take(nbytes)
-        weakref.finalize(buf, self.give_back, nbytes)
+        weakref.finalize(buf, give_back, self.give_back, nbytes)
         return buf
 
     def copy_to_host(self, buf: Any, nbytes: int) -> np.ndarray[Any, Any]:
