@@ -123,12 +123,18 @@ def test_sample_row_picks_what_the_host_sampler_picks(rt: Runtime, temperature: 
             logits[BOS] = 50.0  # never picked
             if k == 2:
                 logits[7] = logits[9] = 40.0  # a tie: the lower index
+            if k == 3:
+                logits[[11, 12]] = np.nan  # as numpy.argmax: the first NaN wins
             sample(logits)
             want = TinyLM._pick(logits, temperature, host_rng)
             assert int(tokens[k]) == want == int(to_host(token)[0]), k
             if k == 2 and temperature == 0:
                 assert want == 7
         assert (int(to_host(pos)[0]), int(to_host(n)[0])) == (len(prompt) - 1 + rows, rows)
+        nan_row = np.full(VOCAB_SIZE, np.nan, dtype=np.float32)  # a diverged model
+        n.fill(0)
+        sample(nan_row)
+        assert int(tokens[0]) == TinyLM._pick(nan_row, temperature, host_rng) == 0  # not BOS
 
 
 def _small_lm(rt: Runtime, max_len: int = 96) -> tuple[TinyLM, Any]:
@@ -155,15 +161,29 @@ async def test_queued_steps_end_where_the_eager_loop_ends(rt: Runtime) -> None:
             out.append(tok)
         return out
 
-    near_end = "x" * (lm.config.max_len - 4)  # room for 4 more positions: 5 tokens at most
+    near_end = "x" * (lm.config.max_len - 4)  # BOS + 92 bytes: 3 more positions, 4 tokens
     eager = await ctx.submit(run, near_end, 50, False)
-    assert 1 <= len(eager) <= 5
+    assert 1 <= len(eager) <= 4
     assert await ctx.submit(run, near_end, 50, True) == eager
     full = await ctx.submit(run, "hello", 40, False)
     assert await ctx.submit(run, "hello", 40, True, 1.0, 3) == full[:3]  # abandoned early
     assert await ctx.submit(run, "hello", 40, True) == full
     greedy = await ctx.submit(run, "hello", 40, False, 0.0)
     assert await ctx.submit(run, "hello", 40, True, 0.0) == greedy
+    long = await ctx.submit(run, "hi", 90, False)  # past 64 tokens: a second block of noise
+    assert len(long) > FixedStep.NOISE_ROWS
+    assert await ctx.submit(run, "hi", 90, True) == long
+
+
+def test_a_step_past_max_len_is_refused(rt: Runtime) -> None:
+    lm, ctx = _small_lm(rt)
+    with context_session(ctx):
+        step = FixedStep(lm)
+        step.set(5, lm.config.max_len - 1)
+        step.advance()  # the last position; it samples the next token and moves pos on
+        with pytest.raises(ValueError, match="full"):
+            step.advance()
+        step.close()
 
 
 def test_eos_stops_the_queued_loop(rt: Runtime) -> None:

@@ -92,4 +92,5 @@ async def test_generate_with_graphs_yields_the_same_tokens(rt: Runtime) -> None:
     first = await ctx.submit(gen, True)  # type: ignore[attr-defined]
     again = await ctx.submit(gen, True)  # type: ignore[attr-defined]  (replays the graph)
     assert len(eager) == 24 and eager == first == again
-    assert lm._spare_step is not None and len(lm._spare_step._graphs) == 1
+    spares = lm._spares()
+    assert len(spares) == 1 and len(spares[0]._graphs) == 1  # kept, with its graph

@@ -146,7 +146,9 @@ extern "C" __global__ void attend_row(const float* qkv, float* kc, float* vc,
     float* w = sh;
     float* red = sh + rows;
     int h = blockIdx.x;
-    int pos = (int)(*pos_p);
+    long long at = *pos_p;
+    if (at < 0 || at >= rows) return;  /* never past the bucket (nor the cache); the host checks */
+    int pos = (int)at;
     const float* q = qkv + h * dh;
     float* kh = kc + (size_t)h * max_len * dh;
     float* vh = vc + (size_t)h * max_len * dh;
@@ -182,6 +184,13 @@ extern "C" __global__ void attend_row(const float* qkv, float* kc, float* vc,
     }
 }
 
+/* numpy.argmax's order: NaN above everything, then by value; the lower index on ties. */
+__device__ bool better(double v, int i, double bv, int bi) {
+    if (isnan(v)) return !isnan(bv) || i < bi;
+    if (isnan(bv)) return false;
+    return v > bv || (v == bv && i < bi);
+}
+
 /* One block, after the step at position p = *pos. While the prompt lasts (p + 1 below
    *prompt_len) the next token is the prompt's: prompt[p + 1]. Otherwise the host's
    arithmetic in float64: row = logits, row[bos] = -inf, then argmax(row) (temperature 0)
@@ -194,8 +203,9 @@ extern "C" __global__ void sample_row(const float* logits, const double* noise,
                                       const long long* prompt, const long long* prompt_len,
                                       unsigned long long out_addr, int cap,
                                       int vocab, int chunk, int bos) {
-    long long p = *pos;
-    if (p + 1 < *prompt_len) {  /* the same for every thread: the block leaves together */
+    long long p = *pos, plen = *prompt_len;
+    __syncthreads();  /* every thread has read pos before thread 0 writes it */
+    if (p + 1 < plen) {  /* the same for every thread: the block leaves together */
         if (threadIdx.x == 0) {
             *token = prompt[p + 1];
             *pos = p + 1;
@@ -212,7 +222,7 @@ extern "C" __global__ void sample_row(const float* logits, const double* noise,
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         double v = i == bos ? NEG_INF_D : (double)logits[i];
         if (temp > 0.0) v = v / temp + g[i];
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+        if (better(v, i, bv, bi)) { bv = v; bi = i; }
     }
     best_v[threadIdx.x] = bv;
     best_i[threadIdx.x] = bi;
@@ -222,7 +232,7 @@ extern "C" __global__ void sample_row(const float* logits, const double* noise,
         if (t < stride) {
             double ov = best_v[t + stride];
             int oi = best_i[t + stride];
-            if (ov > best_v[t] || (ov == best_v[t] && oi < best_i[t])) {
+            if (better(ov, oi, best_v[t], best_i[t])) {
                 best_v[t] = ov;
                 best_i[t] = oi;
             }
@@ -350,7 +360,7 @@ def embed_row(xp: Any, tok_emb: Any, pos_emb: Any, token: Any, pos: Any) -> Any:
 
 
 ATTEND_THREADS = 128
-MAX_ATTEND_ROWS = 8192  # the kernel keeps a weight per row in shared memory (48 KiB)
+MAX_ATTEND_ROWS = 8192  # a weight per row in shared memory: 32 KiB of a block's 48 KiB
 
 
 def attend_row(xp: Any, qkv: Any, kc: Any, vc: Any, pos: Any, rows: int) -> Any:
@@ -391,6 +401,8 @@ def _attend_arrays(xp: Any, qkv: Any, kc: Any, vc: Any, pos: Any, n_heads: int) 
 
     d = qkv.shape[1] // 3
     dh = d // n_heads
+    if not 0 <= int(pos[0]) < kc.shape[1]:
+        raise ValueError(f"position {int(pos[0])} outside the {kc.shape[1]} rows attended over")
 
     def heads(a: Any) -> Any:  # (1, d) -> (H, 1, dh)
         return a.reshape(1, n_heads, dh).transpose(1, 0, 2)

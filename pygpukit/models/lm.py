@@ -102,7 +102,6 @@ class TinyLM(Model):
 
     config_cls = LMConfig
     config: LMConfig
-    _spare_step: FixedStep | None = None
 
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.config
@@ -248,8 +247,11 @@ class TinyLM(Model):
     def _generate_fixed(
         self, ids: list[int], max_new_tokens: int, temperature: float, rng: np.random.Generator
     ) -> Iterator[int]:
-        step = self._spare_step or FixedStep(self)
-        self._spare_step = None  # one generation per step; a concurrent one makes its own
+        spares = self._spares()
+        try:  # one generation per step; a concurrent one makes its own
+            step = spares.pop()  # atomic: two threads never get the same step
+        except IndexError:
+            step = FixedStep(self)
         try:
             count = min(max_new_tokens, self.config.max_len - len(ids) + 1)
             step.start(ids, temperature, rng)
@@ -262,7 +264,12 @@ class TinyLM(Model):
                 yield tok
         finally:
             step.drain()  # nothing of this generation left running on the buffers
-            self._spare_step = step
+            if not spares:
+                spares.append(step)  # kept with its graphs for the next generation
+
+    def _spares(self) -> list[FixedStep]:
+        """Decode steps (with their captured graphs) kept for the next generation."""
+        return self.__dict__.setdefault("_spare_steps", [])  # type: ignore[no-any-return]
 
     def sentences(
         self,
@@ -340,6 +347,7 @@ class FixedStep:
         self.logits = xp.zeros((VOCAB_SIZE,), dtype=xp.float32)
         self.tokens = _device_writable(xp, c.max_len + 1)  # token k at k % len
         self.issued = 0  # tokens of this generation whose sampling is queued
+        self._stream = 0  # where this generation's steps are queued
         self._rng: np.random.Generator | None = None
         self._marks: list[Any] = [None] * (self.LOOKAHEAD + 2)
         self._at = 0  # the host's copy of pos
@@ -351,7 +359,8 @@ class FixedStep:
         return self.lm._forward(tokens, self.cache, 0)[-1]
 
     def set(self, token: int, pos: int) -> None:
-        """Point the next step at ``token`` in position ``pos`` (two tiny device writes)."""
+        """Point the next step at ``token`` in position ``pos``, its next token to be
+        sampled (three tiny device writes)."""
         if not 0 <= pos < self.lm.config.max_len:
             raise ValueError(f"position {pos} outside max_len={self.lm.config.max_len}")
         self.token.fill(token)
@@ -378,6 +387,7 @@ class FixedStep:
         """
         ids = self.lm._check_tokens(ids, 0)
         self.drain()
+        self._stream = self._current_stream()
         self._rng = rng if temperature > 0 else None
         self.n.fill(0)
         self.temperature.fill(temperature)
@@ -401,8 +411,10 @@ class FixedStep:
 
     def next(self) -> None:
         """Queue the step that samples the generation's next token."""
-        if self._at >= self.lm.config.max_len:
-            raise ValueError(f"the sequence is full (max_len={self.lm.config.max_len})")
+        stream = self._current_stream()
+        if stream != self._stream:  # resumed elsewhere: the queued steps must finish first
+            self.drain()
+            self._stream = stream
         self._feed()
         self.advance()
         self._mark()
@@ -431,6 +443,11 @@ class FixedStep:
             rows = self._rng.gumbel(size=(self.NOISE_ROWS, VOCAB_SIZE))
             self.noise[...] = self.lm.xp.asarray(rows)  # after the steps that read the last
 
+    def _current_stream(self) -> int:
+        """The stream steps go to now (CuPy's current one; 0 where work is synchronous)."""
+        xp = self.lm.xp
+        return int(xp.cuda.get_current_stream().ptr) if hasattr(xp, "RawModule") else 0
+
     def _mark(self) -> None:
         """Note where token ``issued`` will be ready (a CUDA event; nothing elsewhere: the
         array work is done once it is queued)."""
@@ -446,11 +463,16 @@ class FixedStep:
     def advance(self) -> None:
         """:meth:`run`, replayed from a CUDA graph after the first time.
 
-        The first step runs normally (it compiles kernels and warms the pools); after that
-        each bucket's step is captured where a pygpukit context is current
-        (:func:`pygpukit.capture_graph`) and replayed with one launch. Without a context
-        every step runs normally.
+        Like :meth:`run` it samples the next token into ``token`` and moves ``pos`` on, so
+        calling it again continues the sequence. The first step runs normally (it compiles
+        kernels and warms the pools); after that each bucket's step is captured where a
+        pygpukit context is current (:func:`pygpukit.capture_graph`) and replayed with one
+        launch. Without a context every step runs normally.
+
+        :raises ValueError: the sequence is full (``pos`` reached ``max_len``)
         """
+        if self._at >= self.lm.config.max_len:
+            raise ValueError(f"the sequence is full (max_len={self.lm.config.max_len})")
         rows = self.bucket(self._at)
         self._at += 1  # the step samples the next token and moves pos on
         if current_context() is not None:  # else set() wrote on a stream graphs don't use
@@ -464,7 +486,9 @@ class FixedStep:
         self._runs += 1
 
     def close(self) -> None:
-        """Free the captured graphs and their buffers (the cache stays until this is dropped)."""
+        """Wait for the queued steps, then free the captured graphs and their buffers (the
+        cache stays until this is dropped). Close (or :meth:`drain`) a step with queued
+        work before dropping it: its kernels write into its pinned :attr:`tokens`."""
         self.drain()
         for graph in self._graphs.values():
             graph.close()
