@@ -269,3 +269,51 @@ def test_a_collection_inside_a_partition_lock_frees_without_deadlock() -> None:
             raise errors[0]
     finally:
         rt.close()
+
+
+def test_thousands_of_give_backs_queued_in_one_section_all_run() -> None:
+    """Each queued give-back takes and lets go of locks itself: running the queue must not
+    nest a new drain per item (that recursed past Python's limit and lost give-backs)."""
+    applied: list[int] = []
+    lock = BookkeepingLock()
+
+    def unuse(n: int) -> None:
+        with lock:
+            applied.append(n)
+
+    with lock:
+        for i in range(5000):
+            give_back(unuse, i)
+    assert applied == list(range(5000))
+
+
+def test_a_collection_right_after_the_lock_is_taken_queues_its_give_back() -> None:
+    """The thread counts a lock as held from before it takes it until after it lets it go:
+    a collection right after the lock is taken must queue, not run, a give-back that needs
+    the lock."""
+    applied: list[str] = []
+    lock = BookkeepingLock()
+    real = threading.Lock()
+    collections = ["once"]
+
+    class CollectingLock:  # a collection runs as acquire() returns, the first time
+        def acquire(self) -> bool:
+            real.acquire()
+            if collections:
+                collections.pop()
+                give_back(unuse, "given back")
+            return True
+
+        def release(self) -> None:
+            real.release()
+
+    def unuse(what: str) -> None:
+        with lock:
+            applied.append(what)
+
+    lock._lock = CollectingLock()  # type: ignore[assignment]
+    t = threading.Thread(target=unuse, args=("caller",), daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "deadlocked"
+    assert applied == ["caller", "given back"]

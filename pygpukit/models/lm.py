@@ -102,6 +102,10 @@ class TinyLM(Model):
 
     config_cls = LMConfig
     config: LMConfig
+    #: decode steps (each a KV cache and its captured graphs, charged to the context that
+    #: captured them) kept after ``generate(graph=True)`` for later generations: that many
+    #: concurrent generations reuse them instead of allocating and capturing anew
+    SPARE_STEPS = 4
 
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.config
@@ -264,7 +268,7 @@ class TinyLM(Model):
                 yield tok
         finally:
             step.drain()  # nothing of this generation left running on the buffers
-            if not spares:
+            if len(spares) < self.SPARE_STEPS:
                 spares.append(step)  # kept with its graphs for the next generation
 
     def _spares(self) -> list[FixedStep]:

@@ -8,10 +8,12 @@ same thread in the middle of a critical section of one of the locks the give-bac
 there; a reentrant one lets the give-back run inside a half-done update.
 
 So the locks of that bookkeeping are :class:`BookkeepingLock`\\ s, which count per thread
-how many of them it holds, and finalizers go through :func:`give_back`: it runs the
-give-back at once where the thread holds none of them (taking the locks as any caller
-would: from another thread it simply waits its turn), else queues it, and the thread runs
-the queue as it lets go of its last one.
+how many of them it holds, and finalizers go through :func:`give_back`, which queues the
+give-back; a thread that holds none of them runs the queue at once, and a thread that
+holds one runs it as it lets go of its last. Whoever runs the queue runs every thread's
+queued give-backs, taking their locks as any caller would (waiting its turn where another
+thread holds one: no cycle, since these locks are taken in one order — the ledger's before
+a partition's — and never held while waiting for anything else).
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ class BookkeepingLock:
         self._lock: Any = threading.RLock() if reentrant else threading.Lock()
 
     def __enter__(self) -> None:
-        self._lock.acquire()
+        # counted before it is taken and uncounted after it is let go: a collection in
+        # between must see it as held (give-backs queue), never as free while it is held
         _held.depth = getattr(_held, "depth", 0) + 1
+        try:
+            self._lock.acquire()
+        except BaseException:
+            _held.depth -= 1
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        _held.depth -= 1
-        self._lock.release()
+        try:
+            self._lock.release()
+        finally:
+            _held.depth -= 1
         if _held.depth == 0 and _queued:
             _run_queued()  # give-backs that arrived while this thread held the lock
 
@@ -52,25 +62,29 @@ class BookkeepingLock:
 def give_back(fn: Callable[..., object], /, *args: Any) -> None:
     """``fn(*args)`` now, or — if this thread holds a bookkeeping lock — as soon as it holds
     none. For ``weakref.finalize`` callbacks that update the bookkeeping."""
-    if getattr(_held, "depth", 0):
-        _queued.append((fn, args))  # atomic; run by this thread when it lets go
-        return
-    _call(fn, args)
-    if _queued:
+    _queued.append((fn, args))  # atomic
+    if not getattr(_held, "depth", 0):
         _run_queued()
 
 
 def _run_queued() -> None:
-    while True:
-        try:
-            fn, args = _queued.popleft()
-        except IndexError:
-            return
-        _call(fn, args)
+    """Run the queued give-backs (any thread's: each takes its locks like any caller).
 
-
-def _call(fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+    Never nested: a give-back releases locks, and a drain started from there would recurse
+    once per item; the drain already running on this thread picks those up instead.
+    """
+    if getattr(_held, "draining", False):
+        return
+    _held.draining = True
     try:
-        fn(*args)
-    except Exception:  # a finalizer's failure must not surface in whoever runs the queue
-        _log.exception("giving back memory failed: %r%r", fn, args)
+        while True:
+            try:
+                fn, args = _queued.popleft()
+            except IndexError:
+                return
+            try:
+                fn(*args)
+            except Exception:  # a finalizer's failure must not surface in whoever drains
+                _log.exception("giving back memory failed: %r%r", fn, args)
+    finally:
+        _held.draining = False
