@@ -102,10 +102,11 @@ class TinyLM(Model):
 
     config_cls = LMConfig
     config: LMConfig
-    #: decode steps (each a KV cache and its captured graphs, charged to the context that
-    #: captured them) kept after ``generate(graph=True)`` for later generations: that many
-    #: concurrent generations reuse them instead of allocating and capturing anew
-    SPARE_STEPS = 4
+    #: decode steps kept after ``generate(graph=True)`` for later generations. Each is a KV
+    #: cache and its captured graphs, charged to the context that captured them while kept:
+    #: more spares let that many concurrent generations skip allocating and capturing
+    #: anew, at the price of idle memory in the context's budget
+    SPARE_STEPS = 1
 
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.config
