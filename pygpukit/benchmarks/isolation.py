@@ -27,7 +27,7 @@ import argparse
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..runtime import QoSPolicy, Runtime, Stream
@@ -66,14 +66,18 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.flood_kernels):
             flood_kernel(be.stream)
 
-    async def sample_steps(n: int) -> list[float]:
+    async def sample(n: int, one_step: Callable[[], Awaitable[Any]]) -> list[float]:
+        """µs from starting ``one_step()`` to its completion, ``n`` times, ``gap`` apart."""
         lat = []
         for _ in range(n):
             t0 = time.perf_counter()
-            await g.submit(g_step)
+            await one_step()
             lat.append((time.perf_counter() - t0) * 1e6)
             await asyncio.sleep(gap)
         return lat
+
+    def submitted() -> Awaitable[Any]:
+        return g.submit(g_step)
 
     async def flood_for(stop: asyncio.Event, count: list[int]) -> None:
         while not stop.is_set():
@@ -93,22 +97,21 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in range(10):  # warm-up: launchers, kernels, events
         await g.submit(g_step)
-    alone = await sample_steps(args.samples)
+    alone = await sample(args.samples, submitted)
     # The same step launched inline on a plain stream and awaited: what submit() adds.
     s_raw = rt.create_stream(rt.device.priority_range[1])
-    raw = []
-    for _ in range(args.samples):
-        t0 = time.perf_counter()
+
+    async def inline() -> None:
         step(s_raw)
         await s_raw
-        raw.append((time.perf_counter() - t0) * 1e6)
-        await asyncio.sleep(gap)
+
+    raw = await sample(args.samples, inline)
 
     async def flood_only() -> None:
         await asyncio.sleep(args.samples * (gap + args.step_ms / 1e3))
 
     _, solo_rate = await with_flood(flood_only)
-    flooded, shared_rate = await with_flood(lambda: sample_steps(args.samples))
+    flooded, shared_rate = await with_flood(lambda: sample(args.samples, submitted))
 
     # Baseline: equal priorities, no scheduler; the same flood depth kept queued.
     least = rt.device.priority_range[0]

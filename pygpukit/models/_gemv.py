@@ -396,7 +396,12 @@ def attend_row(xp: Any, qkv: Any, kc: Any, vc: Any, pos: Any, rows: int) -> Any:
 
 
 def _attend_arrays(xp: Any, qkv: Any, kc: Any, vc: Any, pos: Any, n_heads: int) -> Any:
-    """:func:`attend_row` in array operations (``kc``/``vc`` already cut to the rows)."""
+    """:func:`attend_row` in array operations (``kc``/``vc`` already cut to the rows).
+
+    Products and sums rather than :func:`layers.attention`: its ``matmul`` is cuBLAS under
+    CuPy, which CuPy refuses while a graph is captured (buckets past
+    :data:`MAX_ATTEND_ROWS` come here on CUDA too).
+    """
     from .layers import softmax
 
     d = qkv.shape[1] // 3

@@ -350,7 +350,8 @@ class FixedStep:
         self.temperature = xp.zeros((1,), dtype=xp.float64)
         self.noise = xp.zeros((self.NOISE_ROWS, VOCAB_SIZE), dtype=xp.float64)
         self.logits = xp.zeros((VOCAB_SIZE,), dtype=xp.float32)
-        self.tokens = _device_writable(xp, c.max_len + 1)  # token k at k % len
+        self._cuda = hasattr(xp, "RawModule")  # CuPy: steps are queued, not done at once
+        self.tokens = _device_writable(xp, c.max_len + 1, self._cuda)  # token k at k % len
         self.issued = 0  # tokens of this generation whose sampling is queued
         self._stream = 0  # where this generation's steps are queued
         self._rng: np.random.Generator | None = None
@@ -450,17 +451,15 @@ class FixedStep:
 
     def _current_stream(self) -> int:
         """The stream steps go to now (CuPy's current one; 0 where work is synchronous)."""
-        xp = self.lm.xp
-        return int(xp.cuda.get_current_stream().ptr) if hasattr(xp, "RawModule") else 0
+        return int(self.lm.xp.cuda.get_current_stream().ptr) if self._cuda else 0
 
     def _mark(self) -> None:
         """Note where token ``issued`` will be ready (a CUDA event; nothing elsewhere: the
         array work is done once it is queued)."""
-        xp = self.lm.xp
-        if hasattr(xp, "RawModule"):
+        if self._cuda:
             slot = self.issued % len(self._marks)
             if self._marks[slot] is None:
-                self._marks[slot] = xp.cuda.Event(disable_timing=True)
+                self._marks[slot] = self.lm.xp.cuda.Event(disable_timing=True)
             self._marks[slot].record()  # on the current stream, where the step went
         self.issued += 1
 
@@ -533,10 +532,10 @@ class FixedStep:
         )
 
 
-def _device_writable(xp: Any, n: int) -> Any:
+def _device_writable(xp: Any, n: int, cuda: bool) -> Any:
     """``n`` int32 of host memory the device can write (pinned under CuPy: with unified
     addressing a kernel writes it through its host address)."""
-    if hasattr(xp, "RawModule"):
+    if cuda:
         import cupyx
 
         out = cupyx.empty_pinned((n,), dtype=np.int32)

@@ -75,6 +75,7 @@ class Task:
     __slots__ = (
         "args",
         "context",
+        "cost_key",
         "deadline",
         "deliver",
         "fn",
@@ -112,6 +113,7 @@ class Task:
         self.seq = 0
         self.t_queued = self.t_launched = self.t_done = 0.0
         self.gpu_ms = 0.0
+        self.cost_key: Any = None  # what the inline decision knows fn by (when it is on)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -196,11 +198,8 @@ class Dispatcher:
 
     def cancel(self, task: Task) -> bool:
         """Take a queued task out; ``False`` if it already launched (or ended)."""
-        with self._lock:
-            if task.state is not TaskState.QUEUED:
-                return False
-            task.state = TaskState.CANCELLED
-            self.queued_ctx[task.context] -= 1
+        if not self._take_out(task, TaskState.CANCELLED):
+            return False
         self.pump()  # a cancelled head may have been holding nothing, but be exact
         return True
 
@@ -299,13 +298,20 @@ class Dispatcher:
                 return task
         return None
 
-    def expire(self, task: Task) -> bool:
-        """Fail a still-queued task whose deadline passed; ``False`` if it launched."""
+    def _take_out(self, task: Task, state: TaskState) -> bool:
+        """Mark a still-queued task ``state`` (it stays in its heap until popped, then is
+        skipped); ``False`` if it launched or ended already."""
         with self._lock:
             if task.state is not TaskState.QUEUED:
                 return False
-            task.state = TaskState.EXPIRED
+            task.state = state
             self.queued_ctx[task.context] -= 1
+            return True
+
+    def expire(self, task: Task) -> bool:
+        """Fail a still-queued task whose deadline passed; ``False`` if it launched."""
+        if not self._take_out(task, TaskState.EXPIRED):
+            return False
         task.deliver(None, _expired(task, self.clock()))
         return True
 

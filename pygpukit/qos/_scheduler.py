@@ -169,7 +169,7 @@ class _Launcher:
     def try_inline(self, task: Task) -> bool:
         """Run ``task`` here and now if that is known to be quick and keeps the order."""
         limit = self.scheduler.inline_s
-        cost = self._costs.get(_cost_key(task.fn))
+        cost = self._costs.get(task.cost_key)
         if cost is None or cost > limit or self.outstanding or not self.ctx._nothing_evicted():
             return False
         rt = self.ctx.runtime
@@ -210,7 +210,7 @@ class _Launcher:
         if self.scheduler.inline_s > 0:  # remember how long fn took, for try_inline
             t0 = time.perf_counter()
             box.run(task, bind)
-            self._remember(task.fn, time.perf_counter() - t0)
+            self._remember(task.cost_key, time.perf_counter() - t0)
         else:
             box.run(task, bind)
         try:
@@ -228,8 +228,7 @@ class _Launcher:
         except BaseException as exc:  # the device is gone: finish the task now
             self._finish(task, box, box.error or exc)
 
-    def _remember(self, fn: Any, took: float) -> None:
-        key = _cost_key(fn)
+    def _remember(self, key: Any, took: float) -> None:
         if key is not None:
             costs = self._costs
             if len(costs) >= 256 and key not in costs:
@@ -433,6 +432,8 @@ class RuntimeScheduler:
         self.runtime.bridge.attach()
         one = Oneshot()
         task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
+        if self._inline_here:
+            task.cost_key = _cost_key(fn)  # once: the launch and the launcher both use it
         self._local.submitting = task
         try:
             self.dispatcher.enqueue(task)

@@ -45,24 +45,21 @@ class Arena:
             return best
 
     def give(self, offset: int, n: int) -> None:
-        """Return ``n`` bytes at ``offset``."""
+        """Return ``n`` bytes at ``offset`` (from a finalizer: through ``_locks.give_back``)."""
         with self._lock:
-            self._give(offset, n)
-
-    def _give(self, offset: int, n: int) -> None:
-        self.used -= n
-        i = bisect.bisect_left(self._starts, offset)
-        # merge with the following range
-        if i < len(self._starts) and self._starts[i] == offset + n:
-            n += self._lengths.pop(self._starts.pop(i))
-        # merge with the preceding range
-        if i > 0:
-            prev = self._starts[i - 1]
-            if prev + self._lengths[prev] == offset:
-                self._lengths[prev] += n
-                return
-        self._starts.insert(i, offset)
-        self._lengths[offset] = n
+            self.used -= n
+            i = bisect.bisect_left(self._starts, offset)
+            # merge with the following range
+            if i < len(self._starts) and self._starts[i] == offset + n:
+                n += self._lengths.pop(self._starts.pop(i))
+            # merge with the preceding range
+            if i > 0:
+                prev = self._starts[i - 1]
+                if prev + self._lengths[prev] == offset:
+                    self._lengths[prev] += n
+                    return
+            self._starts.insert(i, offset)
+            self._lengths[offset] = n
 
     @property
     def largest_free(self) -> int:
