@@ -174,15 +174,15 @@ class Runtime:
                 account.release_hook = admission.release
             try:
                 priority = tier.stream_priority(self.device.priority_range)
-                stream = Stream._wrap(
-                    self.backend.create_stream(priority), self.backend, self.bridge
-                )
+                raw = self.backend.create_stream(priority)
+                stream = Stream._wrap(raw, self.backend, self.bridge)
                 pool = self.backend.create_pool(
                     lambda n: self.ledger.grow(account, n),
                     lambda n: self.ledger.shrink(account, n),
                     # Guaranteed: take max_vram from the device now, so nothing else can
                     arena_bytes=max_vram if tier is QoSPolicy.GUARANTEED else 0,
                     label=name,
+                    stream=raw,
                 )
             except BaseException:
                 self.ledger.close(account)

@@ -203,12 +203,18 @@ class Backend(ABC):
 
     @abstractmethod
     def create_pool(
-        self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0, label: str | None = None
+        self,
+        grow: Grower,
+        shrink: Shrinker,
+        arena_bytes: int = 0,
+        label: str | None = None,
+        stream: RawStream | None = None,
     ) -> RawPool:
         """A new allocator whose device memory is charged through ``grow``/``shrink``.
 
         With ``arena_bytes``, that much device memory is taken now and every allocation is
-        carved from it (a Guaranteed context's physical reservation).
+        carved from it (a Guaranteed context's physical reservation), on ``stream`` (the
+        context's) where the backend orders allocations and frees by stream.
         """
 
     @abstractmethod

@@ -7,6 +7,7 @@ CuPy's errors never leave this module untranslated: CUDA runtime errors become
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 import weakref
@@ -43,6 +44,8 @@ __all__ = ("CudaBackend",)
 
 _NOT_READY = 600  # cudaErrorNotReady
 _OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation (CuPy does not export the name)
+# cudaMemPoolProps of a device's memory pool: pinned (not host-mapped) device memory
+_ALLOCATION_PINNED, _HANDLE_NONE, _LOCATION_DEVICE = 1, 0, 1
 
 
 @contextmanager
@@ -217,8 +220,46 @@ class CudaGraph(RawGraph):
         self._streams.clear()
 
 
+class _PoolMemory:
+    """Device memory from the backend's stream-ordered pool (``cudaMallocFromPoolAsync``).
+
+    Given back with ``cudaFreeAsync`` on the stream it was allocated on: ordered after that
+    stream's work, and nobody waits. ``cudaFree`` instead waits until the whole device is
+    idle — 48 ms while another stream ran a 50 ms kernel — and hands the pages to the
+    driver, which slows the next large copy to 75% (bench/RESULTS.md §8). The pool keeps
+    the memory mapped for the next allocation of any context. The CuPy stream object is
+    kept so its handle outlives the free.
+    """
+
+    __slots__ = ("__weakref__", "device_id", "ptr", "size", "stream")
+
+    def __init__(self, ptr: int, size: int, stream: Any, device_id: int) -> None:
+        self.ptr = ptr
+        self.size = size
+        self.stream = stream
+        self.device_id = device_id
+
+    def __del__(self) -> None:
+        try:
+            with cupy.cuda.Device(self.device_id):
+                _rt.freeAsync(self.ptr, self.stream.ptr)
+        except Exception:  # a faulted device, or interpreter exit: nothing to give back to
+            pass
+
+
+def _close_pool(pool: int, device_id: int) -> None:
+    """Give the pool's idle memory back to the driver; the pool itself goes once the last
+    of its allocations is freed (the driver defers the destruction until then)."""
+    try:
+        with cupy.cuda.Device(device_id):
+            _rt.memPoolTrimTo(pool, 0)
+            _rt.memPoolDestroy(pool)
+    except Exception:  # a faulted device, or interpreter exit
+        pass
+
+
 class _Grant:
-    """Owns one cudaMalloc'd block; its death gives the bytes back to the budget."""
+    """Owns one device block; its death gives the bytes back to the budget."""
 
     __slots__ = ("__weakref__", "mem")
 
@@ -240,14 +281,21 @@ class CudaPool(RawPool):
         shrink: Shrinker,
         arena_bytes: int = 0,
         label: str | None = None,
+        stream: CudaStream | None = None,
     ) -> None:
         self._label = label
         self._grow = grow
         self._shrink = shrink
+        self._backend = backend
         self._device = backend.device_id
         self._arena = Arena(arena_bytes) if arena_bytes else None
         with _translated(), cupy.cuda.Device(self._device):
-            self._base = cupy.cuda.Memory(arena_bytes) if arena_bytes else None
+            # on the context's own stream: its free is ordered after the context's work
+            self._base = (
+                backend.device_memory(arena_bytes, stream.cp if stream else None)
+                if arena_bytes
+                else None
+            )
         self._pool = cupy.cuda.MemoryPool(allocator=self._allocate)
         self.fast_malloc = self._pool.malloc  # type: ignore[method-assign]  # no Python frame
 
@@ -266,7 +314,7 @@ class CudaPool(RawPool):
                 cupy.cuda.UnownedMemory(ptr, size, grant, self._device), 0
             )
         try:
-            mem = cupy.cuda.Memory(size)
+            mem = self._backend.device_memory(size)
         except BaseException:
             self._shrink(size)
             raise  # CuPy frees its cached blocks on a CUDA OOM and calls us again
@@ -365,6 +413,87 @@ class CudaBackend(Backend):
         self._lock = threading.Lock()
         self._ours: set[int] = set()  # handles of our streams, to spot a leaked binding
         self._closed = False
+        self._mempool: int | None = None
+        self._close_pool: Callable[[], object] = lambda: None
+        if os.environ.get("PYGPUKIT_STREAM_ORDERED", "1").strip() != "0":
+            with _translated(), cupy.cuda.Device(device_id):
+                self._make_pool()
+
+    def _make_pool(self) -> None:
+        """This backend's stream-ordered memory pool, where the device has them."""
+        if not _rt.deviceGetAttribute(_rt.cudaDevAttrMemoryPoolsSupported, self.device_id):
+            return
+        props = _rt.MemPoolProps(_ALLOCATION_PINNED, _HANDLE_NONE, _LOCATION_DEVICE, self.device_id)
+        pool = _rt.memPoolCreate(props)
+        # Freed memory stays mapped for the next allocation, of any context, until the
+        # backend closes (or a cudaMalloc outside the pool runs out of memory).
+        _rt.memPoolSetAttribute(pool, _rt.cudaMemPoolAttrReleaseThreshold, (1 << 64) - 1)
+        # Reuse memory freed on another stream only once that free has run: never let the
+        # pool make an allocation wait for another stream's work (a Guaranteed context's
+        # allocation would queue behind BestEffort kernels).
+        _rt.memPoolSetAttribute(pool, _rt.cudaMemPoolReuseAllowInternalDependencies, 0)
+        self._mempool = pool
+        self._close_pool = weakref.finalize(self, _close_pool, pool, self.device_id)
+
+    def device_memory(self, nbytes: int, stream: Any = None) -> Any:
+        """``nbytes`` of device memory (an object with ``ptr``), given back when it dies.
+
+        From the stream-ordered pool, allocated and later freed on ``stream`` (a CuPy
+        stream; the current one by default), when that is one of our streams or the null
+        stream and is not being captured; otherwise from ``cudaMalloc``.
+        """
+        pool = self._mempool
+        stream = stream if stream is not None else cupy.cuda.get_current_stream()
+        if pool is None or not self._orders_frees(stream):
+            return self._malloc(nbytes)
+        with cupy.cuda.Device(self.device_id):
+            try:
+                ptr = _rt.mallocFromPoolAsync(nbytes, pool, stream.ptr)
+            except _rt.CUDARuntimeError as exc:
+                if exc.status != _OUT_OF_MEMORY:
+                    raise
+                # Memory freed on other streams is reused only once those frees have run
+                # (see _make_pool): let every stream's work finish, then try once more.
+                _rt.deviceSynchronize()
+                ptr = _rt.mallocFromPoolAsync(nbytes, pool, stream.ptr)
+        return _PoolMemory(ptr, nbytes, stream, self.device_id)
+
+    def _orders_frees(self, stream: Any) -> bool:
+        """Whether a free on ``stream`` is ordered after the memory's use: ours (or the
+        null stream) and not capturing (an allocation during capture would become part of
+        the graph)."""
+        if stream.ptr != 0 and stream.ptr not in self._ours:
+            return False  # a user's stream (or a per-thread default stream) may be gone
+        try:
+            return not stream.is_capturing()
+        except _rt.CUDARuntimeError:  # the null stream while another stream captures
+            return False
+
+    def _malloc(self, nbytes: int) -> Any:
+        """``cudaMalloc``; on out-of-memory the pool's idle memory is given back first."""
+        with cupy.cuda.Device(self.device_id):
+            try:
+                return cupy.cuda.Memory(nbytes)
+            except _rt.CUDARuntimeError as exc:
+                if exc.status != _OUT_OF_MEMORY or self._mempool is None:
+                    raise
+                _rt.memPoolTrimTo(self._mempool, 0)
+                return cupy.cuda.Memory(nbytes)
+
+    @property
+    def stream_ordered(self) -> bool:
+        """Whether device memory comes from the stream-ordered pool."""
+        return self._mempool is not None
+
+    def pool_reserved(self) -> int:
+        """Bytes the stream-ordered pool holds from the driver (in use or kept for reuse);
+        0 without the pool."""
+        if self._mempool is None:
+            return 0
+        with cupy.cuda.Device(self.device_id):
+            return int(
+                _rt.memPoolGetAttribute(self._mempool, _rt.cudaMemPoolAttrReservedMemCurrent)
+            )
 
     def info(self) -> DeviceInfo:
         return self._info
@@ -381,9 +510,15 @@ class CudaBackend(Backend):
         return CudaEvent(self, timing)
 
     def create_pool(
-        self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0, label: str | None = None
+        self,
+        grow: Grower,
+        shrink: Shrinker,
+        arena_bytes: int = 0,
+        label: str | None = None,
+        stream: RawStream | None = None,
     ) -> CudaPool:
-        return CudaPool(self, grow, shrink, arena_bytes, label)
+        assert stream is None or isinstance(stream, CudaStream)
+        return CudaPool(self, grow, shrink, arena_bytes, label, stream)
 
     def install_router(self, router: Callable[[int], Any]) -> None:
         cupy.cuda.set_allocator(router)
@@ -436,8 +571,8 @@ class CudaBackend(Backend):
         return cupy
 
     def alloc_raw(self, nbytes: int) -> Any:
-        with _translated(), cupy.cuda.Device(self.device_id):
-            return cupy.cuda.Memory(nbytes)
+        with _translated():
+            return self._malloc(nbytes)
 
     def copy_to_host(self, buf: Any, nbytes: int) -> Any:
         import numpy as np
@@ -469,7 +604,13 @@ class CudaBackend(Backend):
     def array_from_host(self, host: Any) -> Any:
         with _translated(), cupy.cuda.Device(self.device_id):
             out = cupy.empty(host.shape, dtype=host.dtype)  # routed: charged to the context
-            _rt.memcpy(out.data.ptr, host.ctypes.data, host.nbytes, _rt.memcpyHostToDevice)
+            # On the stream the memory was allocated for: until that stream's earlier work
+            # has run, the block may still be in use by the work of its previous owner.
+            stream = cupy.cuda.get_current_stream()
+            _rt.memcpyAsync(
+                out.data.ptr, host.ctypes.data, host.nbytes, _rt.memcpyHostToDevice, stream.ptr
+            )
+            stream.synchronize()
         return out
 
     def capture(self, stream: RawStream, fn: Callable[[], object]) -> CudaGraph:
@@ -511,6 +652,7 @@ class CudaBackend(Backend):
 
     def close(self) -> None:
         self._closed = True
+        self._close_pool()
 
 
 def _device_count_impl() -> int:

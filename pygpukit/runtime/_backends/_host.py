@@ -445,8 +445,15 @@ class HostBackend(Backend):
         return HostGraph(fn)
 
     def create_pool(
-        self, grow: Grower, shrink: Shrinker, arena_bytes: int = 0, label: str | None = None
+        self,
+        grow: Grower,
+        shrink: Shrinker,
+        arena_bytes: int = 0,
+        label: str | None = None,
+        stream: RawStream | None = None,
     ) -> HostPool:
+        # NumPy memory is freed when its last reference goes, which a stream item still to
+        # run holds: nothing to order by stream here.
         return HostPool(self, grow, shrink, arena_bytes, label)
 
     def install_router(self, router: Callable[[int], Any]) -> None:

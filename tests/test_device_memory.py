@@ -1,0 +1,115 @@
+"""The CUDA backend's device memory: a stream-ordered pool whose frees wait for nobody and
+whose memory, once a context gives it back, serves the next allocation of any context
+without going through the driver again (bench/RESULTS.md §8)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import CUDA
+
+from pygpukit import QoSPolicy, context_session
+from pygpukit.benchmarks._common import busy_kernel
+from pygpukit.runtime import Runtime
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU")]
+
+MiB = 1 << 20
+
+
+def test_giving_memory_back_does_not_wait_for_another_contexts_work() -> None:
+    with Runtime(backend="cuda", vram_limit=1 << 30) as rt:
+        busy = rt.create_context("busy", max_vram=64 * MiB, qos=QoSPolicy.BEST_EFFORT)
+        b = rt.create_context("b", max_vram=256 * MiB, base_vram=0)
+        g = rt.create_context("g", max_vram=128 * MiB, qos=QoSPolicy.GUARANTEED)
+        with context_session(b):
+            x = rt.xp.ones(32 * MiB // 4, dtype=rt.xp.float32)
+        b.stream.synchronize()
+        busy_kernel(rt)(busy.stream, 0.5)  # another context's stream is busy for 0.5 s
+        time.sleep(0.01)
+        t0 = time.perf_counter()
+        del x
+        b._pool.release_cached()  # b's block goes back to the device ...
+        rt.destroy_context(g)  # ... and so does a departing Guaranteed reservation
+        took = time.perf_counter() - t0
+        still_busy = not busy.stream.query()
+        busy.stream.synchronize()
+    assert still_busy, "the busy kernel ended before the frees: the test proves nothing"
+    # cudaFree would have waited for the busy kernel (~0.5 s)
+    assert took < 0.1, f"giving memory back took {took * 1e3:.0f} ms"
+
+
+def test_a_departing_reservation_is_reused_without_the_driver() -> None:
+    with Runtime(backend="cuda", vram_limit=2 << 30) as rt:
+        g = rt.create_context("g", max_vram=512 * MiB, qos=QoSPolicy.GUARANTEED)
+        base = g._pool._base
+        lo, hi = base.ptr, base.ptr + base.size
+        g_stream = g.stream.raw.cp
+        reserved = rt.backend.pool_reserved()
+        assert reserved >= 512 * MiB
+        rt.destroy_context(g)
+        del base
+        g_stream.synchronize()  # the free, queued on g's stream, has run
+        be = rt.create_context("be", max_vram=512 * MiB, qos=QoSPolicy.BEST_EFFORT)
+        with context_session(be):
+            y = rt.xp.empty(256 * MiB, dtype=rt.xp.uint8)
+            y.fill(1)
+            assert lo <= y.data.ptr < hi, "the new allocation did not reuse g's memory"
+        assert rt.backend.pool_reserved() == reserved  # nothing new from the driver
+        be.stream.synchronize()
+
+
+def test_a_restore_copy_waits_for_the_streams_earlier_work_on_the_same_block() -> None:
+    # A block freed on a stream is reused at once by that stream's next allocation (by
+    # CuPy's pool and by ours): the copy into it must come after the stream's earlier
+    # work, which may still write the block's previous contents.
+    with Runtime(backend="cuda", vram_limit=1 << 30) as rt:
+        ctx = rt.create_context("c", max_vram=256 * MiB, qos=QoSPolicy.BEST_EFFORT)
+        n = 16 * MiB
+        import cupy
+
+        ones = np.frombuffer(cupy.cuda.alloc_pinned_memory(n), dtype=np.uint8, count=n)
+        ones[:] = 1  # pinned, as a spilled buffer is
+        with context_session(ctx):
+            junk = rt.xp.empty(n, dtype=rt.xp.uint8)
+            old = junk.data.ptr
+            junk.fill(7)  # loads the fill kernel now: loading a module waits for the device
+            busy = busy_kernel(rt)
+            busy(ctx.stream, 0.001)
+            ctx.stream.synchronize()
+            busy(ctx.stream, 0.3)
+            junk.fill(7)  # queued behind 0.3 s of work
+            del junk
+            restored = rt.backend.array_from_host(ones)
+            assert restored.data.ptr == old, "the block was not reused: nothing to test"
+            ctx.stream.synchronize()
+            assert int((restored == 1).sum()) == n, "the restored copy was overwritten"
+
+
+def test_closing_the_runtime_gives_the_pools_memory_back() -> None:
+    import cupy
+
+    rt = Runtime(backend="cuda", vram_limit=4 << 30)
+    ctx = rt.create_context("c", max_vram=2 << 30, base_vram=0)
+    with context_session(ctx):
+        x = rt.xp.empty(1 << 30, dtype=rt.xp.uint8)
+        x.fill(3)
+        del x
+    ctx._pool.release_cached()
+    assert rt.backend.pool_reserved() >= 1 << 30  # kept for the next allocation
+    before = cupy.cuda.runtime.memGetInfo()[0]
+    rt.close()
+    after = cupy.cuda.runtime.memGetInfo()[0]
+    assert after - before >= (1 << 30) * 9 // 10
+
+
+def test_the_pool_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYGPUKIT_STREAM_ORDERED", "0")
+    with Runtime(backend="cuda", vram_limit=1 << 30) as rt:
+        ctx = rt.create_context("c", max_vram=64 * MiB, qos=QoSPolicy.GUARANTEED)
+        with context_session(ctx):
+            x = rt.xp.ones(MiB, dtype=rt.xp.float32)
+            assert float(x.sum()) == MiB
+        assert rt.backend.pool_reserved() == 0
