@@ -7,6 +7,7 @@ import threading
 import anyio
 import anyio.lowlevel
 import pytest
+from conftest import CUDA
 
 from pygpukit import MB, context_session, current_context, current_stream
 from pygpukit.runtime import Runtime
@@ -106,3 +107,27 @@ def test_allocations_outside_sessions_are_unscoped(rt: Runtime) -> None:
     assert rt._unscoped.used_bytes() == before + (1 << 20)  # charged outside any context
     del x
     assert rt._unscoped.used_bytes() == before
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+def test_a_runtime_that_is_closed_or_dropped_stops_binding_at_every_task_step() -> None:
+    import gc
+
+    from pygpukit.runtime import _session
+
+    def bound(backend: object) -> bool:
+        return any(b is backend for b in _session._binders)
+
+    rt = Runtime(backend="cuda", vram_limit=64 * MB)
+    backend = rt.backend
+    assert bound(backend)
+    rt.close()
+    assert not bound(backend)  # it would cost every later task step a bind and a restore
+
+    dropped = Runtime(backend="cuda", vram_limit=64 * MB)
+    backend = dropped.backend
+    assert bound(backend)
+    del dropped
+    gc.collect()
+    assert not bound(backend)

@@ -18,7 +18,7 @@ from ._completion import CompletionBridge, default_bridge
 from ._context import ContextState, ExecutionContext
 from ._hooks import make_scheduler
 from ._ledger import Ledger, PressureHandler
-from ._session import _current, hook_running_loop, register_binder
+from ._session import _current, hook_running_loop, register_binder, unregister_binder
 from ._stream import Event, Stream
 from ._tiers import QoSPolicy
 
@@ -72,6 +72,8 @@ class Runtime:
         self._closed = False
         self.backend.install_router(self._route)
         register_binder(self.backend)
+        # a runtime dropped without close() must not leave its backend bound at every step
+        self._unregister = weakref.finalize(self, unregister_binder, self.backend)
         self.scheduler = make_scheduler(self)
         hook_running_loop()
         _live.add(self)
@@ -259,6 +261,7 @@ class Runtime:
         self._closed = True
         if self.scheduler is not None:
             self.scheduler.close()
+        self._unregister()
         self.backend.close()
 
     def __enter__(self) -> Runtime:

@@ -55,6 +55,12 @@ def register_binder(backend: Backend) -> None:
         _binders.append(backend)
 
 
+def unregister_binder(backend: Backend) -> None:
+    """Stop binding ``backend``'s streams at task steps (its runtime closed or went away):
+    every registered backend costs every task step of the process a bind and a restore."""
+    _binders[:] = [b for b in _binders if b is not backend]
+
+
 def current_context() -> ExecutionContext | None:
     """The context the calling task or thread is in a session of, or ``None``."""
     return _current.get()
