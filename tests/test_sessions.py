@@ -111,9 +111,7 @@ def test_allocations_outside_sessions_are_unscoped(rt: Runtime) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
-def test_a_runtime_that_is_closed_or_dropped_stops_binding_at_every_task_step() -> None:
-    import gc
-
+def test_a_closed_runtime_stops_binding_at_every_task_step() -> None:
     from pygpukit.runtime import _session
 
     def bound(backend: object) -> bool:
@@ -124,10 +122,3 @@ def test_a_runtime_that_is_closed_or_dropped_stops_binding_at_every_task_step() 
     assert bound(backend)
     rt.close()
     assert not bound(backend)  # it would cost every later task step a bind and a restore
-
-    dropped = Runtime(backend="cuda", vram_limit=64 * MB)
-    backend = dropped.backend
-    assert bound(backend)
-    del dropped
-    gc.collect()
-    assert not bound(backend)

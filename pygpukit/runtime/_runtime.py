@@ -73,6 +73,7 @@ class Runtime:
         self.backend.install_router(self._route)
         register_binder(self.backend)
         # a runtime dropped without close() must not leave its backend bound at every step
+        # (once nothing holds it: the newest runtime stays installed as CuPy's allocator)
         self._unregister = weakref.finalize(self, unregister_binder, self.backend)
         self.scheduler = make_scheduler(self)
         hook_running_loop()
