@@ -360,7 +360,7 @@ class HostPool(RawPool):
         with self._lock:
             self._used -= size
         if offset < 0:
-            self._backend.give_back(size)
+            self._backend.release(size)
         else:
             assert self._arena is not None
             self._arena.give(offset, size)
@@ -426,10 +426,11 @@ class HostBackend(Backend):
         try:
             return np.empty(size, dtype=np.uint8)
         except BaseException:
-            self.give_back(size)
+            self.release(size)
             raise
 
-    def give_back(self, size: int) -> None:
+    def release(self, size: int) -> None:
+        """``size`` bytes taken with :meth:`take` are free again."""
         with self._lock:
             self._allocated -= size
 
@@ -481,7 +482,7 @@ class HostBackend(Backend):
 
     def alloc_raw(self, nbytes: int) -> np.ndarray[Any, Any]:
         buf = self.take(nbytes)
-        weakref.finalize(buf, give_back, self.give_back, nbytes)
+        weakref.finalize(buf, give_back, self.release, nbytes)
         return buf
 
     def copy_to_host(self, buf: Any, nbytes: int) -> np.ndarray[Any, Any]:
