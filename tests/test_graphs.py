@@ -92,5 +92,5 @@ async def test_generate_with_graphs_yields_the_same_tokens(rt: Runtime) -> None:
     first = await ctx.submit(gen, True)  # type: ignore[attr-defined]
     again = await ctx.submit(gen, True)  # type: ignore[attr-defined]  (replays the graph)
     assert len(eager) == 24 and eager == first == again
-    spares = lm._spares()
+    spares = lm._spare_steps
     assert len(spares) == 1 and len(spares[0]._graphs) == 1  # kept, with its graph

@@ -108,6 +108,11 @@ class TinyLM(Model):
     #: anew, at the price of idle memory in the context's budget
     SPARE_STEPS = 1
 
+    def __init__(self, config: Any = None, *, xp: Any = np, seed: int = 0) -> None:
+        super().__init__(config, xp=xp, seed=seed)
+        #: decode steps (with their captured graphs) kept for the next generation
+        self._spare_steps: list[FixedStep] = []
+
     def param_specs(self) -> dict[str, ParamSpec]:
         c = self.config
         std = c.init_std
@@ -252,7 +257,7 @@ class TinyLM(Model):
     def _generate_fixed(
         self, ids: list[int], max_new_tokens: int, temperature: float, rng: np.random.Generator
     ) -> Iterator[int]:
-        spares = self._spares()
+        spares = self._spare_steps
         try:  # one generation per step; a concurrent one makes its own
             step = spares.pop()  # atomic: two threads never get the same step
         except IndexError:
@@ -271,10 +276,6 @@ class TinyLM(Model):
             step.drain()  # nothing of this generation left running on the buffers
             if len(spares) < self.SPARE_STEPS:
                 spares.append(step)  # kept with its graphs for the next generation
-
-    def _spares(self) -> list[FixedStep]:
-        """Decode steps (with their captured graphs) kept for the next generation."""
-        return self.__dict__.setdefault("_spare_steps", [])  # type: ignore[no-any-return]
 
     def sentences(
         self,
