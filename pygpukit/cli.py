@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ._exceptions import _fmt_bytes
 
@@ -34,16 +33,24 @@ def _info(args: argparse.Namespace) -> int:
             if bridge.native
             else "pure Python (extension not built)",
         }
+        stream_ordered = bool(getattr(rt.backend, "stream_ordered", False))
         if d.backend == "cuda":
-            backend: Any = rt.backend
             rows["device memory"] = (
-                "stream-ordered pool (cudaMallocFromPoolAsync), holding "
-                f"{_fmt_bytes(backend.pool_reserved())}"
-                if backend.stream_ordered
+                "stream-ordered pool per runtime (cudaMallocFromPoolAsync)"
+                if stream_ordered
                 else "cudaMalloc (PYGPUKIT_STREAM_ORDERED=0, or no pool support)"
             )
         if args.json:
-            print(json.dumps({**d.__dict__, "free_memory": free, "bridge_native": bridge.native}))
+            print(
+                json.dumps(
+                    {
+                        **d.__dict__,
+                        "free_memory": free,
+                        "bridge_native": bridge.native,
+                        "stream_ordered": stream_ordered,
+                    }
+                )
+            )
         else:
             width = max(map(len, rows))
             for key, value in rows.items():

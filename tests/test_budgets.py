@@ -122,7 +122,11 @@ def test_stream_priorities_follow_the_tier(rt: Runtime) -> None:
 
 
 def test_guaranteed_memory_is_physically_taken_at_creation(rt: Runtime, backend: str) -> None:
+    def pool() -> tuple[int, int]:  # (reserved, used) of the CUDA stream-ordered pool
+        return rt.backend.pool_bytes() if backend == "cuda" else (0, 0)  # type: ignore[attr-defined]
+
     free_before, _ = rt.backend.mem_get_info()
+    _, used_before = pool()
     g = rt.create_context("g", max_vram=64 * MB, qos=QoSPolicy.GUARANTEED)
     free_reserved, _ = rt.backend.mem_get_info()
     assert free_before - free_reserved >= 64 * MB  # the device really gave it up
@@ -133,10 +137,11 @@ def test_guaranteed_memory_is_physically_taken_at_creation(rt: Runtime, backend:
         assert g.usage().used == 32 * MB
         del x
     rt.destroy_context(g)
-    # given back: to the driver, or on CUDA to the stream-ordered pool, which serves the
-    # next allocation of any context from it (tests/test_device_memory.py)
-    kept = rt.backend.pool_reserved() if backend == "cuda" else 0  # type: ignore[attr-defined]
-    assert rt.backend.mem_get_info()[0] + kept >= free_before - 4 * MB
+    # given back: to the driver, or on CUDA to the stream-ordered pool, which keeps it for
+    # the next allocation of any context (tests/test_device_memory.py) but uses none of it
+    reserved, used = pool()
+    assert used == used_before
+    assert rt.backend.mem_get_info()[0] + reserved - used >= free_before - 4 * MB
 
 
 def test_a_fragmented_reservation_is_a_budget_error(rt: Runtime) -> None:

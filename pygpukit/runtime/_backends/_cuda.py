@@ -7,6 +7,7 @@ CuPy's errors never leave this module untranslated: CUDA runtime errors become
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 import threading
@@ -40,6 +41,8 @@ except ImportError as exc:  # pragma: no cover - exercised on machines without C
     ) from exc
 
 __all__ = ("CudaBackend",)
+
+_log = logging.getLogger("pygpukit")
 
 _NOT_READY = 600  # cudaErrorNotReady
 _OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation (CuPy does not export the name)
@@ -208,6 +211,8 @@ class CudaStream(RawStream):
             self.cp.synchronize()
         except _rt.CUDARuntimeError:
             pass
+        # no longer ours: once CuPy destroys it, another stream may get the same handle
+        self._backend._ours.discard(self.handle)
         if self._companion is not None:
             self._companion.close()
 
@@ -259,22 +264,97 @@ class _PoolMemory:
         self.device_id = device_id
 
     def __del__(self) -> None:
-        try:
-            with cupy.cuda.Device(self.device_id):
-                _rt.freeAsync(self.ptr, self.stream.ptr)
-        except Exception:  # a faulted device, or interpreter exit: nothing to give back to
-            pass
+        _free_async(self.ptr, self.stream, self.device_id)
 
 
-def _close_pool(pool: int, device_id: int) -> None:
-    """Give the pool's idle memory back to the driver; the pool itself goes once the last
-    of its allocations is freed (the driver defers the destruction until then)."""
+# Frees that could not be queued because their stream was being captured: a free queued
+# during capture would become a node of the graph (and fail: the block is not the graph's).
+# They are queued once the capture is over (CudaBackend.capture, device_memory).
+_deferred: list[tuple[int, Any, int]] = []
+
+
+def _free_async(ptr: int, stream: Any, device_id: int) -> None:
     try:
         with cupy.cuda.Device(device_id):
-            _rt.memPoolTrimTo(pool, 0)
-            _rt.memPoolDestroy(pool)
-    except Exception:  # a faulted device, or interpreter exit
+            if _capturing(stream):
+                _deferred.append((ptr, stream, device_id))  # list.append: atomic
+                return
+            _rt.freeAsync(ptr, stream.ptr)
+    except Exception:  # a faulted device, or interpreter exit: nothing to give back to
         pass
+
+
+def _capturing(stream: Any) -> bool:
+    """Whether work queued on ``stream`` now would be captured (an error counts as yes: a
+    capture invalidated by an error, or the null stream while another stream captures)."""
+    try:
+        return bool(stream.is_capturing())
+    except Exception:
+        return True
+
+
+def _free_deferred() -> None:
+    """Queue the frees that waited for a capture to end, where it has."""
+    waiting = []
+    while _deferred:
+        try:
+            waiting.append(_deferred.pop())
+        except IndexError:  # another thread took the last one
+            break
+    for ptr, stream, device_id in waiting:
+        _free_async(ptr, stream, device_id)  # still capturing: deferred again
+
+
+class _PoolHandle:
+    """The backend's pool handle, shared with its finalizer: ``None`` once destroyed, so
+    nothing uses a destroyed pool (a closed runtime stays CuPy's allocator)."""
+
+    __slots__ = ("__weakref__", "device_id", "pool")
+
+    def __init__(self, pool: int | None, device_id: int) -> None:
+        self.pool = pool
+        self.device_id = device_id
+
+    def close(self) -> None:
+        """Give the idle memory back to the driver; the pool itself goes once the last of
+        its allocations is freed (the driver defers the destruction until then)."""
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        try:
+            with cupy.cuda.Device(self.device_id):
+                _rt.memPoolTrimTo(pool, 0)
+                _rt.memPoolDestroy(pool)
+        except Exception:  # a faulted device, or interpreter exit
+            pass
+
+    def trim(self) -> None:
+        """Give memory no allocation uses back to the driver (frees already run)."""
+        pool = self.pool
+        if pool is not None:
+            with cupy.cuda.Device(self.device_id):
+                _rt.memPoolTrimTo(pool, 0)
+
+
+# Every live backend's pool: an allocation that runs out of device memory trims them all,
+# not just its own (another runtime's idle memory is as unusable to it as the driver's).
+_pools: weakref.WeakSet[_PoolHandle] = weakref.WeakSet()
+
+
+def _make_pool(device_id: int) -> int | None:
+    """A stream-ordered memory pool on the device, where it has them."""
+    if not _rt.deviceGetAttribute(_rt.cudaDevAttrMemoryPoolsSupported, device_id):
+        return None
+    props = _rt.MemPoolProps(_ALLOCATION_PINNED, _HANDLE_NONE, _LOCATION_DEVICE, device_id)
+    pool = _rt.memPoolCreate(props)
+    # Freed memory stays mapped for the next allocation, of any context, until the backend
+    # closes or an allocation runs out of device memory (CudaBackend._make_room).
+    _rt.memPoolSetAttribute(pool, _rt.cudaMemPoolAttrReleaseThreshold, (1 << 64) - 1)
+    # Reuse memory freed on another stream only once that free has run: never let the pool
+    # make an allocation wait for another stream's work (a Guaranteed context's allocation
+    # would queue behind BestEffort kernels).
+    _rt.memPoolSetAttribute(pool, _rt.cudaMemPoolReuseAllowInternalDependencies, 0)
+    return int(pool)
 
 
 class _Grant:
@@ -432,38 +512,32 @@ class CudaBackend(Backend):
         self._lock = threading.Lock()
         self._ours: set[int] = set()  # handles of our streams, to spot a leaked binding
         self._closed = False
-        self._mempool: int | None = None
-        self._close_pool: Callable[[], object] = lambda: None
+        self._capturing = 0  # captures in progress on this backend's streams
+        self._pool = _PoolHandle(None, device_id)
         if os.environ.get("PYGPUKIT_STREAM_ORDERED", "1").strip() != "0":
-            with _translated(), cupy.cuda.Device(device_id):
-                self._make_pool()
-
-    def _make_pool(self) -> None:
-        """This backend's stream-ordered memory pool, where the device has them."""
-        if not _rt.deviceGetAttribute(_rt.cudaDevAttrMemoryPoolsSupported, self.device_id):
-            return
-        props = _rt.MemPoolProps(_ALLOCATION_PINNED, _HANDLE_NONE, _LOCATION_DEVICE, self.device_id)
-        pool = _rt.memPoolCreate(props)
-        # Freed memory stays mapped for the next allocation, of any context, until the
-        # backend closes (or a cudaMalloc outside the pool runs out of memory).
-        _rt.memPoolSetAttribute(pool, _rt.cudaMemPoolAttrReleaseThreshold, (1 << 64) - 1)
-        # Reuse memory freed on another stream only once that free has run: never let the
-        # pool make an allocation wait for another stream's work (a Guaranteed context's
-        # allocation would queue behind BestEffort kernels).
-        _rt.memPoolSetAttribute(pool, _rt.cudaMemPoolReuseAllowInternalDependencies, 0)
-        self._mempool = pool
-        self._close_pool = weakref.finalize(self, _close_pool, pool, self.device_id)
+            with cupy.cuda.Device(device_id):
+                try:
+                    self._pool.pool = _make_pool(device_id)
+                except _rt.CUDARuntimeError as exc:  # no pool after all: cudaMalloc, as before
+                    _log.warning("no stream-ordered memory pool (%s); using cudaMalloc", exc)
+        if self._pool.pool is not None:
+            _pools.add(self._pool)
+            weakref.finalize(self, self._pool.close)
 
     def device_memory(self, nbytes: int, stream: Any = None) -> Any:
         """``nbytes`` of device memory (an object with ``ptr``), given back when it dies.
 
         From the stream-ordered pool, allocated and later freed on ``stream`` (a CuPy
-        stream; the current one by default), when that is one of our streams or the null
-        stream and is not being captured; otherwise from ``cudaMalloc``.
+        stream; the current one by default), when that is one of this backend's streams
+        and is not being captured; otherwise from ``cudaMalloc``.
         """
-        pool = self._mempool
+        _free_deferred()
         stream = stream if stream is not None else cupy.cuda.get_current_stream()
-        if pool is None or not self._orders_frees(stream):
+        pool = self._pool.pool
+        if pool is None or stream.ptr not in self._ours or _capturing(stream):
+            # The null stream does not wait for our (non-blocking) streams, so a free on it
+            # is not ordered after their use; a user's stream may be gone by the free; an
+            # allocation on a capturing stream would become a node of the graph.
             return self._malloc(nbytes)
         with cupy.cuda.Device(self.device_id):
             try:
@@ -471,47 +545,51 @@ class CudaBackend(Backend):
             except _rt.CUDARuntimeError as exc:
                 if exc.status != _OUT_OF_MEMORY:
                     raise
-                # Memory freed on other streams is reused only once those frees have run
-                # (see _make_pool): let every stream's work finish, then try once more.
-                _rt.deviceSynchronize()
+                self._make_room()
                 ptr = _rt.mallocFromPoolAsync(nbytes, pool, stream.ptr)
         return _PoolMemory(ptr, nbytes, stream, self.device_id)
 
-    def _orders_frees(self, stream: Any) -> bool:
-        """Whether a free on ``stream`` is ordered after the memory's use: ours (or the
-        null stream) and not capturing (an allocation during capture would become part of
-        the graph)."""
-        if stream.ptr != 0 and stream.ptr not in self._ours:
-            return False  # a user's stream (or a per-thread default stream) may be gone
-        try:
-            return not stream.is_capturing()
-        except _rt.CUDARuntimeError:  # the null stream while another stream captures
-            return False
+    def _make_room(self) -> None:
+        """After an allocation ran out of device memory: let queued frees run, and give
+        every pool's unused memory back to the driver (then the caller tries once more).
+
+        Memory freed on another stream is reused only once that free has run (see
+        :func:`_make_pool`), so the frees still queued behind other streams' work are
+        waited for — unless a stream of this device is being captured, where a device-wide
+        synchronization is not allowed.
+        """
+        with _translated():
+            if not self._capturing:
+                _rt.deviceSynchronize()
+            for handle in list(_pools):
+                handle.trim()
 
     def _malloc(self, nbytes: int) -> Any:
-        """``cudaMalloc``; on out-of-memory the pool's idle memory is given back first."""
+        """``cudaMalloc``; on out-of-memory, the pools' unused memory is given back first."""
         with cupy.cuda.Device(self.device_id):
             try:
                 return cupy.cuda.Memory(nbytes)
             except _rt.CUDARuntimeError as exc:
-                if exc.status != _OUT_OF_MEMORY or self._mempool is None:
+                if exc.status != _OUT_OF_MEMORY or not _pools:
                     raise
-                _rt.memPoolTrimTo(self._mempool, 0)
+                self._make_room()
                 return cupy.cuda.Memory(nbytes)
 
     @property
     def stream_ordered(self) -> bool:
         """Whether device memory comes from the stream-ordered pool."""
-        return self._mempool is not None
+        return self._pool.pool is not None
 
-    def pool_reserved(self) -> int:
-        """Bytes the stream-ordered pool holds from the driver (in use or kept for reuse);
-        0 without the pool."""
-        if self._mempool is None:
-            return 0
+    def pool_bytes(self) -> tuple[int, int]:
+        """``(reserved, used)``: bytes the stream-ordered pool holds from the driver, and
+        those of them allocations use (the rest is kept for reuse); zeros without it."""
+        pool = self._pool.pool
+        if pool is None:
+            return 0, 0
         with cupy.cuda.Device(self.device_id):
-            return int(
-                _rt.memPoolGetAttribute(self._mempool, _rt.cudaMemPoolAttrReservedMemCurrent)
+            return (
+                int(_rt.memPoolGetAttribute(pool, _rt.cudaMemPoolAttrReservedMemCurrent)),
+                int(_rt.memPoolGetAttribute(pool, _rt.cudaMemPoolAttrUsedMemCurrent)),
             )
 
     def info(self) -> DeviceInfo:
@@ -645,6 +723,7 @@ class CudaBackend(Backend):
             return mem
 
         token = self.bind_stream(stream)
+        self._capturing += 1
         try:
             with _translated(), cupy.cuda.using_allocator(hold):
                 # The watchdog and the completion spin query streams from other threads:
@@ -662,7 +741,9 @@ class CudaBackend(Backend):
                 graph = stream.cp.end_capture()
         finally:
             stream.capturing = False
+            self._capturing -= 1
             self.restore_stream(token)
+            _free_deferred()
         return CudaGraph(graph, keep)
 
     def synchronize(self) -> None:
@@ -671,7 +752,8 @@ class CudaBackend(Backend):
 
     def close(self) -> None:
         self._closed = True
-        self._close_pool()
+        # later allocations (a closed runtime stays CuPy's allocator) use cudaMalloc
+        self._pool.close()
 
 
 def _device_count_impl() -> int:
