@@ -92,16 +92,18 @@ def test_closing_the_runtime_gives_the_pools_memory_back() -> None:
     import cupy
 
     rt = Runtime(backend="cuda", vram_limit=4 << 30)
-    ctx = rt.create_context("c", max_vram=2 << 30, base_vram=0)
-    with context_session(ctx):
-        x = rt.xp.empty(1 << 30, dtype=rt.xp.uint8)
-        x.fill(3)
-        del x
-    ctx._pool.release_cached()
-    reserved, used = rt.backend.pool_bytes()
-    assert reserved - used >= 1 << 30  # unused, kept for the next allocation
-    before = cupy.cuda.runtime.memGetInfo()[0]
-    rt.close()
+    try:
+        ctx = rt.create_context("c", max_vram=2 << 30, base_vram=0)
+        with context_session(ctx):
+            x = rt.xp.empty(1 << 30, dtype=rt.xp.uint8)
+            x.fill(3)
+            del x
+        ctx._pool.release_cached()
+        reserved, used = rt.backend.pool_bytes()
+        assert reserved - used >= 1 << 30  # unused, kept for the next allocation
+        before = cupy.cuda.runtime.memGetInfo()[0]
+    finally:
+        rt.close()
     after = cupy.cuda.runtime.memGetInfo()[0]
     assert after - before >= (1 << 30) * 9 // 10
 
@@ -171,3 +173,83 @@ def test_evicted_buffers_restored_at_session_entry_live_on_the_contexts_stream(
             assert w.on_device
             assert float(w.array.sum()) == 32 * MiB // 4
         assert streams and set(streams) == {be.stream.raw.handle}
+
+
+def test_only_our_own_streams_get_pool_memory() -> None:
+    import cupy
+
+    with Runtime(backend="cuda", vram_limit=1 << 30) as rt:
+        _, used = rt.backend.pool_bytes()
+        x = rt.xp.ones(4 * MiB, dtype=rt.xp.uint8)  # unscoped, on the null stream: it does
+        assert rt.backend.pool_bytes()[1] == used  # not wait for our streams' work
+        del x
+        # A non-owning wrapper of one of our streams: the block is tied to the owner (kept
+        # alive until the free), never to the wrapper — whose handle may be long destroyed
+        # by then (that crashed the driver in a free).
+        s = rt.create_stream()
+        with cupy.cuda.ExternalStream(s.id):
+            z = cupy.empty(8 * MiB, dtype=cupy.uint8)
+        assert rt.backend.pool_bytes()[1] >= used + 8 * MiB
+        handle = s.id
+        s.close()
+        del s
+        assert handle not in rt.backend._ours  # a closed stream's handle is not ours
+        del z
+        rt._unscoped.release_cached()  # the free runs now, on the closed stream's handle
+        assert rt.backend.pool_bytes()[1] == used
+
+
+def test_a_closed_runtime_allocates_with_cudamalloc() -> None:
+    import cupy
+
+    rt = Runtime(backend="cuda", vram_limit=1 << 30)
+    rt.close()
+    assert not rt.backend.stream_ordered  # its pool is gone, the handle cleared
+    x = cupy.ones(1 << 20, dtype=cupy.float32)  # the closed runtime is still the allocator
+    assert float(x.sum()) == 1 << 20
+    assert rt.backend.pool_bytes() == (0, 0)
+
+
+def test_making_room_does_not_break_a_capture_in_progress() -> None:
+    # Out of memory, an allocation waits for queued frees and trims the pools: it must not
+    # synchronize the device while any stream captures (another runtime's included).
+    from pygpukit import capture_graph
+
+    with (
+        Runtime(backend="cuda", vram_limit=1 << 30) as a,
+        Runtime(backend="cuda", vram_limit=1 << 30) as b,
+    ):
+        ctx = a.create_context("c", max_vram=64 * MiB, base_vram=0)
+        with context_session(ctx):
+            y = a.xp.zeros(16, dtype=a.xp.float32)
+            y += 1
+
+            def step() -> None:
+                y[...] += 1
+                b.backend._make_room()  # what b's allocation does when it runs out
+                a.backend._make_room()
+
+            graph = capture_graph(step)
+            graph.launch()
+            ctx.stream.synchronize()
+            assert float(y[0]) == 2
+            graph.close()
+
+
+def test_running_out_trims_every_runtimes_pool() -> None:
+    with (
+        Runtime(backend="cuda", vram_limit=1 << 30) as a,
+        Runtime(backend="cuda", vram_limit=1 << 30) as b,
+    ):
+        ctx = a.create_context("c", max_vram=512 * MiB, base_vram=0)
+        with context_session(ctx):
+            x = a.xp.empty(256 * MiB, dtype=a.xp.uint8)
+            x.fill(1)
+            del x
+        ctx._pool.release_cached()
+        ctx.stream.synchronize()
+        reserved, used = a.backend.pool_bytes()
+        assert reserved - used >= 256 * MiB  # a keeps it for its next allocation ...
+        b.backend._make_room()  # ... until b runs out of memory
+        reserved, used = a.backend.pool_bytes()
+        assert reserved - used < 256 * MiB

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
 import statistics
 import time
 from typing import Any
@@ -29,7 +28,6 @@ from ..runtime import QoSPolicy, Runtime, context_session
 from ._common import Row, bench_main
 
 GIB = 1 << 30
-_SWITCH = "PYGPUKIT_STREAM_ORDERED"  # read when a CUDA backend is made
 
 
 def _digest(rt: Runtime, arr: Any) -> str:
@@ -79,19 +77,22 @@ def _d2h(rt: Runtime, dev: Any, host: Any, nbytes: int) -> Any:
 
 
 async def _cycles(args: argparse.Namespace, stream_ordered: bool) -> dict[str, Any]:
-    """Spill and restore cycles in a runtime of their own; with ``stream_ordered`` off the
-    CUDA backend takes device memory with cudaMalloc and gives it back with cudaFree (what
-    it did before its stream-ordered pool: the baseline for the restore, in this process)."""
+    """Spill and restore cycles in a runtime of their own (the caller closes it); with
+    ``stream_ordered`` off the CUDA backend takes device memory with cudaMalloc and gives it
+    back with cudaFree (what it did before its stream-ordered pool: the baseline for the
+    restore, in this process)."""
     nbytes = int(args.gib * GIB)
-    saved = os.environ.get(_SWITCH)
-    os.environ[_SWITCH] = "1" if stream_ordered else "0"
+    rt = Runtime(backend=args.backend, vram_limit=3 * nbytes)
+    if not stream_ordered and rt.backend.name == "cuda":
+        rt.backend.stop_pooling()  # type: ignore[attr-defined]
     try:
-        rt = Runtime(backend=args.backend, vram_limit=3 * nbytes)
-    finally:
-        if saved is None:
-            del os.environ[_SWITCH]
-        else:
-            os.environ[_SWITCH] = saved
+        return await _spill_and_restore(rt, args, nbytes)
+    except BaseException:
+        rt.close()
+        raise
+
+
+async def _spill_and_restore(rt: Runtime, args: argparse.Namespace, nbytes: int) -> dict[str, Any]:
     be = rt.create_context("besteffort", max_vram=nbytes + nbytes // 4, qos=QoSPolicy.BEST_EFFORT)
     xp = rt.xp
     with context_session(be):
@@ -124,18 +125,19 @@ async def _cycles(args: argparse.Namespace, stream_ordered: bool) -> dict[str, A
                 "checksum_ok": same,
             }
         )
-    out = {"rt": rt, "g_bytes": g_bytes, "cycles": cycles}
-    if not stream_ordered:
-        rt.close()
-    return out
+    return {"rt": rt, "g_bytes": g_bytes, "cycles": cycles}
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     nbytes = int(args.gib * GIB)
     before = await _cycles(args, stream_ordered=False)
+    before["rt"].close()
     run = await _cycles(args, stream_ordered=True)
     rt, cycles = run["rt"], run["cycles"]
-    raw = _raw_copies(rt, nbytes, run["g_bytes"])
+    try:
+        raw = _raw_copies(rt, nbytes, run["g_bytes"])
+    finally:
+        rt.close()
     steady = cycles[1:] or cycles
     steady_before = before["cycles"][1:] or before["cycles"]
     out = {
@@ -150,7 +152,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "cudafree_cycles": before["cycles"],
         "cudafree_restore_gbps": statistics.median(c["restore_gbps"] for c in steady_before),
     }
-    rt.close()
     return out
 
 

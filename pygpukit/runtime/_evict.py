@@ -201,12 +201,14 @@ class EvictionMixin:
             # buffers are used: a session restores them before it binds that stream.
             backend = self._runtime.backend
             token = _current.set(self)
-            bound = backend.bind_stream(self.stream.raw)
             try:
-                for handle in evicted:
-                    handle._restore()
+                bound = backend.bind_stream(self.stream.raw)
+                try:
+                    for handle in evicted:
+                        handle._restore()
+                finally:
+                    backend.restore_stream(bound)
             finally:
-                backend.restore_stream(bound)
                 _current.reset(token)
 
     def _nothing_evicted(self: Any) -> bool:

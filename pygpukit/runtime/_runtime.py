@@ -18,6 +18,7 @@ from ._completion import CompletionBridge, default_bridge
 from ._context import ContextState, ExecutionContext
 from ._hooks import make_scheduler
 from ._ledger import Ledger, PressureHandler
+from ._locks import give_back
 from ._session import _current, hook_running_loop, register_binder, unregister_binder
 from ._stream import Event, Stream
 from ._tiers import QoSPolicy
@@ -74,7 +75,7 @@ class Runtime:
         register_binder(self.backend)
         # a runtime dropped without close() must not leave its backend bound at every step
         # (once nothing holds it: the newest runtime stays installed as CuPy's allocator)
-        self._unregister = weakref.finalize(self, unregister_binder, self.backend)
+        self._unregister = weakref.finalize(self, give_back, unregister_binder, self.backend)
         self.scheduler = make_scheduler(self)
         hook_running_loop()
         _live.add(self)
@@ -175,6 +176,7 @@ class Runtime:
             if admission is not None:
                 account.charge_hook = admission.charge
                 account.release_hook = admission.release
+            raw = None
             try:
                 priority = tier.stream_priority(self.device.priority_range)
                 raw = self.backend.create_stream(priority)
@@ -188,6 +190,8 @@ class Runtime:
                     stream=raw,
                 )
             except BaseException:
+                if raw is not None:
+                    raw.close()
                 self.ledger.close(account)
                 if admission is not None:
                     admission.close()

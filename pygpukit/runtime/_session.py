@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextError, InvalidArgument
+from ._locks import BookkeepingLock
 
 if TYPE_CHECKING:
     from ._backends import Backend
@@ -50,15 +51,22 @@ _current: ContextVar[ExecutionContext | None] = ContextVar("pygpukit_context", d
 _binders: list[Backend] = []
 
 
+_binders_lock = BookkeepingLock()  # unregistering also runs from finalizers: see _locks
+
+
 def register_binder(backend: Backend) -> None:
-    if backend.name == "cuda" and not any(b is backend for b in _binders):
-        _binders.append(backend)
+    global _binders
+    with _binders_lock:
+        if backend.name == "cuda" and not any(b is backend for b in _binders):
+            _binders = [*_binders, backend]  # a new list: readers iterate a snapshot
 
 
 def unregister_binder(backend: Backend) -> None:
     """Stop binding ``backend``'s streams at task steps (its runtime closed or went away):
     every registered backend costs every task step of the process a bind and a restore."""
-    _binders[:] = [b for b in _binders if b is not backend]
+    global _binders
+    with _binders_lock:
+        _binders = [b for b in _binders if b is not backend]
 
 
 def current_context() -> ExecutionContext | None:

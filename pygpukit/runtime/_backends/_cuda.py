@@ -145,11 +145,16 @@ class CudaStream(RawStream):
         self.handle = int(self.cp.ptr)
         self.priority = priority
         self._backend = backend
-        backend._ours.add(self.handle)
+        backend._ours[self.handle] = self
+        _streams[self.handle] = self
         self._companion: CudaStream | None = None
         self._torch: Any = None
         self._closed = False
         self.capturing = False
+        # Held while a capture begins, and by a free on this stream while it decides between
+        # queueing and deferring: a free never lands in a capture that began meanwhile.
+        # Reentrant: a block's finalizer can run on the thread beginning the capture.
+        self.capture_lock = threading.RLock()
 
     def companion(self) -> CudaStream:
         if self._companion is None:
@@ -212,7 +217,8 @@ class CudaStream(RawStream):
         except _rt.CUDARuntimeError:
             pass
         # no longer ours: once CuPy destroys it, another stream may get the same handle
-        self._backend._ours.discard(self.handle)
+        self._backend._ours.pop(self.handle, None)
+        _streams.pop(self.handle, None)
         if self._companion is not None:
             self._companion.close()
 
@@ -251,37 +257,48 @@ class _PoolMemory:
     stream's work, and nobody waits. ``cudaFree`` instead waits until the whole device is
     idle — 48 ms while another stream ran a 50 ms kernel — and hands the pages to the
     driver, which slows the next large copy to 75% (bench/RESULTS.md §8). The pool keeps
-    the memory mapped for the next allocation of any context. The CuPy stream object is
-    kept so its handle outlives the free.
+    the memory mapped for the next allocation of any context.
     """
 
     __slots__ = ("__weakref__", "device_id", "ptr", "size", "stream")
 
-    def __init__(self, ptr: int, size: int, stream: Any, device_id: int) -> None:
+    def __init__(self, ptr: int, size: int, stream: CudaStream, device_id: int) -> None:
         self.ptr = ptr
         self.size = size
         self.stream = stream
         self.device_id = device_id
+        # The owning stream stays alive until the free is queued, from a module-level map
+        # rather than only from this object: in a batch of cyclic garbage, finalizers run in
+        # no set order, and CuPy's stream would otherwise be destroyed first.
+        _keep[ptr] = stream
 
     def __del__(self) -> None:
         _free_async(self.ptr, self.stream, self.device_id)
 
 
+# Device pointer -> the CudaStream its free will be queued on (dict operations are atomic).
+_keep: dict[int, CudaStream] = {}
+
 # Frees that could not be queued because their stream was being captured: a free queued
 # during capture would become a node of the graph (and fail: the block is not the graph's).
 # They are queued once the capture is over (CudaBackend.capture, device_memory).
-_deferred: list[tuple[int, Any, int]] = []
+_deferred: list[tuple[int, CudaStream, int]] = []
 
 
-def _free_async(ptr: int, stream: Any, device_id: int) -> None:
+def _free_async(ptr: int, stream: CudaStream, device_id: int) -> None:
+    later = (ptr, stream, device_id)  # made before the lock: nothing in it allocates
+    # Before the free, while the pointer is still this block's; `stream` (a local, or the
+    # deferred list) keeps the stream alive until the free is queued.
+    _keep.pop(ptr, None)
     try:
         with cupy.cuda.Device(device_id):
-            if _capturing(stream):
-                _deferred.append((ptr, stream, device_id))  # list.append: atomic
-                return
-            _rt.freeAsync(ptr, stream.ptr)
+            with stream.capture_lock:
+                if stream.capturing or _capturing(stream.cp):
+                    _deferred.append(later)  # list.append: atomic
+                    return
+                _rt.freeAsync(ptr, stream.handle)
     except Exception:  # a faulted device, or interpreter exit: nothing to give back to
-        pass
+        _log.debug("a stream-ordered free failed", exc_info=True)
 
 
 def _capturing(stream: Any) -> bool:
@@ -305,40 +322,47 @@ def _free_deferred() -> None:
         _free_async(ptr, stream, device_id)  # still capturing: deferred again
 
 
+# Every open stream of every CUDA backend in the process, by handle (weak, as `_ours`).
+_streams: weakref.WeakValueDictionary[int, CudaStream] = weakref.WeakValueDictionary()
+
+
 class _PoolHandle:
     """The backend's pool handle, shared with its finalizer: ``None`` once destroyed, so
     nothing uses a destroyed pool (a closed runtime stays CuPy's allocator)."""
 
-    __slots__ = ("__weakref__", "device_id", "pool")
+    __slots__ = ("__weakref__", "_lock", "device_id", "pool")
 
     def __init__(self, pool: int | None, device_id: int) -> None:
         self.pool = pool
         self.device_id = device_id
+        self._lock = threading.Lock()  # a trim never runs on a pool being destroyed
 
     def close(self) -> None:
         """Give the idle memory back to the driver; the pool itself goes once the last of
         its allocations is freed (the driver defers the destruction until then)."""
-        pool, self.pool = self.pool, None
-        if pool is None:
-            return
-        try:
-            with cupy.cuda.Device(self.device_id):
-                _rt.memPoolTrimTo(pool, 0)
-                _rt.memPoolDestroy(pool)
-        except Exception:  # a faulted device, or interpreter exit
-            pass
+        with self._lock:
+            pool, self.pool = self.pool, None
+            if pool is None:
+                return
+            try:
+                with cupy.cuda.Device(self.device_id):
+                    _rt.memPoolTrimTo(pool, 0)
+                    _rt.memPoolDestroy(pool)
+            except Exception:  # a faulted device, or interpreter exit
+                pass
 
     def trim(self) -> None:
         """Give memory no allocation uses back to the driver (frees already run)."""
-        pool = self.pool
-        if pool is not None:
-            with cupy.cuda.Device(self.device_id):
-                _rt.memPoolTrimTo(pool, 0)
+        with self._lock:
+            if self.pool is not None:
+                with cupy.cuda.Device(self.device_id):
+                    _rt.memPoolTrimTo(self.pool, 0)
 
 
 # Every live backend's pool: an allocation that runs out of device memory trims them all,
 # not just its own (another runtime's idle memory is as unusable to it as the driver's).
 _pools: weakref.WeakSet[_PoolHandle] = weakref.WeakSet()
+_pools_lock = threading.Lock()
 
 
 def _make_pool(device_id: int) -> int | None:
@@ -510,9 +534,11 @@ class CudaBackend(Backend):
         )
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._ours: set[int] = set()  # handles of our streams, to spot a leaked binding
+        # our open streams by handle: to spot a leaked binding, and to give pool memory only
+        # to a stream we own (never to a non-owning wrapper such as cupy's ExternalStream)
+        # (weak: a stream nobody closed must still be destroyable)
+        self._ours: weakref.WeakValueDictionary[int, CudaStream] = weakref.WeakValueDictionary()
         self._closed = False
-        self._capturing = 0  # captures in progress on this backend's streams
         self._pool = _PoolHandle(None, device_id)
         if os.environ.get("PYGPUKIT_STREAM_ORDERED", "1").strip() != "0":
             with cupy.cuda.Device(device_id):
@@ -521,7 +547,8 @@ class CudaBackend(Backend):
                 except _rt.CUDARuntimeError as exc:  # no pool after all: cudaMalloc, as before
                     _log.warning("no stream-ordered memory pool (%s); using cudaMalloc", exc)
         if self._pool.pool is not None:
-            _pools.add(self._pool)
+            with _pools_lock:
+                _pools.add(self._pool)
             weakref.finalize(self, self._pool.close)
 
     def device_memory(self, nbytes: int, stream: Any = None) -> Any:
@@ -532,36 +559,40 @@ class CudaBackend(Backend):
         and is not being captured; otherwise from ``cudaMalloc``.
         """
         _free_deferred()
-        stream = stream if stream is not None else cupy.cuda.get_current_stream()
+        current = stream if stream is not None else cupy.cuda.get_current_stream()
+        owner = self._ours.get(current.ptr)
         pool = self._pool.pool
-        if pool is None or stream.ptr not in self._ours or _capturing(stream):
+        if pool is None or owner is None or owner.capturing or _capturing(owner.cp):
             # The null stream does not wait for our (non-blocking) streams, so a free on it
             # is not ordered after their use; a user's stream may be gone by the free; an
             # allocation on a capturing stream would become a node of the graph.
             return self._malloc(nbytes)
         with cupy.cuda.Device(self.device_id):
             try:
-                ptr = _rt.mallocFromPoolAsync(nbytes, pool, stream.ptr)
+                ptr = _rt.mallocFromPoolAsync(nbytes, pool, owner.handle)
             except _rt.CUDARuntimeError as exc:
                 if exc.status != _OUT_OF_MEMORY:
                     raise
                 self._make_room()
-                ptr = _rt.mallocFromPoolAsync(nbytes, pool, stream.ptr)
-        return _PoolMemory(ptr, nbytes, stream, self.device_id)
+                ptr = _rt.mallocFromPoolAsync(nbytes, pool, owner.handle)
+        return _PoolMemory(ptr, nbytes, owner, self.device_id)
 
     def _make_room(self) -> None:
         """After an allocation ran out of device memory: let queued frees run, and give
         every pool's unused memory back to the driver (then the caller tries once more).
 
         Memory freed on another stream is reused only once that free has run (see
-        :func:`_make_pool`), so the frees still queued behind other streams' work are
-        waited for — unless a stream of this device is being captured, where a device-wide
-        synchronization is not allowed.
+        :func:`_make_pool`), and pool frees are queued on our streams only: so every open
+        stream of ours that is not being captured is waited for — not the device, whose
+        synchronization would break any capture in progress (another runtime's, PyTorch's).
         """
         with _translated():
-            if not self._capturing:
-                _rt.deviceSynchronize()
-            for handle in list(_pools):
+            for s in list(_streams.values()):
+                if not s.capturing and not _capturing(s.cp):
+                    s.cp.synchronize()
+            with _pools_lock:
+                handles = list(_pools)
+            for handle in handles:
                 handle.trim()
 
     def _malloc(self, nbytes: int) -> Any:
@@ -574,6 +605,12 @@ class CudaBackend(Backend):
                     raise
                 self._make_room()
                 return cupy.cuda.Memory(nbytes)
+
+    def stop_pooling(self) -> None:
+        """Take device memory with ``cudaMalloc`` from now on, and give the pool's unused
+        memory back (what ``PYGPUKIT_STREAM_ORDERED=0`` does from the start; the eviction
+        benchmark's baseline)."""
+        self._pool.close()
 
     @property
     def stream_ordered(self) -> bool:
@@ -723,13 +760,13 @@ class CudaBackend(Backend):
             return mem
 
         token = self.bind_stream(stream)
-        self._capturing += 1
         try:
             with _translated(), cupy.cuda.using_allocator(hold):
                 # The watchdog and the completion spin query streams from other threads:
                 # they see a capturing stream as busy instead of querying it.
-                stream.capturing = True
-                stream.cp.begin_capture()
+                with stream.capture_lock:
+                    stream.capturing = True
+                    stream.cp.begin_capture()
                 try:
                     fn()
                 except BaseException:
@@ -741,7 +778,6 @@ class CudaBackend(Backend):
                 graph = stream.cp.end_capture()
         finally:
             stream.capturing = False
-            self._capturing -= 1
             self.restore_stream(token)
             _free_deferred()
         return CudaGraph(graph, keep)
