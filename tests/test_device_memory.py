@@ -187,7 +187,7 @@ def test_only_our_own_streams_get_pool_memory() -> None:
         # alive until the free), never to the wrapper — whose handle may be long destroyed
         # by then (that crashed the driver in a free).
         s = rt.create_stream()
-        with cupy.cuda.ExternalStream(s.id):
+        with cupy.cuda.Stream.from_external(s):  # through the CUDA stream protocol
             z = cupy.empty(8 * MiB, dtype=cupy.uint8)
         assert rt.backend.pool_bytes()[1] >= used + 8 * MiB
         handle = s.id
