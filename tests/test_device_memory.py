@@ -253,3 +253,19 @@ def test_running_out_trims_every_runtimes_pool() -> None:
         b.backend._make_room()  # ... until b runs out of memory
         reserved, used = a.backend.pool_bytes()
         assert reserved - used < 256 * MiB
+
+
+def test_a_new_runtime_sees_the_memory_other_runtimes_keep_unused() -> None:
+    with Runtime(backend="cuda", vram_limit=1 << 30) as a:
+        ctx = a.create_context("c", max_vram=512 * MiB, base_vram=0)
+        with context_session(ctx):
+            x = a.xp.empty(256 * MiB, dtype=a.xp.uint8)
+            x.fill(1)
+            del x
+        ctx._pool.release_cached()
+        ctx.stream.synchronize()
+        reserved, used = a.backend.pool_bytes()
+        assert reserved - used >= 256 * MiB
+        with Runtime(backend="cuda", vram_limit=1 << 30):  # sizes itself from free memory
+            reserved, used = a.backend.pool_bytes()
+            assert reserved - used < 256 * MiB  # a's unused memory went back to the driver

@@ -534,9 +534,9 @@ class CudaBackend(Backend):
         )
         self._local = threading.local()
         self._lock = threading.Lock()
-        # our open streams by handle: to spot a leaked binding, and to give pool memory only
-        # to a stream we own (never to a non-owning wrapper such as cupy's ExternalStream)
-        # (weak: a stream nobody closed must still be destroyable)
+        # Our open streams by handle: to spot a leaked binding, and to give pool memory only
+        # to a stream we own, never to a non-owning wrapper of its handle. Weak: a stream
+        # nobody closed must still be destroyable.
         self._ours: weakref.WeakValueDictionary[int, CudaStream] = weakref.WeakValueDictionary()
         self._closed = False
         self._pool = _PoolHandle(None, device_id)
@@ -546,10 +546,16 @@ class CudaBackend(Backend):
                     self._pool.pool = _make_pool(device_id)
                 except _rt.CUDARuntimeError as exc:  # no pool after all: cudaMalloc, as before
                     _log.warning("no stream-ordered memory pool (%s); using cudaMalloc", exc)
-        if self._pool.pool is not None:
-            with _pools_lock:
+        with _pools_lock:
+            others = list(_pools)
+            if self._pool.pool is not None:
                 _pools.add(self._pool)
-            weakref.finalize(self, self._pool.close)
+                weakref.finalize(self, self._pool.close)
+        # A runtime sizes its budget from the driver's free memory: what other runtimes'
+        # pools keep unused goes back first (they map it again when they need it).
+        with _translated():
+            for handle in others:
+                handle.trim()
 
     def device_memory(self, nbytes: int, stream: Any = None) -> Any:
         """``nbytes`` of device memory (an object with ``ptr``), given back when it dies.
