@@ -19,6 +19,20 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU
 MiB = 1 << 20
 
 
+def _leave_unused(rt: Runtime, nbytes: int) -> None:
+    """Allocate, write and free ``nbytes`` in a context of ``rt``, and give the block back
+    from the context's cache: the pool keeps it, unused."""
+    ctx = rt.create_context("unused", max_vram=2 * nbytes, base_vram=0)
+    with context_session(ctx):
+        x = rt.xp.empty(nbytes, dtype=rt.xp.uint8)
+        x.fill(1)
+        del x
+    ctx._pool.release_cached()
+    ctx.stream.synchronize()
+    reserved, used = rt.backend.pool_bytes()
+    assert reserved - used >= nbytes  # kept for the next allocation
+
+
 def test_giving_memory_back_does_not_wait_for_another_contexts_work() -> None:
     with Runtime(backend="cuda", vram_limit=1 << 30) as rt:
         busy = rt.create_context("busy", max_vram=64 * MiB, qos=QoSPolicy.BEST_EFFORT)
@@ -93,14 +107,7 @@ def test_closing_the_runtime_gives_the_pools_memory_back() -> None:
 
     rt = Runtime(backend="cuda", vram_limit=4 << 30)
     try:
-        ctx = rt.create_context("c", max_vram=2 << 30, base_vram=0)
-        with context_session(ctx):
-            x = rt.xp.empty(1 << 30, dtype=rt.xp.uint8)
-            x.fill(3)
-            del x
-        ctx._pool.release_cached()
-        reserved, used = rt.backend.pool_bytes()
-        assert reserved - used >= 1 << 30  # unused, kept for the next allocation
+        _leave_unused(rt, 1 << 30)
         before = cupy.cuda.runtime.memGetInfo()[0]
     finally:
         rt.close()
@@ -241,15 +248,7 @@ def test_running_out_trims_every_runtimes_pool() -> None:
         Runtime(backend="cuda", vram_limit=1 << 30) as a,
         Runtime(backend="cuda", vram_limit=1 << 30) as b,
     ):
-        ctx = a.create_context("c", max_vram=512 * MiB, base_vram=0)
-        with context_session(ctx):
-            x = a.xp.empty(256 * MiB, dtype=a.xp.uint8)
-            x.fill(1)
-            del x
-        ctx._pool.release_cached()
-        ctx.stream.synchronize()
-        reserved, used = a.backend.pool_bytes()
-        assert reserved - used >= 256 * MiB  # a keeps it for its next allocation ...
+        _leave_unused(a, 256 * MiB)  # a keeps it for its next allocation ...
         b.backend._make_room()  # ... until b runs out of memory
         reserved, used = a.backend.pool_bytes()
         assert reserved - used < 256 * MiB
@@ -257,15 +256,7 @@ def test_running_out_trims_every_runtimes_pool() -> None:
 
 def test_a_new_runtime_sees_the_memory_other_runtimes_keep_unused() -> None:
     with Runtime(backend="cuda", vram_limit=1 << 30) as a:
-        ctx = a.create_context("c", max_vram=512 * MiB, base_vram=0)
-        with context_session(ctx):
-            x = a.xp.empty(256 * MiB, dtype=a.xp.uint8)
-            x.fill(1)
-            del x
-        ctx._pool.release_cached()
-        ctx.stream.synchronize()
-        reserved, used = a.backend.pool_bytes()
-        assert reserved - used >= 256 * MiB
+        _leave_unused(a, 256 * MiB)
         with Runtime(backend="cuda", vram_limit=1 << 30):  # sizes itself from free memory
             reserved, used = a.backend.pool_bytes()
             assert reserved - used < 256 * MiB  # a's unused memory went back to the driver

@@ -207,7 +207,7 @@ class _Launcher:
     ) -> None:
         """Run the task, then mark the end of the work it enqueued and await that."""
         rt = self.ctx.runtime
-        if self.scheduler.inline_s > 0:  # remember how long fn took, for try_inline
+        if self.scheduler.inlines:  # remember how long fn took, for try_inline
             t0 = time.perf_counter()
             box.run(task, bind)
             self._remember(task.cost_key, time.perf_counter() - t0)
@@ -334,7 +334,9 @@ class RuntimeScheduler:
         self._lock = threading.Lock()
         self._local = _Submitting()
         self.inline_s = self.dispatcher.config.inline_us / 1e6
-        self._inline_here = self.inline_s > 0
+        # Decided once: inline execution is on, and the backend runs tasks on launcher
+        # threads (the host executor runs them as stream items, never inline).
+        self.inlines = self.inline_s > 0 and not runtime.backend.tasks_on_streams
         #: ``listener(task)`` is called as each submitted task finishes (timelines, metrics);
         #: it runs on the thread that drains completions, so it must be quick.
         self.listeners: list[Callable[[Task], None]] = []
@@ -396,12 +398,7 @@ class RuntimeScheduler:
                 launcher = self._launchers.get(ctx)
                 if launcher is None:
                     launcher = self._launchers[ctx] = _Launcher(ctx, self)
-        if (
-            self._inline_here
-            and not self.runtime.backend.tasks_on_streams
-            and _on_event_loop()
-            and launcher.try_inline(task)
-        ):
+        if self.inlines and _on_event_loop() and launcher.try_inline(task):
             return
         launcher.put(task)
 
@@ -432,7 +429,7 @@ class RuntimeScheduler:
         self.runtime.bridge.attach()
         one = Oneshot()
         task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
-        if self._inline_here:
+        if self.inlines:
             task.cost_key = _cost_key(fn)  # once: the launch and the launcher both use it
         self._local.submitting = task
         try:

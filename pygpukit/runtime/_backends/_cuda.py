@@ -156,6 +156,11 @@ class CudaStream(RawStream):
         # Reentrant: a block's finalizer can run on the thread beginning the capture.
         self.capture_lock = threading.RLock()
 
+    def captured(self) -> bool:
+        """Whether work queued on this stream now would be recorded into a graph: our own
+        capture, or one CUDA reports (someone else's, or one an error invalidated)."""
+        return self.capturing or _capturing(self.cp)
+
     def companion(self) -> CudaStream:
         if self._companion is None:
             with self._backend._lock:
@@ -293,7 +298,7 @@ def _free_async(ptr: int, stream: CudaStream, device_id: int) -> None:
     try:
         with cupy.cuda.Device(device_id):
             with stream.capture_lock:
-                if stream.capturing or _capturing(stream.cp):
+                if stream.captured():
                     _deferred.append(later)  # list.append: atomic
                     return
                 _rt.freeAsync(ptr, stream.handle)
@@ -568,7 +573,7 @@ class CudaBackend(Backend):
         current = stream if stream is not None else cupy.cuda.get_current_stream()
         owner = self._ours.get(current.ptr)
         pool = self._pool.pool
-        if pool is None or owner is None or owner.capturing or _capturing(owner.cp):
+        if pool is None or owner is None or owner.captured():
             # The null stream does not wait for our (non-blocking) streams, so a free on it
             # is not ordered after their use; a user's stream may be gone by the free; an
             # allocation on a capturing stream would become a node of the graph.
@@ -594,7 +599,7 @@ class CudaBackend(Backend):
         """
         with _translated():
             for s in list(_streams.values()):
-                if not s.capturing and not _capturing(s.cp):
+                if not s.captured():
                     s.cp.synchronize()
             with _pools_lock:
                 handles = list(_pools)
