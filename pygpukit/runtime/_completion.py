@@ -24,11 +24,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import InvalidArgument, PygpukitError
-from ._backends._base import RawStream
 from ._oneshot import Oneshot, running_library
 
 if TYPE_CHECKING:
-    from ._backends import Backend, RawEvent
+    from ._backends import Backend, RawEvent, RawStream
 
 __all__ = ("BridgeStats", "CompletionBridge", "default_bridge")
 
@@ -91,20 +90,6 @@ class _PythonChannel:
                 return out
 
 
-class _Waiter:
-    __slots__ = ("backend", "resolve", "stream")
-
-    def __init__(
-        self,
-        resolve: Callable[[BaseException | None], None],
-        backend: Backend,
-        stream: RawStream | None,
-    ) -> None:
-        self.resolve = resolve
-        self.backend = backend
-        self.stream = stream
-
-
 class BridgeStats:
     """A snapshot of the bridge: live waiters, free slots, and which channel it uses."""
 
@@ -135,14 +120,20 @@ class CompletionBridge:
         if isinstance(channel, _NativeChannel):
             channel.owned = True
         self._ch = channel
-        self._gen = [0] * CAPACITY  # bumped when a failed waiter's slot is reused early
+        self._gen: list[int] = []  # per slot: bumped when a failed waiter's slot is reused early
         self._trio_var: Any = None
         self.native = channel.native  # the Signal protocol the backends use
         self.push = channel.push
         self._lock = threading.Lock()
         self._drain_lock = threading.Lock()
-        self._waiters: dict[int, _Waiter] = {}
-        self._free = list(range(CAPACITY - 1, -1, -1))
+        # The waiter table: parallel lists indexed by slot, grown on demand up to CAPACITY.
+        # A pending await allocates nothing here (no per-waiter object for the garbage
+        # collector to count and traverse: RESULTS.md §2); a free slot holds None.
+        self._resolve: list[Callable[[BaseException | None], None] | None] = []
+        self._backend: list[Backend | None] = []
+        self._stream: list[RawStream | None] = []
+        self._free: list[int] = []
+        self._live = 0
         self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._interval = watchdog_interval
         self.spin_us = float(os.environ.get("PYGPUKIT_SPIN_US", DEFAULT_SPIN_US))
@@ -161,7 +152,7 @@ class CompletionBridge:
         """
         # Spin only for a lone waiter: with others pending the loop has work to return to,
         # and spinning would cost every one of thousands of awaits (RESULTS.md §2).
-        if self.spin_us > 0 and backend.spin_helps and not self._waiters:
+        if self.spin_us > 0 and backend.spin_helps and not self._live:
             query = target.query
             end = time.perf_counter_ns() + self.spin_us * 1000
             while True:
@@ -172,7 +163,7 @@ class CompletionBridge:
                     break
         self.attach()
         one = Oneshot()
-        self.on_done(target, backend, lambda exc: one.set(None, exc))
+        self.on_done(target, backend, one)
         await one.wait(again=False)
 
     def on_done(
@@ -191,16 +182,21 @@ class CompletionBridge:
         to :attr:`spin_us` when no other waiter is pending, as :meth:`wait` does; if it is
         done by then, ``callback(None)`` runs right here, before this returns.
         """
-        if spin and self.spin_us > 0 and backend.spin_helps and not self._waiters:
+        if spin and self.spin_us > 0 and backend.spin_helps and not self._live:
             query = target.query
             end = time.perf_counter_ns() + self.spin_us * 1000
             while time.perf_counter_ns() < end:
                 if query():
                     callback(None)
                     return
-        probe = target if isinstance(target, RawStream) else getattr(target, "origin", None)
-        token = self._register(_Waiter(callback, backend, probe))
-        self._arm(token, target)
+        # what the watchdog queries for faults: an event's stream, or the stream itself
+        probe = getattr(target, "origin", target)  # (no ABC isinstance: once per await)
+        token = self._register(callback, backend, probe)  # type: ignore[arg-type]
+        try:
+            target.signal_when_done(token, self)
+        except BaseException:
+            self._release(token & _SLOT)
+            raise
 
     def attach(self) -> None:
         """Watch the bridge's fd from the running asyncio loop or trio run (idempotent)."""
@@ -233,38 +229,58 @@ class CompletionBridge:
     # A signal carries a token: the slot plus CAPACITY times the slot's generation, so a late
     # signal for a waiter that the watchdog already failed (and whose slot was reused) is
     # recognised and ignored.
-    def _register(self, waiter: _Waiter) -> int:
+    def _register(
+        self,
+        resolve: Callable[[BaseException | None], None],
+        backend: Backend,
+        stream: RawStream | None,
+    ) -> int:
         with self._lock:
             if not self._free:
-                raise PygpukitError(
-                    f"more than {CAPACITY} GPU completions are awaited at once; await "
-                    "fewer at a time (e.g. gather in batches)"
-                )
+                self._grow()
             slot = self._free.pop()
-            self._waiters[slot] = waiter
-            token = slot + CAPACITY * self._gen[slot]
-            # Under the lock the watchdog clears its wake-up flag with: it either sees this
-            # waiter or its flag is set again here. Setting a set flag is skipped (it takes
-            # the flag's own lock and notifies; once per await adds up).
-            if not self._wake.is_set():
+            self._resolve[slot] = resolve
+            self._backend[slot] = backend
+            self._stream[slot] = stream
+            self._live += 1
+            if self._live == 1:
+                # The watchdog clears its wake-up flag under this lock once nothing is
+                # pending: the first waiter after that sets it again.
                 self._wake.set()
+            token = slot + CAPACITY * self._gen[slot]
         if self._watchdog is None:
             self._ensure_watchdog()
         return token
 
-    def _arm(self, token: int, target: RawStream | RawEvent) -> None:
-        try:
-            target.signal_when_done(token, self)
-        except BaseException:
-            self._release(token % CAPACITY)
-            raise
+    def _grow(self) -> None:
+        """Double the table (call with the lock held).
 
-    def _release(self, slot: int) -> _Waiter | None:
+        :raises PygpukitError: CAPACITY waiters are pending already
+        """
+        size = len(self._resolve)
+        if size >= CAPACITY:
+            raise PygpukitError(
+                f"more than {CAPACITY} GPU completions are awaited at once; await "
+                "fewer at a time (e.g. gather in batches)"
+            )
+        more = min(max(size, 1024), CAPACITY - size)
+        for table in (self._resolve, self._backend, self._stream):
+            table.extend([None] * more)
+        self._gen.extend([0] * more)
+        self._free.extend(range(size + more - 1, size - 1, -1))  # lowest slots first
+
+    def _release(self, slot: int) -> Callable[[BaseException | None], None] | None:
+        """Empty ``slot``; its callback, or ``None`` if it was empty (call without the lock)."""
         with self._lock:
-            waiter = self._waiters.pop(slot, None)
-            if waiter is not None:
-                self._free.append(slot)
-            return waiter
+            return self._take(slot)
+
+    def _take(self, slot: int) -> Callable[[BaseException | None], None] | None:
+        resolve = self._resolve[slot]
+        if resolve is not None:
+            self._resolve[slot] = self._backend[slot] = self._stream[slot] = None
+            self._free.append(slot)
+            self._live -= 1
+        return resolve
 
     def _on_readable(self) -> None:
         with self._drain_lock:
@@ -272,23 +288,27 @@ class CompletionBridge:
         if not tokens:
             return
         done = []
+        gens, resolves, backends, streams = self._gen, self._resolve, self._backend, self._stream
         with self._lock:
             for token in tokens:
-                slot, gen = token % CAPACITY, token // CAPACITY
-                if gen != self._gen[slot]:
+                slot = token & _SLOT
+                if token >> _GEN_SHIFT != gens[slot]:
                     continue  # its waiter was failed and the slot reused
-                waiter = self._waiters.pop(slot, None)
-                if waiter is not None:
+                resolve = resolves[slot]
+                if resolve is not None:
+                    resolves[slot] = backends[slot] = streams[slot] = None
                     self._free.append(slot)
-                    done.append(waiter)
-        for w in done:
-            _call(w.resolve, None)
+                    done.append(resolve)
+            self._live -= len(done)
+        for resolve in done:
+            try:
+                resolve(None)
+            except Exception:
+                _log.exception(_RAISED)
 
     def stats(self) -> BridgeStats:
         with self._lock:
-            return BridgeStats(
-                len(self._waiters), len(self._free), CAPACITY, self.native is not None
-            )
+            return BridgeStats(self._live, CAPACITY - self._live, CAPACITY, self.native is not None)
 
     # -- the watchdog ------------------------------------------------------------------
     def _ensure_watchdog(self) -> None:
@@ -308,57 +328,56 @@ class CompletionBridge:
             if _stop.is_set():
                 return
             with self._lock:
-                live = list(self._waiters.items())
-                if not live:
+                if not self._live:
                     self._wake.clear()
                     continue
-            self.check_faults(live)
-            # hold no snapshot while sleeping: its waiters' callbacks keep finished tasks,
-            # and the arrays their functions captured, alive (and charged) until the next look
-            del live
+            self.check_faults()
 
-    def check_faults(self, waiters: list[tuple[int, _Waiter]] | None = None) -> int:
+    def check_faults(self) -> int:
         """Fail every pending waiter whose device has faulted; returns how many.
 
-        A failed waiter's slot is freed at once under a new generation: its signal will
-        never come on a faulted device, and if it does, it is ignored.
+        The device is asked once per stream that waiters wait on, not once per waiter:
+        with tens of thousands in flight a look every ``watchdog_interval`` must stay
+        cheap, as it holds the GIL. A failed waiter's slot is freed at once under a new
+        generation: its signal will never come on a faulted device, and if it does, it is
+        ignored.
         """
-        if waiters is None:
-            with self._lock:
-                waiters = list(self._waiters.items())
-        by_backend: dict[int, tuple[Backend, list[tuple[int, _Waiter]]]] = {}
-        for item in waiters:
-            by_backend.setdefault(id(item[1].backend), (item[1].backend, []))[1].append(item)
+        with self._lock:  # distinct (backend, stream) pairs, at C speed
+            pairs = set(zip(self._backend, self._stream, strict=True))
+        by_backend: dict[Backend, list[RawStream]] = {}
+        for backend, stream in pairs:
+            if backend is not None:
+                streams = by_backend.setdefault(backend, [])
+                if stream is not None:
+                    streams.append(stream)
+        del pairs
         failed = 0
-        for backend, group in by_backend.values():
-            streams = list({id(w.stream): w.stream for _, w in group if w.stream}.values())
+        for backend, streams in by_backend.items():
             try:
                 error = backend.fault(streams)
             except Exception as exc:  # a query that itself fails is a fault too
                 error = exc
             if error is None:
                 continue
-            for slot, w in group:
-                with self._lock:
-                    if self._waiters.get(slot) is not w:
-                        continue  # resolved meanwhile
-                    del self._waiters[slot]
-                    self._gen[slot] += 1
-                    self._free.append(slot)
-                _call(w.resolve, error)
+            with self._lock:  # every waiter on the faulted device
+                doomed = []
+                for slot, owner in enumerate(self._backend):
+                    if owner is backend:
+                        doomed.append(self._take(slot))
+                        self._gen[slot] += 1
+            for resolve in doomed:
+                try:
+                    resolve(error)  # type: ignore[misc]
+                except Exception:
+                    _log.exception(_RAISED)
                 failed += 1
         return failed
 
 
 _log = logging.getLogger("pygpukit")
-
-
-def _call(callback: Callable[[BaseException | None], None], arg: BaseException | None) -> None:
-    """Run a completion callback; one that fails must not stop the others in its batch."""
-    try:
-        callback(arg)
-    except Exception:
-        _log.exception("a GPU-completion callback raised; the other waiters are unaffected")
+_RAISED = "a GPU-completion callback raised; the other waiters are unaffected"
+_GEN_SHIFT = CAPACITY.bit_length() - 1  # token = slot + CAPACITY * generation
+_SLOT = CAPACITY - 1
 
 
 async def checkpoint() -> None:

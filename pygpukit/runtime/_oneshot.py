@@ -67,6 +67,10 @@ class Oneshot:
             except trio.RunFinishedError:
                 pass
 
+    def __call__(self, exc: BaseException | None) -> None:
+        """As a completion callback (``on_done``): deliver ``None``, or raise ``exc``."""
+        self.set(None, exc)
+
     def _settle(self, value: Any, exc: BaseException | None) -> None:
         fut = self._fut
         if not fut.done():

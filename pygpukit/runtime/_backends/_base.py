@@ -51,6 +51,9 @@ class RawEvent(ABC):
     """A backend event: a marker in a stream that completes when the work before it has run."""
 
     handle: int
+    #: the stream it was last recorded on, where the backend tracks that (the stream the
+    #: completion watchdog queries for faults while the event is awaited)
+    origin: RawStream | None = None
 
     @abstractmethod
     def query(self) -> bool:
