@@ -6,7 +6,9 @@ the same run: a Python host function calling ``call_soon_threadsafe`` per kernel
 rate at which the same kernels and signals can merely be *enqueued*, nothing awaited. And
 the asyncio part alone: as many futures made, resolved from one loop callback and
 gathered, no GPU — with the enqueue-only rate it gives the ceiling of any bridge whose own
-bookkeeping cost nothing, ``1 / (1/enqueue + 1/futures)``.
+bookkeeping cost nothing, ``1 / (1/enqueue + 1/futures)``. And, to show what the garbage
+collector costs at this rate, the bridge again with ``gc`` paused for the run (a
+diagnostic, not a setting pygpukit changes).
 
     pygpukit bench --only throughput      (or: python -m pygpukit.benchmarks.throughput)
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import time
 from typing import Any
 
@@ -42,6 +45,16 @@ async def _bridge(rt: Runtime, n: int, streams: list[Any]) -> float:
         futures.append(fut)
     await asyncio.gather(*futures)
     return n / (time.perf_counter() - t0)
+
+
+async def _bridge_gc_paused(rt: Runtime, n: int, streams: list[Any]) -> float:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return await _bridge(rt, n, streams)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 async def _python_hostfn(rt: Runtime, n: int, streams: list[Any]) -> float:
@@ -95,6 +108,7 @@ async def _run(backend: str, n: int) -> dict[str, Any]:
         streams = [rt.create_stream() for _ in range(4)]
         methods = {
             "pygpukit": _bridge,
+            "pygpukit, gc paused": _bridge_gc_paused,
             "hostfn+cst": _python_hostfn,
             "enqueue-only": _enqueue_only,
             "futures-only": _futures_only,
@@ -117,6 +131,7 @@ def summary(r: dict[str, Any]) -> list[Row]:
     rate = r["per_s"]
     ours, base, enq = rate["pygpukit"], rate["hostfn+cst"], rate["enqueue-only"]
     ceiling = 1 / (1 / enq + 1 / rate["futures-only"])  # bookkeeping for free
+    paused = rate["pygpukit, gc paused"]
     return [
         Row(
             "throughput",
@@ -126,7 +141,15 @@ def summary(r: dict[str, Any]) -> list[Row]:
             f"bookkeeping {ceiling:,.0f}/s ({ceiling / enq:.0%})",
             ">=100,000/s and >=70% of enqueue-only",
             (ours >= 100_000 and ours >= 0.7 * enq) if r["backend"] == "cuda" else None,
-        )
+        ),
+        Row(
+            "throughput",
+            f"the same with the garbage collector paused (diagnostic), {r['n']} in flight",
+            f"{paused:,.0f}/s ({paused / enq:.0%} of enqueue-only)",
+            f"with gc: {ours:,.0f}/s",
+            "(what gc costs; no target)",
+            None,
+        ),
     ]
 
 
