@@ -5,7 +5,9 @@ CPU time (``time.process_time``, all threads) per task over ``--n`` tasks of
 launches are measured) and one at a time, with the default dispatcher and with inline
 execution of quick functions turned on (``DispatcherConfig(inline_us=100)``); against
 launching the same kernel directly (what any code pays) and launching it then awaiting the
-stream inline.
+stream inline. And the floor under any such scheduler: the device calls a task that is timed
+and awaited needs — two timing events around the launch, a completion signal after the end
+event, the elapsed time read back — made directly, in the same batches, with no scheduling.
 
     pygpukit bench --only submit          (or: python -m pygpukit.benchmarks.submit)
 """
@@ -13,6 +15,7 @@ stream inline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -56,6 +59,10 @@ async def _run(backend: str, n: int) -> dict[str, Any]:
                     await stream
                 timed("launch + await", c0, w0)
 
+                c0, w0 = time.process_time(), time.perf_counter()
+                await _floor(rt, stream, launch, n)
+                timed("floor, batched", c0, w0)
+
             c0, w0 = time.process_time(), time.perf_counter()
             for _ in range(n):
                 await ctx.submit(task)
@@ -75,10 +82,51 @@ async def _run(backend: str, n: int) -> dict[str, Any]:
     }
 
 
+def _took(fut: asyncio.Future[float], start: Any, end: Any, error: BaseException | None) -> None:
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(start.elapsed_ms(end))
+
+
+async def _floor(rt: Runtime, stream: Any, launch: Any, n: int) -> None:
+    """What a timed, awaited task costs in device calls alone, batched like the submits."""
+    loop = asyncio.get_running_loop()
+    backend, bridge, raw = rt.backend, rt.bridge, stream.raw
+    events = [
+        (backend.create_event(timing=True), backend.create_event(timing=True)) for _ in range(BATCH)
+    ]
+    bridge.attach()
+    for i in range(0, n, BATCH):
+        futures = []
+        for start, end in events[: min(BATCH, n - i)]:  # each batch ends before the next
+            raw.record(start)
+            launch(stream)
+            raw.record(end)
+            fut: asyncio.Future[float] = loop.create_future()
+            bridge.on_done(end, backend, functools.partial(_took, fut, start, end))
+            futures.append(fut)
+        await asyncio.gather(*futures)
+    for pair in events:
+        for event in pair:
+            event.close()
+
+
 def summary(r: dict[str, Any]) -> list[Row]:
     cpu, wall = r["cpu_us"], r["wall_us"]
     raw = cpu["raw launch"]
-    rows = []
+    floor = cpu["floor, batched"]
+    rows = [
+        Row(
+            "submit",
+            "floor: the device calls of a timed, awaited task (2 event records, the launch, "
+            "a completion signal, elapsed time), no scheduler, many in flight: CPU us per task",
+            f"{floor:.1f} us (+{floor - raw:.1f} over raw launch)",
+            f"raw launch {raw:.1f} us",
+            "(what bounds the target; no target)",
+            None,
+        )
+    ]
     for mode, label in (("", "default"), (", inline", "inline_us=100")):
         over = cpu["submit, batched" + mode] - raw
         rows += [
