@@ -121,7 +121,8 @@ def summary(r: dict[str, Any]) -> list[Row]:
             "submit",
             "floor: the device calls of a timed, awaited task (2 event records, the launch, "
             "a completion signal, elapsed time), no scheduler, many in flight: CPU us per task",
-            f"{floor:.1f} us (+{floor - raw:.1f} over raw launch)",
+            f"{floor:.1f} us (+{floor - raw:.1f} over raw launch; wall "
+            f"{wall['floor, batched']:.1f} us)",
             f"raw launch {raw:.1f} us",
             "(what bounds the target; no target)",
             None,
