@@ -83,7 +83,7 @@ def current_stream() -> Stream | None:
 class _Step(threading.local):
     """This thread's running task step, where it began outside any session.
 
-    Such a step binds nothing (about 4 us saved per step: RESULTS.md §3). If it enters a
+    Such a step binds nothing (a bind and a restore saved: RESULTS.md §3). If it enters a
     session, the session's binding is remembered here so that the step still ends on the
     stream it began on, as a bound step does.
     """
