@@ -35,7 +35,7 @@ FULL: dict[str, list[str]] = {name: [] for name in NAMES}
 QUICK: dict[str, list[str]] = {
     "completion": ["--n", "40", "--warmup", "4", "--loops", "asyncio"],
     "throughput": ["--n", "400"],
-    "submit": ["--n", "100"],
+    "submit": ["--n", "100", "--rounds", "1"],
     "models": ["--tokens", "8", "--rounds", "1", "--size", "small"],
     "isolation": ["--samples", "8", "--block-us", "100", "--waves", "5", "--gap-ms", "1"],
     "alloc": ["--n", "500"],
