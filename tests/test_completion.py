@@ -183,6 +183,34 @@ async def test_a_resolved_waiter_is_not_kept_alive_by_the_watchdog() -> None:
         assert alive() is None  # held by the watchdog's last look: alive until ~2 intervals
 
 
+async def test_a_full_waiter_table_refuses_clearly_and_frees_as_waiters_resolve() -> None:
+    from pygpukit import PygpukitError
+
+    bridge = CompletionBridge(make_channel("python"))
+    with Runtime(backend="host", bridge=bridge) as rt:
+        stream = rt.create_stream()
+        gate = _gate(stream)
+        event = rt.backend.create_event()
+        stream.raw.record(event)  # completes once the gate opens
+        bridge.attach()
+        fired: list[BaseException | None] = []
+        for _ in range(CAPACITY):  # the table grows on demand up to the ring's size
+            bridge.on_done(event, rt.backend, fired.append)
+        assert bridge.stats().pending == CAPACITY
+        assert bridge.stats().free_slots == 0
+        with pytest.raises(PygpukitError, match="await fewer at a time"):
+            bridge.on_done(event, rt.backend, fired.append)
+        assert bridge.stats().pending == CAPACITY  # the refused one took nothing
+        gate.set()
+        with anyio.fail_after(30):
+            while len(fired) < CAPACITY:
+                await anyio.sleep(0.01)
+        assert fired == [None] * CAPACITY
+        assert bridge.stats().pending == 0
+        await stream  # and the table takes new waiters again
+        assert bridge.stats().free_slots == CAPACITY
+
+
 def test_native_channel_is_built_and_has_one_bridge() -> None:
     from pygpukit import InvalidArgument
     from pygpukit.runtime import default_bridge
