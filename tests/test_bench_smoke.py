@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pygpukit.benchmarks import NAMES, run_suite
+from pygpukit.benchmarks._common import GcPauses
 
 
 def test_every_benchmark_runs_and_reports_against_its_baseline() -> None:
@@ -35,6 +36,23 @@ def test_every_benchmark_runs_and_reports_against_its_baseline() -> None:
         "flood/pygpukit",
         "flood/equal",
     }
+    assert set(result["results"]["isolation"]["gc"]) == {"alone", "alone/inline", "flood/pygpukit"}
+
+
+def test_gc_pauses_are_counted_where_they_overlap() -> None:
+    import gc
+    import time
+
+    with GcPauses() as pauses:
+        t0 = time.perf_counter()
+        gc.collect()
+        t1 = time.perf_counter()
+    gc.collect()  # after the with: not counted
+    assert len(pauses.spans) == 1
+    a, b = pauses.spans[0]
+    assert t0 <= a <= b <= t1
+    assert pauses.hits([(t0, t1), (t1 + 1, t1 + 2)]) == 1
+    assert pauses.summary([(t0, t1)])["samples_hit"] == 1
 
 
 def test_cli_bench_only_writes_json(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ time, and the summary row that ``pygpukit bench`` prints."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 from ..runtime import Runtime, Stream
 
-__all__ = ("Row", "bench_main", "busy_kernel", "noop_kernel", "pct")
+__all__ = ("GcPauses", "Row", "bench_main", "busy_kernel", "noop_kernel", "pct")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -64,6 +65,41 @@ def busy_kernel(rt: Runtime) -> Callable[..., None]:
 
 def _nothing() -> None:
     return None
+
+
+class GcPauses:
+    """The garbage collector's pauses while in use (``with GcPauses() as pauses``): to tell
+    whether a latency tail is the collector's. ``spans`` are ``(start, stop)`` in
+    ``time.perf_counter`` seconds."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.spans.append((self._start, time.perf_counter()))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def hits(self, intervals: Sequence[tuple[float, float]]) -> int:
+        """How many of ``intervals`` (``(start, stop)``) a collection overlapped."""
+        return sum(any(a < t1 and b > t0 for a, b in self.spans) for t0, t1 in intervals)
+
+    def summary(self, intervals: Sequence[tuple[float, float]]) -> dict[str, float]:
+        longest = max((b - a for a, b in self.spans), default=0.0)
+        return {
+            "collections": len(self.spans),
+            "longest_us": longest * 1e6,
+            "samples_hit": self.hits(intervals),
+        }
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..runtime import QoSPolicy, Runtime, Stream
-from ._common import Row, bench_main, busy_kernel, pct
+from ._common import GcPauses, Row, bench_main, busy_kernel, pct
 
 Launch = Callable[[Stream], None]
 
@@ -66,14 +66,20 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.flood_kernels):
             flood_kernel(be.stream)
 
-    async def sample(n: int, one_step: Callable[[], Awaitable[Any]]) -> list[float]:
+    collector: dict[str, dict[str, float]] = {}  # the gc pauses during each situation
+
+    async def sample(n: int, one_step: Callable[[], Awaitable[Any]], name: str) -> list[float]:
         """µs from starting ``one_step()`` to its completion, ``n`` times, ``gap`` apart."""
-        lat = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await one_step()
-            lat.append((time.perf_counter() - t0) * 1e6)
-            await asyncio.sleep(gap)
+        lat, spans = [], []
+        with GcPauses() as pauses:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await one_step()
+                t1 = time.perf_counter()
+                lat.append((t1 - t0) * 1e6)
+                spans.append((t0, t1))
+                await asyncio.sleep(gap)
+        collector[name] = pauses.summary(spans)
         return lat
 
     def submitted() -> Awaitable[Any]:
@@ -97,7 +103,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     for _ in range(10):  # warm-up: launchers, kernels, events
         await g.submit(g_step)
-    alone = await sample(args.samples, submitted)
+    alone = await sample(args.samples, submitted, "alone")
     # The same step launched inline on a plain stream and awaited: what submit() adds.
     s_raw = rt.create_stream(rt.device.priority_range[1])
 
@@ -105,13 +111,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         step(s_raw)
         await s_raw
 
-    raw = await sample(args.samples, inline)
+    raw = await sample(args.samples, inline, "alone/inline")
 
     async def flood_only() -> None:
         await asyncio.sleep(args.samples * (gap + args.step_ms / 1e3))
 
     _, solo_rate = await with_flood(flood_only)
-    flooded, shared_rate = await with_flood(lambda: sample(args.samples, submitted))
+    flooded, shared_rate = await with_flood(
+        lambda: sample(args.samples, submitted, "flood/pygpukit")
+    )
 
     # Baseline: equal priorities, no scheduler; the same flood depth kept queued.
     least = rt.device.priority_range[0]
@@ -150,6 +158,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "flood/pygpukit": row(flooded),
         "flood/equal": row(equal),
     }
+    out["gc"] = collector  # how many samples a collector pause overlapped (tails)
     out["flood_kernels_per_s"] = {"solo": solo_rate, "with_guaranteed": shared_rate}
     out["guaranteed_gpu_share"] = args.step_ms / (args.step_ms + args.gap_ms)
     rt.close()
@@ -168,6 +177,11 @@ def print_table(r: dict[str, Any]) -> None:
     rates = r["flood_kernels_per_s"]
     kept = rates["with_guaranteed"] / rates["solo"] if rates["solo"] else float("nan")
     print(f"equal-priority p99 / pygpukit p99: {eq / pg:.1f}x  (alone p50 {alone:.0f} us)")
+    for name, g in r["gc"].items():
+        print(
+            f"gc during {name}: {g['collections']} collections, longest "
+            f"{g['longest_us']:.0f} us, overlapping {g['samples_hit']} steps"
+        )
     print(
         f"BestEffort flood: {rates['solo']:.0f} kernels/s alone, {rates['with_guaranteed']:.0f}"
         f" with Guaranteed steps ({kept:.0%} kept; Guaranteed duty {r['guaranteed_gpu_share']:.0%})"
@@ -184,7 +198,9 @@ def summary(r: dict[str, Any]) -> list[Row]:
         Row(
             "isolation",
             "Guaranteed step p99 under a BestEffort flood / alone",
-            f"{ours['p99_us'] / alone['p99_us']:.2f}x ({ours['p99_us']:.0f} us)",
+            f"{ours['p99_us'] / alone['p99_us']:.2f}x ({ours['p99_us']:.0f} us; p50 "
+            f"{ours['p50_us'] / alone['p50_us']:.2f}x; gc pauses overlapped "
+            f"{r['gc']['flood/pygpukit']['samples_hit']} of {ours['n']} steps)",
             f"equal priority {equal['p99_us'] / alone['p99_us']:.2f}x ({equal['p99_us']:.0f} us)",
             "<=1.5x alone, >=10x better than equal",
             (ours["p99_us"] <= 1.5 * alone["p99_us"] and equal["p99_us"] >= 10 * ours["p99_us"])
