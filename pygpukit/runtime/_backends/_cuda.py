@@ -335,17 +335,18 @@ class _PoolHandle:
     """The backend's pool handle, shared with its finalizer: ``None`` once destroyed, so
     nothing uses a destroyed pool (a closed runtime stays CuPy's allocator)."""
 
-    __slots__ = ("__weakref__", "_lock", "device_id", "pool")
+    __slots__ = ("__weakref__", "device_id", "lock", "pool")
 
     def __init__(self, pool: int | None, device_id: int) -> None:
         self.pool = pool
         self.device_id = device_id
-        self._lock = threading.Lock()  # a trim never runs on a pool being destroyed
+        # Held to use the pool: no trim or allocation runs on a pool being destroyed.
+        self.lock = threading.Lock()
 
     def close(self) -> None:
         """Give the idle memory back to the driver; the pool itself goes once the last of
         its allocations is freed (the driver defers the destruction until then)."""
-        with self._lock:
+        with self.lock:
             pool, self.pool = self.pool, None
             if pool is None:
                 return
@@ -358,7 +359,7 @@ class _PoolHandle:
 
     def trim(self) -> None:
         """Give memory no allocation uses back to the driver (frees already run)."""
-        with self._lock:
+        with self.lock:
             if self.pool is not None:
                 with cupy.cuda.Device(self.device_id):
                     _rt.memPoolTrimTo(self.pool, 0)
@@ -572,21 +573,27 @@ class CudaBackend(Backend):
         _free_deferred()
         current = stream if stream is not None else cupy.cuda.get_current_stream()
         owner = self._ours.get(current.ptr)
-        pool = self._pool.pool
-        if pool is None or owner is None or owner.captured():
+        handle = self._pool
+        if handle.pool is None or owner is None or owner.captured():
             # The null stream does not wait for our (non-blocking) streams, so a free on it
             # is not ordered after their use; a user's stream may be gone by the free; an
             # allocation on a capturing stream would become a node of the graph.
             return self._malloc(nbytes)
-        with cupy.cuda.Device(self.device_id):
-            try:
-                ptr = _rt.mallocFromPoolAsync(nbytes, pool, owner.handle)
-            except _rt.CUDARuntimeError as exc:
-                if exc.status != _OUT_OF_MEMORY:
-                    raise
-                self._make_room()
-                ptr = _rt.mallocFromPoolAsync(nbytes, pool, owner.handle)
-        return _PoolMemory(ptr, nbytes, owner, self.device_id)
+        for retry in (False, True):
+            # Under the handle's lock: a runtime closed on another thread meanwhile never
+            # has its destroyed pool allocated from (this falls back to cudaMalloc).
+            with handle.lock, cupy.cuda.Device(self.device_id):
+                if handle.pool is None:
+                    break
+                try:
+                    ptr = _rt.mallocFromPoolAsync(nbytes, handle.pool, owner.handle)
+                except _rt.CUDARuntimeError as exc:
+                    if exc.status != _OUT_OF_MEMORY or retry:
+                        raise
+                else:
+                    return _PoolMemory(ptr, nbytes, owner, self.device_id)
+            self._make_room()  # without the lock: it trims every pool, this one included
+        return self._malloc(nbytes)
 
     def _make_room(self) -> None:
         """After an allocation ran out of device memory: let queued frees run, and give
@@ -631,13 +638,13 @@ class CudaBackend(Backend):
     def pool_bytes(self) -> tuple[int, int]:
         """``(reserved, used)``: bytes the stream-ordered pool holds from the driver, and
         those of them allocations use (the rest is kept for reuse); zeros without it."""
-        pool = self._pool.pool
-        if pool is None:
-            return 0, 0
-        with cupy.cuda.Device(self.device_id):
+        handle = self._pool
+        with handle.lock, cupy.cuda.Device(self.device_id):
+            if handle.pool is None:
+                return 0, 0
             return (
-                int(_rt.memPoolGetAttribute(pool, _rt.cudaMemPoolAttrReservedMemCurrent)),
-                int(_rt.memPoolGetAttribute(pool, _rt.cudaMemPoolAttrUsedMemCurrent)),
+                int(_rt.memPoolGetAttribute(handle.pool, _rt.cudaMemPoolAttrReservedMemCurrent)),
+                int(_rt.memPoolGetAttribute(handle.pool, _rt.cudaMemPoolAttrUsedMemCurrent)),
             )
 
     def info(self) -> DeviceInfo:
