@@ -80,45 +80,6 @@ def current_stream() -> Stream | None:
     return None if ctx is None else ctx.stream
 
 
-class _Step(threading.local):
-    """This thread's running task step, where it began outside any session.
-
-    Such a step binds nothing (a bind and a restore saved: RESULTS.md §3). If it enters a
-    session, the session's binding is remembered here so that the step still ends on the
-    stream it began on, as a bound step does.
-    """
-
-    unbound = False
-    entered: list[tuple[Backend, object]] | None = None  # the first session's binding
-
-
-_step = _Step()
-
-
-def _bind_step(ctx: ExecutionContext | None) -> list[tuple[Backend, object]] | None:
-    """Begin a task step: its binding, or ``None`` (and the step marked unbound) where it
-    needs none.
-
-    A task outside any session needs nothing: every step restores the thread's stream as
-    it ends. Only while a task created before the loop was hooked holds a thread-level
-    binding (``_unhooked``) must such a step be moved off that stream.
-    """
-    if _binders and (ctx is not None or getattr(_unhooked, "task", None) is not None):
-        return _bind(ctx)
-    _step.unbound = True
-    _step.entered = None
-    return None
-
-
-def _end_step(tokens: list[tuple[Backend, object]] | None) -> None:
-    """End a task step begun with :func:`_bind_step`: restore the thread's stream."""
-    if tokens is None:
-        tokens = _step.entered  # a session entered in the step (maybe still open)
-        _step.unbound = False
-        _step.entered = None
-    _unbind(tokens)
-
-
 def _bind(ctx: ExecutionContext | None) -> list[tuple[Backend, object]] | None:
     if not _binders:
         return None
@@ -141,21 +102,23 @@ class _BoundCoroutine(collections.abc.Coroutine):  # type: ignore[type-arg]
         self._coro = coro
 
     def send(self, value: Any) -> Any:
-        tokens = _bind_step(_current.get())
+        if not _binders:
+            return self._coro.send(value)
+        tokens = _bind(_current.get())
         try:
             return self._coro.send(value)
         finally:
-            _end_step(tokens)
+            _unbind(tokens)
 
     def __next__(self) -> Any:
         return self.send(None)
 
     def throw(self, *args: Any) -> Any:
-        tokens = _bind_step(_current.get())
+        tokens = _bind(_current.get())
         try:
             return self._coro.throw(*args)
         finally:
-            _end_step(tokens)
+            _unbind(tokens)
 
     def close(self) -> None:
         self._coro.close()
@@ -247,12 +210,11 @@ class _TrioBinder:  # a trio.abc.Instrument by duck typing (trio is optional)
         self._tokens: dict[int, Any] = {}
 
     def before_task_step(self, task: Any) -> None:
-        tokens = _bind_step(task.context.get(_current))
-        if tokens is not None:
-            self._tokens[id(task)] = tokens
+        if _binders:
+            self._tokens[id(task)] = _bind(task.context.get(_current))
 
     def after_task_step(self, task: Any) -> None:
-        _end_step(self._tokens.pop(id(task), None))
+        _unbind(self._tokens.pop(id(task), None))
 
 
 _trio_var: Any = None
@@ -320,8 +282,6 @@ class context_session:
         self._ctx._enter()  # pins its evictable buffers, restores evicted ones
         self._token = _current.set(self._ctx)
         self._tokens = _bind(self._ctx)
-        if _step.unbound and _step.entered is None:
-            _step.entered = self._tokens  # the step must still end on its own stream
         self._ctx._stats.sessions += 1
         return self._ctx
 
