@@ -211,6 +211,42 @@ async def test_a_full_waiter_table_refuses_clearly_and_frees_as_waiters_resolve(
         assert bridge.stats().free_slots == CAPACITY
 
 
+async def test_an_await_that_fails_to_arm_after_a_fault_frees_only_its_own_slot() -> None:
+    """If the watchdog failed a waiter (its device faulted) and another await reused the
+    slot before arming the first one raised, the error path must leave the new waiter be:
+    taking the slot back by number would drop it, and its await would never end."""
+    bridge = CompletionBridge(make_channel("python"), watchdog_interval=3600)
+    with (
+        Runtime(backend="host", bridge=bridge) as bad,
+        Runtime(backend="host", bridge=bridge) as good,
+    ):
+        broken = bad.create_stream()
+        broken.launch_host_func(lambda: 1 / 0)  # the bad device faults
+        with pytest.raises(CudaError):
+            await broken
+        stream = good.create_stream()
+        gate = _gate(stream)
+        bridge.attach()
+        got: list[BaseException | None] = []
+
+        class Racy:  # a target on the faulted device whose arming fails late
+            origin = None
+
+            def signal_when_done(self, token: int, signal: object) -> None:
+                assert bridge.check_faults() == 1  # the watchdog's look fails this waiter
+                bridge.on_done(stream.raw, good.backend, got.append)  # the slot is reused
+                raise CudaError("arming failed")
+
+        with pytest.raises(CudaError, match="arming failed"):
+            bridge.on_done(Racy(), bad.backend, lambda exc: None)  # type: ignore[arg-type]
+        assert bridge.stats().pending == 1  # the other await is still there
+        gate.set()
+        with anyio.fail_after(5):
+            while not got:
+                await anyio.sleep(0.005)
+        assert got == [None]
+
+
 def test_native_channel_is_built_and_has_one_bridge() -> None:
     from pygpukit import InvalidArgument
     from pygpukit.runtime import default_bridge

@@ -90,6 +90,19 @@ class _PythonChannel:
                 return out
 
 
+class _Probe:
+    """A stream (or, for an event never recorded, a backend) with waiters pending on it:
+    what the watchdog queries for faults. Shared by those waiters' slots."""
+
+    __slots__ = ("backend", "count", "key", "stream")
+
+    def __init__(self, key: object, backend: Backend, stream: RawStream | None) -> None:
+        self.key = key
+        self.backend = backend
+        self.stream = stream
+        self.count = 0
+
+
 class BridgeStats:
     """A snapshot of the bridge: live waiters, free slots, and which channel it uses."""
 
@@ -130,8 +143,8 @@ class CompletionBridge:
         # A pending await allocates nothing here (no per-waiter object for the garbage
         # collector to count and traverse: RESULTS.md §2); a free slot holds None.
         self._resolve: list[Callable[[BaseException | None], None] | None] = []
-        self._backend: list[Backend | None] = []
-        self._stream: list[RawStream | None] = []
+        self._probe: list[_Probe | None] = []  # what each slot's waiter waits on
+        self._probes: dict[object, _Probe] = {}  # by stream: the watchdog's worklist
         self._free: list[int] = []
         self._live = 0
         self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -195,7 +208,7 @@ class CompletionBridge:
         try:
             target.signal_when_done(token, self)
         except BaseException:
-            self._release(token & _SLOT)
+            self._release(token)
             raise
 
     def attach(self) -> None:
@@ -235,13 +248,17 @@ class CompletionBridge:
         backend: Backend,
         stream: RawStream | None,
     ) -> int:
+        key = backend if stream is None else stream
         with self._lock:
             if not self._free:
                 self._grow()
             slot = self._free.pop()
             self._resolve[slot] = resolve
-            self._backend[slot] = backend
-            self._stream[slot] = stream
+            probe = self._probes.get(key)
+            if probe is None:
+                probe = self._probes[key] = _Probe(key, backend, stream)
+            probe.count += 1
+            self._probe[slot] = probe
             self._live += 1
             if self._live == 1:
                 # The watchdog clears its wake-up flag under this lock once nothing is
@@ -264,20 +281,30 @@ class CompletionBridge:
                 "fewer at a time (e.g. gather in batches)"
             )
         more = min(max(size, 1024), CAPACITY - size)
-        for table in (self._resolve, self._backend, self._stream):
-            table.extend([None] * more)
+        self._resolve.extend([None] * more)
+        self._probe.extend([None] * more)
         self._gen.extend([0] * more)
         self._free.extend(range(size + more - 1, size - 1, -1))  # lowest slots first
 
-    def _release(self, slot: int) -> Callable[[BaseException | None], None] | None:
-        """Empty ``slot``; its callback, or ``None`` if it was empty (call without the lock)."""
+    def _release(self, token: int) -> Callable[[BaseException | None], None] | None:
+        """Take back the slot ``token`` names, unless its waiter is gone already (the
+        watchdog failed it, and the slot may be another waiter's now)."""
+        slot = token & _SLOT
         with self._lock:
+            if token >> _GEN_SHIFT != self._gen[slot]:
+                return None
             return self._take(slot)
 
     def _take(self, slot: int) -> Callable[[BaseException | None], None] | None:
+        """Empty ``slot`` (call with the lock held); its callback, or ``None``."""
         resolve = self._resolve[slot]
         if resolve is not None:
-            self._resolve[slot] = self._backend[slot] = self._stream[slot] = None
+            self._resolve[slot] = None
+            probe = self._probe[slot]
+            self._probe[slot] = None
+            probe.count -= 1  # type: ignore[union-attr]
+            if not probe.count:  # type: ignore[union-attr]
+                del self._probes[probe.key]  # type: ignore[union-attr]
             self._free.append(slot)
             self._live -= 1
         return resolve
@@ -288,7 +315,7 @@ class CompletionBridge:
         if not tokens:
             return
         done = []
-        gens, resolves, backends, streams = self._gen, self._resolve, self._backend, self._stream
+        gens, resolves, probes = self._gen, self._resolve, self._probe
         with self._lock:
             for token in tokens:
                 slot = token & _SLOT
@@ -296,7 +323,12 @@ class CompletionBridge:
                     continue  # its waiter was failed and the slot reused
                 resolve = resolves[slot]
                 if resolve is not None:
-                    resolves[slot] = backends[slot] = streams[slot] = None
+                    resolves[slot] = None
+                    probe = probes[slot]
+                    probes[slot] = None
+                    probe.count -= 1  # type: ignore[union-attr]
+                    if not probe.count:  # type: ignore[union-attr]
+                        del self._probes[probe.key]  # type: ignore[union-attr]
                     self._free.append(slot)
                     done.append(resolve)
             self._live -= len(done)
@@ -331,26 +363,27 @@ class CompletionBridge:
                 if not self._live:
                     self._wake.clear()
                     continue
-            self.check_faults()
+            try:
+                self.check_faults()
+            except Exception:  # never let the watchdog die: pending awaits rely on it
+                _log.exception("the completion watchdog's fault check failed; it goes on")
 
     def check_faults(self) -> int:
         """Fail every pending waiter whose device has faulted; returns how many.
 
-        The device is asked once per stream that waiters wait on, not once per waiter:
-        with tens of thousands in flight a look every ``watchdog_interval`` must stay
-        cheap, as it holds the GIL. A failed waiter's slot is freed at once under a new
-        generation: its signal will never come on a faulted device, and if it does, it is
-        ignored.
+        The device is asked once per stream that waiters wait on, not once per waiter: with
+        tens of thousands in flight a look every ``watchdog_interval`` must stay cheap, as
+        it holds the GIL. A failed waiter's slot is freed at once under a new generation:
+        its signal will never come on a faulted device, and if it does, it is ignored.
         """
-        with self._lock:  # distinct (backend, stream) pairs, at C speed
-            pairs = set(zip(self._backend, self._stream, strict=True))
+        with self._lock:
+            probes = list(self._probes.values())
         by_backend: dict[Backend, list[RawStream]] = {}
-        for backend, stream in pairs:
-            if backend is not None:
-                streams = by_backend.setdefault(backend, [])
-                if stream is not None:
-                    streams.append(stream)
-        del pairs
+        for probe in probes:
+            streams = by_backend.setdefault(probe.backend, [])
+            if probe.stream is not None:
+                streams.append(probe.stream)
+        del probes
         failed = 0
         for backend, streams in by_backend.items():
             try:
@@ -361,8 +394,8 @@ class CompletionBridge:
                 continue
             with self._lock:  # every waiter on the faulted device
                 doomed = []
-                for slot, owner in enumerate(self._backend):
-                    if owner is backend:
+                for slot, on in enumerate(self._probe):
+                    if on is not None and on.backend is backend:
                         doomed.append(self._take(slot))
                         self._gen[slot] += 1
             for resolve in doomed:
