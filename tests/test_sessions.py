@@ -10,7 +10,7 @@ import pytest
 from conftest import CUDA
 
 from pygpukit import MB, context_session, current_context, current_stream
-from pygpukit.runtime import Runtime
+from pygpukit.runtime import ExecutionContext, Runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -122,3 +122,43 @@ def test_a_closed_runtime_stops_binding_at_every_task_step() -> None:
     assert bound(backend)
     rt.close()
     assert not bound(backend)  # it would cost every later task step a bind and a restore
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+def test_a_nested_session_keeps_an_unhooked_tasks_hold_on_the_thread() -> None:
+    """A task created before its loop was hooked binds its stream for the whole thread while
+    it holds a session, so a second such task is refused one meanwhile. Leaving a nested
+    session of the first task must not give up that hold."""
+    import asyncio
+
+    from pygpukit import ContextError
+
+    async def main() -> list[str]:
+        go = asyncio.Event()
+        contexts: list[ExecutionContext] = []
+        outcome: list[str] = []
+
+        async def other() -> None:
+            await go.wait()
+            try:
+                async with context_session(contexts[1]):
+                    outcome.append("entered")
+            except ContextError:
+                outcome.append("refused")
+
+        late = asyncio.get_running_loop().create_task(other())  # before the loop is hooked
+        with Runtime(backend="cuda", vram_limit=64 * MB) as rt:  # hooks the running loop
+            contexts += [rt.create_context(n, max_vram=MB) for n in ("a", "b")]
+            async with context_session(contexts[0]):
+                async with context_session(contexts[0]):  # nested, in the same task
+                    pass
+                go.set()
+                await late  # the other task asks while this one still holds
+        return outcome
+
+    loop = asyncio.SelectorEventLoop()  # made directly, not through a hooking policy
+    try:
+        assert loop.run_until_complete(main()) == ["refused"]
+    finally:
+        loop.close()

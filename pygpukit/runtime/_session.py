@@ -312,8 +312,9 @@ class context_session:
                     "pygpukit.scheduler.initialize() (or pygpukit.hook_event_loop()) before "
                     "creating the tasks"
                 )
-            _unhooked.task = task
-            self._held_thread = True
+            if holder is None:  # a nested session of the holder leaves the hold to the outer
+                _unhooked.task = task
+                self._held_thread = True
         try:
             return self.__enter__()
         except BaseException:
