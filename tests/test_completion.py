@@ -281,3 +281,23 @@ def test_events_do_not_cross_host_runtimes(host_rt: Runtime) -> None:
         event = other.create_stream().record()
         with pytest.raises(InvalidArgument, match="runtime that created it"):
             host_rt.create_stream().wait_event(event)
+
+
+def test_a_callback_that_interrupts_the_drain_does_not_strand_the_others() -> None:
+    """A completion callback raising KeyboardInterrupt (or the like) propagates, but only
+    after every other finished waiter of the batch was resolved: none may wait forever."""
+    bridge = CompletionBridge(make_channel("python"))
+    with Runtime(backend="host", bridge=bridge) as rt:
+        event = rt.backend.create_event()  # never recorded: complete, so it signals at once
+        ran: list[BaseException | None] = []
+
+        def interrupt(exc: BaseException | None) -> None:
+            raise KeyboardInterrupt
+
+        bridge.on_done(event, rt.backend, ran.append)
+        bridge.on_done(event, rt.backend, interrupt)
+        bridge.on_done(event, rt.backend, ran.append)
+        with pytest.raises(KeyboardInterrupt):
+            bridge._on_readable()  # what the loop runs when the bridge's fd is readable
+        assert ran == [None, None]
+        assert bridge.stats().pending == 0

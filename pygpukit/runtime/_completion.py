@@ -332,11 +332,7 @@ class CompletionBridge:
                     self._free.append(slot)
                     done.append(resolve)
             self._live -= len(done)
-        for resolve in done:
-            try:
-                resolve(None)
-            except Exception:
-                _log.exception(_RAISED)
+        _resolve_all(done, None)
 
     def stats(self) -> BridgeStats:
         with self._lock:
@@ -398,17 +394,32 @@ class CompletionBridge:
                     if on is not None and on.backend is backend:
                         doomed.append(self._take(slot))
                         self._gen[slot] += 1
-            for resolve in doomed:
-                try:
-                    resolve(error)  # type: ignore[misc]
-                except Exception:
-                    _log.exception(_RAISED)
-                failed += 1
+            _resolve_all(doomed, error)  # type: ignore[arg-type]
+            failed += len(doomed)
         return failed
 
 
 _log = logging.getLogger("pygpukit")
-_RAISED = "a GPU-completion callback raised; the other waiters are unaffected"
+
+
+def _resolve_all(
+    callbacks: list[Callable[[BaseException | None], None]], error: BaseException | None
+) -> None:
+    """Call every callback, whatever one of them raises: a waiter left out would wait
+    forever. An exception is logged; a ``KeyboardInterrupt`` or the like is raised again
+    once the rest have run."""
+    interrupt: BaseException | None = None
+    for resolve in callbacks:
+        try:
+            resolve(error)
+        except Exception:
+            _log.exception("a GPU-completion callback raised; the other waiters are unaffected")
+        except BaseException as exc:
+            interrupt = interrupt or exc
+    if interrupt is not None:
+        raise interrupt
+
+
 _GEN_SHIFT = CAPACITY.bit_length() - 1  # token = slot + CAPACITY * generation
 _SLOT = CAPACITY - 1
 
