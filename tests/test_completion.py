@@ -301,3 +301,23 @@ def test_a_callback_that_interrupts_the_drain_does_not_strand_the_others() -> No
             bridge._on_readable()  # what the loop runs when the bridge's fd is readable
         assert ran == [None, None]
         assert bridge.stats().pending == 0
+
+
+def test_a_signal_for_no_waiter_of_ours_is_ignored() -> None:
+    """A token that names a slot the table does not have yet (a fresh bridge), or an old
+    generation, resolves nothing and raises nothing in the loop's reader."""
+    bridge = CompletionBridge(make_channel("python"))
+    bridge.push(5 + CAPACITY * 3)  # the table is still empty
+    bridge._on_readable()
+    with Runtime(backend="host", bridge=bridge) as rt:
+        ran: list[BaseException | None] = []
+        stream = rt.create_stream()
+        gate = _gate(stream)
+        bridge.on_done(stream.raw, rt.backend, ran.append)  # slot 0, generation 0
+        bridge.push(0 + CAPACITY * 7)  # slot 0 under another generation
+        bridge._on_readable()
+        assert ran == [] and bridge.stats().pending == 1
+        gate.set()
+        stream.synchronize()
+        bridge._on_readable()
+        assert ran == [None] and bridge.stats().pending == 0

@@ -317,10 +317,11 @@ class CompletionBridge:
         done = []
         gens, resolves, probes = self._gen, self._resolve, self._probe
         with self._lock:
+            size = len(gens)
             for token in tokens:
                 slot = token & _SLOT
-                if token >> _GEN_SHIFT != gens[slot]:
-                    continue  # its waiter was failed and the slot reused
+                if slot >= size or token >> _GEN_SHIFT != gens[slot]:
+                    continue  # no waiter of ours, or one failed and its slot reused
                 resolve = resolves[slot]
                 if resolve is not None:
                     resolves[slot] = None
