@@ -6,6 +6,7 @@ import gc
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -321,3 +322,61 @@ def test_a_signal_for_no_waiter_of_ours_is_ignored() -> None:
         stream.synchronize()
         bridge._on_readable()
         assert ran == [None] and bridge.stats().pending == 0
+
+
+def test_a_signal_queued_by_a_failed_arming_resolves_no_later_waiter() -> None:
+    """If arming raised after its signal was queued (an interrupt right after the enqueue),
+    the slot it gives back must not let that signal resolve the next waiter early."""
+    bridge = CompletionBridge(make_channel("python"))
+    with Runtime(backend="host", bridge=bridge) as rt:
+        first, later = rt.create_stream(), rt.create_stream()
+        gate, later_gate = _gate(first), _gate(later)
+
+        class Interrupted:  # the real stream's signal, then an interrupt
+            origin = None
+
+            def signal_when_done(self, token: int, signal: object) -> None:
+                first.raw.signal_when_done(token, signal)  # type: ignore[arg-type]
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            bridge.on_done(Interrupted(), rt.backend, lambda exc: None)  # type: ignore[arg-type]
+        fired: list[BaseException | None] = []
+        bridge.on_done(later.raw, rt.backend, fired.append)  # takes the slot given back
+        gate.set()
+        first.synchronize()  # the abandoned signal has landed
+        bridge._on_readable()
+        assert fired == []  # the later waiter's work is still held
+        later_gate.set()
+        later.synchronize()
+        bridge._on_readable()
+        assert fired == [None]
+
+
+def test_the_watchdog_outlives_a_callback_that_raises_systemexit() -> None:
+    """A callback raising SystemExit (or another BaseException) while the watchdog fails it
+    must not end the watchdog: later waiters on a faulted device still need it."""
+    bridge = CompletionBridge(make_channel("python"), watchdog_interval=0.02)
+
+    def fault_under(rt: Runtime, callback: Callable[[BaseException | None], None]) -> None:
+        stream = rt.create_stream()
+        gate = _gate(stream)
+        stream.launch_host_func(lambda: 1 / 0)
+        bridge.on_done(stream.raw, rt.backend, callback)  # queued behind the fault
+        gate.set()  # the device faults; the signal never comes
+
+    def exits(exc: BaseException | None) -> None:
+        raise SystemExit("a callback exits")
+
+    with Runtime(backend="host", bridge=bridge) as first:
+        fault_under(first, exits)
+        deadline = time.monotonic() + 5
+        while bridge.stats().pending and time.monotonic() < deadline:
+            time.sleep(0.01)  # the watchdog fails it (no loop drains this bridge)
+        assert bridge.stats().pending == 0
+    with Runtime(backend="host", bridge=bridge) as second:  # a later fault, elsewhere
+        failed = threading.Event()
+        errors: list[BaseException | None] = []
+        fault_under(second, lambda exc: (errors.append(exc), failed.set()))
+        assert failed.wait(5), "the watchdog is gone: this await would never end"
+        assert isinstance(errors[0], CudaError)

@@ -288,12 +288,15 @@ class CompletionBridge:
 
     def _release(self, token: int) -> Callable[[BaseException | None], None] | None:
         """Take back the slot ``token`` names, unless its waiter is gone already (the
-        watchdog failed it, and the slot may be another waiter's now)."""
+        watchdog failed it, and the slot may be another waiter's now). The slot moves to a
+        new generation: a signal already queued for ``token`` resolves nothing."""
         slot = token & _SLOT
         with self._lock:
             if token >> _GEN_SHIFT != self._gen[slot]:
                 return None
-            return self._take(slot)
+            resolve = self._take(slot)
+            self._gen[slot] += 1
+            return resolve
 
     def _take(self, slot: int) -> Callable[[BaseException | None], None] | None:
         """Empty ``slot`` (call with the lock held); its callback, or ``None``."""
@@ -362,7 +365,7 @@ class CompletionBridge:
                     continue
             try:
                 self.check_faults()
-            except Exception:  # never let the watchdog die: pending awaits rely on it
+            except BaseException:  # never let the watchdog die: pending awaits rely on it
                 _log.exception("the completion watchdog's fault check failed; it goes on")
 
     def check_faults(self) -> int:
