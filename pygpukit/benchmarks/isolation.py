@@ -179,8 +179,8 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"equal-priority p99 / pygpukit p99: {eq / pg:.1f}x  (alone p50 {alone:.0f} us)")
     for name, g in r["gc"].items():
         print(
-            f"gc during {name}: {g['collections']} collections, longest "
-            f"{g['longest_us']:.0f} us, overlapping {g['samples_hit']} steps"
+            f"gc while sampling {name} (steps and the gaps between): {g['collections']} "
+            f"collections, longest {g['longest_us']:.0f} us; {g['samples_hit']} overlapped a step"
         )
     print(
         f"BestEffort flood: {rates['solo']:.0f} kernels/s alone, {rates['with_guaranteed']:.0f}"

@@ -87,10 +87,12 @@ async def _run(backend: str, n: int, rounds: int) -> dict[str, Any]:
 
 
 def _took(fut: asyncio.Future[float], start: Any, end: Any, error: BaseException | None) -> None:
-    if error is not None:
-        fut.set_exception(error)
-    else:
+    try:
+        if error is not None:
+            raise error
         fut.set_result(start.elapsed_ms(end))
+    except Exception as exc:  # the benchmark fails rather than waits forever
+        fut.set_exception(exc)
 
 
 async def _floor(rt: Runtime, stream: Any, launch: Any, n: int) -> None:
