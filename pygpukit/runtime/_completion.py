@@ -94,13 +94,17 @@ class _Probe:
     """A stream (or, for an event never recorded, a backend) with waiters pending on it:
     what the watchdog queries for faults. Shared by those waiters' slots."""
 
-    __slots__ = ("backend", "count", "key", "stream")
+    __slots__ = ("backend", "count", "stream")
 
-    def __init__(self, key: object, backend: Backend, stream: RawStream | None) -> None:
-        self.key = key
+    def __init__(self, backend: Backend, stream: RawStream | None) -> None:
         self.backend = backend
         self.stream = stream
         self.count = 0
+
+    @staticmethod
+    def key(backend: Backend, stream: RawStream | None) -> object:
+        """What the bridge files a probe under: its stream, else its backend."""
+        return backend if stream is None else stream
 
 
 class BridgeStats:
@@ -248,7 +252,7 @@ class CompletionBridge:
         backend: Backend,
         stream: RawStream | None,
     ) -> int:
-        key = backend if stream is None else stream
+        key = _Probe.key(backend, stream)
         with self._lock:
             if not self._free:
                 self._grow()
@@ -256,7 +260,7 @@ class CompletionBridge:
             self._resolve[slot] = resolve
             probe = self._probes.get(key)
             if probe is None:
-                probe = self._probes[key] = _Probe(key, backend, stream)
+                probe = self._probes[key] = _Probe(backend, stream)
             probe.count += 1
             self._probe[slot] = probe
             self._live += 1
@@ -286,17 +290,15 @@ class CompletionBridge:
         self._gen.extend([0] * more)
         self._free.extend(range(size + more - 1, size - 1, -1))  # lowest slots first
 
-    def _release(self, token: int) -> Callable[[BaseException | None], None] | None:
+    def _release(self, token: int) -> None:
         """Take back the slot ``token`` names, unless its waiter is gone already (the
         watchdog failed it, and the slot may be another waiter's now). The slot moves to a
         new generation: a signal already queued for ``token`` resolves nothing."""
         slot = token & _SLOT
         with self._lock:
-            if token >> _GEN_SHIFT != self._gen[slot]:
-                return None
-            resolve = self._take(slot)
-            self._gen[slot] += 1
-            return resolve
+            if token >> _GEN_SHIFT == self._gen[slot]:
+                self._take(slot)
+                self._gen[slot] += 1
 
     def _take(self, slot: int) -> Callable[[BaseException | None], None] | None:
         """Empty ``slot`` (call with the lock held); its callback, or ``None``."""
@@ -305,9 +307,10 @@ class CompletionBridge:
             self._resolve[slot] = None
             probe = self._probe[slot]
             self._probe[slot] = None
-            probe.count -= 1  # type: ignore[union-attr]
-            if not probe.count:  # type: ignore[union-attr]
-                del self._probes[probe.key]  # type: ignore[union-attr]
+            assert probe is not None  # a slot with a callback has its probe
+            probe.count -= 1
+            if not probe.count:
+                del self._probes[_Probe.key(probe.backend, probe.stream)]
             self._free.append(slot)
             self._live -= 1
         return resolve
@@ -318,24 +321,16 @@ class CompletionBridge:
         if not tokens:
             return
         done = []
-        gens, resolves, probes = self._gen, self._resolve, self._probe
+        gens, take = self._gen, self._take
         with self._lock:
             size = len(gens)
             for token in tokens:
                 slot = token & _SLOT
                 if slot >= size or token >> _GEN_SHIFT != gens[slot]:
                     continue  # no waiter of ours, or one failed and its slot reused
-                resolve = resolves[slot]
+                resolve = take(slot)
                 if resolve is not None:
-                    resolves[slot] = None
-                    probe = probes[slot]
-                    probes[slot] = None
-                    probe.count -= 1  # type: ignore[union-attr]
-                    if not probe.count:  # type: ignore[union-attr]
-                        del self._probes[probe.key]  # type: ignore[union-attr]
-                    self._free.append(slot)
                     done.append(resolve)
-            self._live -= len(done)
         _resolve_all(done, None)
 
     def stats(self) -> BridgeStats:
