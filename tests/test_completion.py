@@ -224,7 +224,8 @@ async def test_an_await_that_fails_to_arm_after_a_fault_frees_only_its_own_slot(
         broken = bad.create_stream()
         broken.launch_host_func(lambda: 1 / 0)  # the bad device faults
         with pytest.raises(CudaError):
-            await broken
+            broken.synchronize()  # (an await here could be armed before the fault lands,
+            # and only this bridge's watchdog, asleep for an hour, would fail it)
         stream = good.create_stream()
         gate = _gate(stream)
         bridge.attach()
