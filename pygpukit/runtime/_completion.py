@@ -33,6 +33,7 @@ __all__ = ("BridgeStats", "CompletionBridge", "default_bridge")
 
 CAPACITY = 1 << 18  # live waiters at most; the ring holds exactly this many
 DEFAULT_SPIN_US = 20.0  # bench/RESULTS.md §1: a trivial kernel completes in ~15 us
+DEFAULT_COALESCE = 32  # waiters per shared signal at most (bench/RESULTS.md §2)
 
 
 class _Channel(Protocol):
@@ -92,14 +93,19 @@ class _PythonChannel:
 
 class _Probe:
     """A stream (or, for an event never recorded, a backend) with waiters pending on it:
-    what the watchdog queries for faults. Shared by those waiters' slots."""
+    what the watchdog queries for faults. Shared by those waiters' slots.
 
-    __slots__ = ("backend", "count", "stream")
+    It also holds the stream's open *batch*: the tokens of waiters armed on the loop thread
+    ``loop`` since the stream's last signal, which one signal will stand for."""
+
+    __slots__ = ("backend", "batch", "count", "loop", "stream")
 
     def __init__(self, backend: Backend, stream: RawStream | None) -> None:
         self.backend = backend
         self.stream = stream
         self.count = 0
+        self.batch: list[int] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @staticmethod
     def key(backend: Backend, stream: RawStream | None) -> object:
@@ -108,27 +114,47 @@ class _Probe:
 
 
 class BridgeStats:
-    """A snapshot of the bridge: live waiters, free slots, and which channel it uses."""
+    """A snapshot of the bridge: live waiters, free slots, which channel it uses, and since
+    it was made how many waiters were armed and how many signals were enqueued for them
+    (fewer when waiters on one stream share a signal: :attr:`CompletionBridge.coalesce`)."""
 
-    __slots__ = ("capacity", "free_slots", "native", "pending")
+    __slots__ = ("armed", "capacity", "free_slots", "native", "pending", "signals")
 
-    def __init__(self, pending: int, free_slots: int, capacity: int, native: bool) -> None:
+    def __init__(
+        self, pending: int, free_slots: int, capacity: int, native: bool, armed: int, signals: int
+    ) -> None:
         self.pending = pending
         self.free_slots = free_slots
         self.capacity = capacity
         self.native = native
+        self.armed = armed
+        self.signals = signals
 
     def __repr__(self) -> str:
         return (
             f"BridgeStats(pending={self.pending}, free_slots={self.free_slots}, "
-            f"capacity={self.capacity}, native={self.native})"
+            f"capacity={self.capacity}, native={self.native}, armed={self.armed}, "
+            f"signals={self.signals})"
         )
 
 
 class CompletionBridge:
     """Turns stream positions into awaitables; one per process is enough."""
 
-    def __init__(self, channel: _Channel, *, watchdog_interval: float = 0.1) -> None:
+    def __init__(
+        self, channel: _Channel, *, watchdog_interval: float = 0.1, coalesce: int | None = None
+    ) -> None:
+        if coalesce is None:
+            raw = os.environ.get("PYGPUKIT_COALESCE", "").strip()
+            try:
+                coalesce = int(raw) if raw else DEFAULT_COALESCE
+            except ValueError:
+                coalesce = -1  # refused just below, naming the value
+        if type(coalesce) is not int or coalesce < 1:
+            raise InvalidArgument(
+                f"coalesce must be an integer >= 1 (waiters per shared signal; 1 gives every "
+                f"waiter its own), got {coalesce!r}"
+            )
         if getattr(channel, "owned", False):
             raise InvalidArgument(
                 "the native completion channel is process-wide and already has its bridge; "
@@ -148,9 +174,14 @@ class CompletionBridge:
         # collector to count and traverse: RESULTS.md §2); a free slot holds None.
         self._resolve: list[Callable[[BaseException | None], None] | None] = []
         self._probe: list[_Probe | None] = []  # what each slot's waiter waits on
+        self._rest: list[list[int] | None] = []  # the other waiters a slot's signal stands for
         self._probes: dict[object, _Probe] = {}  # by stream: the watchdog's worklist
         self._free: list[int] = []
         self._live = 0
+        self._armed = 0  # waiters registered, ever
+        self._signals = 0  # signals enqueued for them, ever
+        #: At most this many waiters on one stream share one signal (see :meth:`on_done`).
+        self.coalesce = coalesce
         self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._interval = watchdog_interval
         self.spin_us = float(os.environ.get("PYGPUKIT_SPIN_US", DEFAULT_SPIN_US))
@@ -198,6 +229,15 @@ class CompletionBridge:
         With ``spin`` (for a caller on the loop thread) ``target`` is first queried for up
         to :attr:`spin_us` when no other waiter is pending, as :meth:`wait` does; if it is
         done by then, ``callback(None)`` runs right here, before this returns.
+
+        Signals are shared under load. A stream waited on from an asyncio loop's thread
+        while other waiters are pending on it does not get a signal of its own at once: the
+        waiter joins the stream's open batch, which gets one signal, enqueued once the loop
+        finishes its current iteration, or at once when :attr:`coalesce` waiters have
+        joined. Every waiter still resolves only after its own work has run; it may resolve
+        later by the work queued on its stream after it in that iteration. A lone waiter,
+        an event, another thread, and trio are signalled at once, as with ``coalesce=1``.
+        If the shared signal cannot be enqueued, every waiter of the batch gets the error.
         """
         if spin and self.spin_us > 0 and backend.spin_helps and not self._live:
             query = target.query
@@ -208,12 +248,20 @@ class CompletionBridge:
                     return
         # what the watchdog queries for faults: an event's stream, or the stream itself
         probe = getattr(target, "origin", target)  # (no ABC isinstance: once per await)
-        token = self._register(callback, backend, probe)  # type: ignore[arg-type]
-        try:
-            target.signal_when_done(token, self)
-        except BaseException:
-            self._release(token)
-            raise
+        # A stream awaited on an asyncio loop's thread may share its signal (see above).
+        loop = asyncio._get_running_loop() if probe is target and self.coalesce > 1 else None
+        token, batch, on = self._register(callback, backend, probe, loop)  # type: ignore[arg-type]
+        if batch is None:  # a signal of its own, now
+            try:
+                target.signal_when_done(token, self)
+            except BaseException:
+                self._release(token)
+                raise
+        elif len(batch) == 1:  # it opened the stream's batch: signal it after this iteration
+            assert loop is not None
+            loop.call_soon(self._flush, on, batch)
+        elif batch is not _JOINED:  # it filled the batch: signal it now
+            self._send(on, batch)
 
     def attach(self) -> None:
         """Watch the bridge's fd from the running asyncio loop or trio run (idempotent)."""
@@ -251,8 +299,13 @@ class CompletionBridge:
         resolve: Callable[[BaseException | None], None],
         backend: Backend,
         stream: RawStream | None,
-    ) -> int:
-        key = _Probe.key(backend, stream)
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> tuple[int, list[int] | None, _Probe]:
+        """Take a slot for ``resolve``; returns its token, its batch and its probe. The
+        batch is ``None`` when it needs a signal of its own now, else the stream's batch it
+        opened (length 1), filled (detached; length :attr:`coalesce`), or ``_JOINED``."""
+        key = backend if stream is None else stream  # _Probe.key, inlined: once per await
+        batch: list[int] | None = None
         with self._lock:
             if not self._free:
                 self._grow()
@@ -261,17 +314,74 @@ class CompletionBridge:
             probe = self._probes.get(key)
             if probe is None:
                 probe = self._probes[key] = _Probe(backend, stream)
+            token = slot + CAPACITY * self._gen[slot]
+            if loop is not None and probe.count:  # others pending on the stream: share
+                batch = probe.batch
+                if batch is None:
+                    batch = probe.batch = [token]
+                    probe.loop = loop
+                elif probe.loop is loop:
+                    batch.append(token)
+                    if len(batch) >= self.coalesce:
+                        probe.batch = None  # full: the caller sends it
+                    else:
+                        batch = _JOINED
+                else:  # another loop's batch: that loop sends it
+                    batch = None
             probe.count += 1
             self._probe[slot] = probe
             self._live += 1
+            self._armed += 1
+            if batch is None:
+                self._signals += 1
             if self._live == 1:
                 # The watchdog clears its wake-up flag under this lock once nothing is
                 # pending: the first waiter after that sets it again.
                 self._wake.set()
-            token = slot + CAPACITY * self._gen[slot]
         if self._watchdog is None:
             self._ensure_watchdog()
-        return token
+        return token, batch, probe
+
+    def _flush(self, probe: _Probe, batch: list[int]) -> None:
+        """Send ``batch`` unless it was sent already (the loop call its opener scheduled)."""
+        with self._lock:
+            if probe.batch is not batch:
+                return  # sent when it filled up, or by the watchdog
+            probe.batch = None
+        self._send(probe, batch)
+
+    def _send(self, probe: _Probe, batch: list[int]) -> None:
+        """Enqueue one signal on ``probe``'s stream for the waiters of ``batch`` (detached
+        from it) still pending: it carries the last one's token, and that slot lists the
+        others."""
+        gens, stream = self._gen, probe.stream
+        assert stream is not None  # only a stream's waiters share signals
+        with self._lock:
+            live = [t for t in batch if t >> _GEN_SHIFT == gens[t & _SLOT]]
+            if not live:
+                return  # every one failed by the watchdog meanwhile
+            lead = live.pop()
+            self._rest[lead & _SLOT] = live or None
+            self._signals += 1
+        try:
+            stream.signal_when_done(lead, self)
+        except BaseException as exc:  # a faulted or closed stream: every waiter hears it
+            error: BaseException | None = exc
+            if isinstance(exc, Exception):
+                try:  # closed after its work ran (close() waits for it): all done, then
+                    error = None if stream.query() else exc
+                except Exception:
+                    pass
+            with self._lock:
+                doomed = []
+                for token in (*live, lead):
+                    slot = token & _SLOT
+                    if token >> _GEN_SHIFT == gens[slot]:
+                        doomed.append(self._take(slot))
+                        gens[slot] += 1
+            _resolve_all(doomed, error)  # type: ignore[arg-type]
+            if error is not None and not isinstance(error, Exception):
+                raise
 
     def _grow(self) -> None:
         """Double the table (call with the lock held).
@@ -287,6 +397,7 @@ class CompletionBridge:
         more = min(max(size, 1024), CAPACITY - size)
         self._resolve.extend([None] * more)
         self._probe.extend([None] * more)
+        self._rest.extend([None] * more)
         self._gen.extend([0] * more)
         self._free.extend(range(size + more - 1, size - 1, -1))  # lowest slots first
 
@@ -305,6 +416,7 @@ class CompletionBridge:
         resolve = self._resolve[slot]
         if resolve is not None:
             self._resolve[slot] = None
+            self._rest[slot] = None
             probe = self._probe[slot]
             self._probe[slot] = None
             assert probe is not None  # a slot with a callback has its probe
@@ -321,21 +433,35 @@ class CompletionBridge:
         if not tokens:
             return
         done = []
-        gens, take = self._gen, self._take
+        gens, rests, take = self._gen, self._rest, self._take
         with self._lock:
             size = len(gens)
             for token in tokens:
                 slot = token & _SLOT
                 if slot >= size or token >> _GEN_SHIFT != gens[slot]:
                     continue  # no waiter of ours, or one failed and its slot reused
+                rest = rests[slot]
                 resolve = take(slot)
                 if resolve is not None:
                     done.append(resolve)
+                if rest is not None:  # the waiters this signal was shared by
+                    for other in rest:
+                        if other >> _GEN_SHIFT == gens[other & _SLOT]:
+                            resolve = take(other & _SLOT)
+                            if resolve is not None:
+                                done.append(resolve)
         _resolve_all(done, None)
 
     def stats(self) -> BridgeStats:
         with self._lock:
-            return BridgeStats(self._live, CAPACITY - self._live, CAPACITY, self.native is not None)
+            return BridgeStats(
+                self._live,
+                CAPACITY - self._live,
+                CAPACITY,
+                self.native is not None,
+                self._armed,
+                self._signals,
+            )
 
     # -- the watchdog ------------------------------------------------------------------
     def _ensure_watchdog(self) -> None:
@@ -359,9 +485,23 @@ class CompletionBridge:
                     self._wake.clear()
                     continue
             try:
+                self._send_stranded()
                 self.check_faults()
             except BaseException:  # never let the watchdog die: pending awaits rely on it
                 _log.exception("the completion watchdog's fault check failed; it goes on")
+
+    def _send_stranded(self) -> None:
+        """Send the open batches whose loop is not running: the call it scheduled to send
+        them would never come (a loop stopped or closed in between)."""
+        with self._lock:
+            stranded = []
+            for probe in self._probes.values():
+                batch, loop = probe.batch, probe.loop
+                if batch is not None and loop is not None and not loop.is_running():
+                    probe.batch = None
+                    stranded.append((probe, batch))
+        for probe, batch in stranded:
+            self._send(probe, batch)
 
     def check_faults(self) -> int:
         """Fail every pending waiter whose device has faulted; returns how many.
@@ -421,6 +561,7 @@ def _resolve_all(
 
 _GEN_SHIFT = CAPACITY.bit_length() - 1  # token = slot + CAPACITY * generation
 _SLOT = CAPACITY - 1
+_JOINED: list[int] = []  # _register's answer for a waiter that joined an open batch
 
 
 async def checkpoint() -> None:
