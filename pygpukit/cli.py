@@ -32,6 +32,11 @@ def _info(args: argparse.Namespace) -> int:
             "completion bridge": "native (GIL-free host function + eventfd)"
             if bridge.native
             else "pure Python (extension not built)",
+            "completion signals": (
+                f"shared by up to {rt.bridge.coalesce} waiters of a busy stream (PYGPUKIT_COALESCE)"
+                if rt.bridge.coalesce > 1
+                else "one per waiter (PYGPUKIT_COALESCE=1)"
+            ),
         }
         stream_ordered = bool(getattr(rt.backend, "stream_ordered", False))
         if d.backend == "cuda":

@@ -34,7 +34,7 @@ NAMES = ("completion", "throughput", "submit", "models", "isolation", "alloc", "
 FULL: dict[str, list[str]] = {name: [] for name in NAMES}
 QUICK: dict[str, list[str]] = {
     "completion": ["--n", "40", "--warmup", "4", "--loops", "asyncio"],
-    "throughput": ["--n", "400"],
+    "throughput": ["--n", "400", "--burst", "4", "--burst-ms", "0.2", "--burst-rounds", "2"],
     "submit": ["--n", "100", "--rounds", "1"],
     "models": ["--tokens", "8", "--rounds", "1", "--size", "small"],
     "isolation": ["--samples", "8", "--block-us", "100", "--waves", "5", "--gap-ms", "1"],

@@ -11,6 +11,10 @@ kernels-only rate that gives the ceiling of any bridge whose signals and bookkee
 nothing, ``1 / (1/kernels + 1/futures)``. And, to show what the garbage collector costs at
 this rate, the bridge again with ``gc`` paused for the run (not a setting pygpukit changes).
 
+What sharing costs a waiter: ``--burst`` tasks on one stream each launch a step of
+``--burst-ms`` of device time and await the stream, all at once, ``--burst-rounds`` times;
+the latency of each (launch to resume), shared against a signal per await, interleaved.
+
     pygpukit bench --only throughput      (or: python -m pygpukit.benchmarks.throughput)
 """
 
@@ -23,7 +27,7 @@ import time
 from typing import Any
 
 from ..runtime import Runtime
-from ._common import Row, bench_main, noop_kernel
+from ._common import Row, bench_main, busy_kernel, noop_kernel, pct
 
 UNMATCHED = 1 << 20  # a generation no slot has: the bridge ignores these signals
 
@@ -123,7 +127,48 @@ async def _futures_only(rt: Runtime, n: int, streams: list[Any]) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def _run(backend: str, n: int) -> dict[str, Any]:
+async def _burst(rt: Runtime, stream: Any, tasks: int, seconds: float) -> list[float]:
+    """``tasks`` awaits of ``stream``, each after a step of its own: their latencies."""
+    step = busy_kernel(rt)
+    latencies: list[float] = []
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        step(stream, seconds)
+        await stream
+        latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(one() for _ in range(tasks)))
+    return latencies
+
+
+async def _burst_latency(
+    rt: Runtime, tasks: int, seconds: float, rounds: int
+) -> dict[str, dict[str, float]]:
+    stream = rt.create_stream()
+    shared = rt.bridge.coalesce
+    samples: dict[int, list[float]] = {shared: [], 1: []}
+    try:
+        for _ in range(rounds):  # interleaved
+            for coalesce, into in samples.items():
+                rt.bridge.coalesce = coalesce
+                into += await _burst(rt, stream, tasks, seconds)
+    finally:
+        rt.bridge.coalesce = shared
+        stream.close()
+    return {
+        "shared" if coalesce == shared else "a signal each": {
+            "mean_us": sum(xs) / len(xs) * 1e6,
+            "p50_us": pct(xs, 50) * 1e6,
+            "p99_us": pct(xs, 99) * 1e6,
+        }
+        for coalesce, xs in samples.items()
+    }
+
+
+async def _run(
+    backend: str, n: int, burst: int, burst_ms: float, burst_rounds: int
+) -> dict[str, Any]:
     with Runtime(backend=backend) as rt:
         streams = [rt.create_stream() for _ in range(4)]
         methods = {
@@ -141,12 +186,14 @@ async def _run(backend: str, n: int) -> dict[str, Any]:
         for _ in range(3):  # interleaved rounds; best of three each
             for name, fn in methods.items():
                 rates[name].append(await fn(rt, n, streams))
+        burst_latency = await _burst_latency(rt, burst, burst_ms / 1e3, burst_rounds)
         return {
             "device": rt.device.name,
             "backend": rt.backend.name,
             "n": n,
             "coalesce": rt.bridge.coalesce,
             "per_s": {k: max(v) for k, v in rates.items()},
+            "burst": {"tasks": burst, "ms": burst_ms, "latency": burst_latency},
         }
 
 
@@ -157,6 +204,8 @@ def summary(r: dict[str, Any]) -> list[Row]:
     ceiling = 1 / (1 / rate["kernels-only"] + 1 / rate["futures-only"])
     paused = rate["pygpukit, gc paused"]
     unshared = rate["pygpukit, a signal per await"]
+    b = r["burst"]
+    shared, own = b["latency"]["shared"], b["latency"]["a signal each"]
     return [
         Row(
             "throughput",
@@ -185,6 +234,16 @@ def summary(r: dict[str, Any]) -> list[Row]:
         ),
         Row(
             "throughput",
+            f"what sharing costs: {b['tasks']} awaits at once on one stream, each after "
+            f"{b['ms']:g} ms of work; latency mean / p99 (diagnostic)",
+            f"{shared['mean_us']:,.0f} / {shared['p99_us']:,.0f} us",
+            f"a signal each: {own['mean_us']:,.0f} / {own['p99_us']:,.0f} us ("
+            f"{shared['mean_us'] / own['mean_us']:.2f}x / {shared['p99_us'] / own['p99_us']:.2f}x)",
+            "(no target)",
+            None,
+        ),
+        Row(
+            "throughput",
             "the same with the garbage collector paused (diagnostic)",
             f"{paused:,.0f}/s ({paused / enq:.0%} of enqueue-only)",
             f"with gc: {ours:,.0f}/s",
@@ -200,8 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         __doc__,
         [
             ("--n", {"type": int, "default": 20_000}),
+            ("--burst", {"type": int, "default": 16}),
+            ("--burst-ms", {"type": float, "default": 1.0}),
+            ("--burst-rounds", {"type": int, "default": 30}),
         ],
-        lambda a: asyncio.run(_run(a.backend, a.n)),
+        lambda a: asyncio.run(_run(a.backend, a.n, a.burst, a.burst_ms, a.burst_rounds)),
         summary,
     )
 
