@@ -33,7 +33,7 @@ __all__ = ("BridgeStats", "CompletionBridge", "default_bridge")
 
 CAPACITY = 1 << 18  # live waiters at most; the ring holds exactly this many
 DEFAULT_SPIN_US = 20.0  # bench/RESULTS.md §1: a trivial kernel completes in ~15 us
-DEFAULT_COALESCE = 32  # waiters per shared signal at most (bench/RESULTS.md §2)
+DEFAULT_COALESCE = 1  # waiters per shared signal at most: off unless asked for (see wait())
 
 
 class _Channel(Protocol):
@@ -96,9 +96,10 @@ class _Probe:
     what the watchdog queries for faults. Shared by those waiters' slots.
 
     It also holds the stream's open *batch*: the tokens of waiters armed on the loop thread
-    ``loop`` since the stream's last signal, which one signal will stand for."""
+    ``loop`` since the stream's last signal, which one signal will stand for (``seen``: the
+    batch the watchdog found open at its last look)."""
 
-    __slots__ = ("backend", "batch", "count", "loop", "stream")
+    __slots__ = ("backend", "batch", "count", "loop", "seen", "stream")
 
     def __init__(self, backend: Backend, stream: RawStream | None) -> None:
         self.backend = backend
@@ -106,6 +107,13 @@ class _Probe:
         self.count = 0
         self.batch: list[int] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.seen: list[int] | None = None
+
+    def detach(self) -> list[int] | None:
+        """Take the open batch away (with the bridge's lock held) for sending."""
+        batch = self.batch
+        self.batch = self.loop = self.seen = None
+        return batch
 
     @staticmethod
     def key(backend: Backend, stream: RawStream | None) -> object:
@@ -116,7 +124,8 @@ class _Probe:
 class BridgeStats:
     """A snapshot of the bridge: live waiters, free slots, which channel it uses, and since
     it was made how many waiters were armed and how many signals were enqueued for them
-    (fewer when waiters on one stream share a signal: :attr:`CompletionBridge.coalesce`)."""
+    (asked for, whether or not the enqueue then succeeded; fewer signals than waiters when
+    waiters on one stream share a signal: :attr:`CompletionBridge.coalesce`)."""
 
     __slots__ = ("armed", "capacity", "free_slots", "native", "pending", "signals")
 
@@ -149,11 +158,11 @@ class CompletionBridge:
             try:
                 coalesce = int(raw) if raw else DEFAULT_COALESCE
             except ValueError:
-                coalesce = -1  # refused just below, naming the value
+                coalesce = raw  # type: ignore[assignment]  # refused just below
         if type(coalesce) is not int or coalesce < 1:
             raise InvalidArgument(
-                f"coalesce must be an integer >= 1 (waiters per shared signal; 1 gives every "
-                f"waiter its own), got {coalesce!r}"
+                f"coalesce (PYGPUKIT_COALESCE) must be an integer >= 1: the most waiters "
+                f"that share one signal; 1 gives every waiter its own. Got {coalesce!r}"
             )
         if getattr(channel, "owned", False):
             raise InvalidArgument(
@@ -180,7 +189,7 @@ class CompletionBridge:
         self._live = 0
         self._armed = 0  # waiters registered, ever
         self._signals = 0  # signals enqueued for them, ever
-        #: At most this many waiters on one stream share one signal (see :meth:`on_done`).
+        #: At most this many waiters on one stream share one signal (see :meth:`wait`).
         self.coalesce = coalesce
         self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._interval = watchdog_interval
@@ -195,6 +204,10 @@ class CompletionBridge:
         Short work is caught by querying for up to :attr:`spin_us` microseconds first when no
         other waiter is pending (the loop is held that long at most, never while idle);
         otherwise, and for longer work, it sleeps on the bridge.
+
+        With :attr:`coalesce` above 1 (``PYGPUKIT_COALESCE``; off by default), awaits of a
+        stream that already has waiters pending, on an asyncio loop's thread, share one
+        signal instead of enqueuing one each: see ``share`` in :meth:`on_done`.
 
         :raises CudaError: the device faulted while we waited
         """
@@ -211,7 +224,7 @@ class CompletionBridge:
                     break
         self.attach()
         one = Oneshot()
-        self.on_done(target, backend, one)
+        self.on_done(target, backend, one, share=True)  # this task suspends just below
         await one.wait(again=False)
 
     def on_done(
@@ -221,6 +234,7 @@ class CompletionBridge:
         callback: Callable[[BaseException | None], None],
         *,
         spin: bool = False,
+        share: bool = False,
     ) -> None:
         """Call ``callback(None)`` once ``target``'s work has run, ``callback(error)`` if the
         device faults first. It runs on whichever loop thread drains the bridge (or on the
@@ -230,14 +244,17 @@ class CompletionBridge:
         to :attr:`spin_us` when no other waiter is pending, as :meth:`wait` does; if it is
         done by then, ``callback(None)`` runs right here, before this returns.
 
-        Signals are shared under load. A stream waited on from an asyncio loop's thread
-        while other waiters are pending on it does not get a signal of its own at once: the
-        waiter joins the stream's open batch, which gets one signal, enqueued once the loop
-        finishes its current iteration, or at once when :attr:`coalesce` waiters have
-        joined. Every waiter still resolves only after its own work has run; it may resolve
-        later by the work queued on its stream after it in that iteration. A lone waiter,
-        an event, another thread, and trio are signalled at once, as with ``coalesce=1``.
-        If the shared signal cannot be enqueued, every waiter of the batch gets the error.
+        With ``share`` (for a caller on an asyncio loop's thread that will not block that
+        thread waiting for ``callback``) and :attr:`coalesce` above 1, a stream ``target``
+        that already has waiters pending does not get a signal of its own: the waiter joins
+        the stream's open batch, which gets one signal when the loop finishes its current
+        iteration, or at once when :attr:`coalesce` waiters have joined. It still resolves
+        only after its own work has run, but also only after all the work queued on the
+        stream before the batch was sent, by any task or thread: work that waits on the
+        host for something this waiter's resolution leads to would never run, so sharing is
+        off by default. A lone waiter, an event, another thread and trio get a signal of
+        their own. If the shared signal cannot be enqueued, every waiter of the batch gets
+        the error; when the batch was filled by this call, that runs here.
         """
         if spin and self.spin_us > 0 and backend.spin_helps and not self._live:
             query = target.query
@@ -249,7 +266,9 @@ class CompletionBridge:
         # what the watchdog queries for faults: an event's stream, or the stream itself
         probe = getattr(target, "origin", target)  # (no ABC isinstance: once per await)
         # A stream awaited on an asyncio loop's thread may share its signal (see above).
-        loop = asyncio._get_running_loop() if probe is target and self.coalesce > 1 else None
+        loop = (
+            asyncio._get_running_loop() if share and probe is target and self.coalesce > 1 else None
+        )
         token, batch, on = self._register(callback, backend, probe, loop)  # type: ignore[arg-type]
         if batch is None:  # a signal of its own, now
             try:
@@ -323,7 +342,7 @@ class CompletionBridge:
                 elif probe.loop is loop:
                     batch.append(token)
                     if len(batch) >= self.coalesce:
-                        probe.batch = None  # full: the caller sends it
+                        probe.detach()  # full: the caller sends it
                     else:
                         batch = _JOINED
                 else:  # another loop's batch: that loop sends it
@@ -347,7 +366,7 @@ class CompletionBridge:
         with self._lock:
             if probe.batch is not batch:
                 return  # sent when it filled up, or by the watchdog
-            probe.batch = None
+            probe.detach()
         self._send(probe, batch)
 
     def _send(self, probe: _Probe, batch: list[int]) -> None:
@@ -491,16 +510,22 @@ class CompletionBridge:
                 _log.exception("the completion watchdog's fault check failed; it goes on")
 
     def _send_stranded(self) -> None:
-        """Send the open batches whose loop is not running: the call it scheduled to send
-        them would never come (a loop stopped or closed in between)."""
+        """Send the open batches whose loop is not running, or that stayed open since the
+        last look (a loop blocked in one iteration): the call that sends them would not
+        come, or not soon. Sending early is always safe: the signal still lands after every
+        waiter's work."""
         with self._lock:
             stranded = []
             for probe in self._probes.values():
                 batch, loop = probe.batch, probe.loop
-                if batch is not None and loop is not None and not loop.is_running():
-                    probe.batch = None
-                    stranded.append((probe, batch))
+                if batch is None:
+                    continue
+                if probe.seen is batch or (loop is not None and not loop.is_running()):
+                    stranded.append((probe, probe.detach()))
+                else:
+                    probe.seen = batch
         for probe, batch in stranded:
+            assert batch is not None
             self._send(probe, batch)
 
     def check_faults(self) -> int:
