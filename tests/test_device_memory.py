@@ -115,6 +115,44 @@ def test_closing_the_runtime_gives_the_pools_memory_back() -> None:
     assert after - before >= (1 << 30) * 9 // 10
 
 
+def test_unused_pool_memory_goes_back_to_the_driver_once_the_pool_is_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kept while the pool is in use (the next allocation of any context maps nothing),
+    given back once it has been quiet for PYGPUKIT_POOL_IDLE_S: a library that allocates
+    for itself (PyTorch, cuBLAS) can have it then."""
+    import cupy
+
+    monkeypatch.setenv("PYGPUKIT_POOL_IDLE_S", "1.0")
+    nbytes = 512 * MiB
+    with Runtime(backend="cuda", vram_limit=2 << 30) as rt:
+        _leave_unused(rt, nbytes)
+        before = cupy.cuda.runtime.memGetInfo()[0]
+        time.sleep(0.2)
+        reserved, used = rt.backend.pool_bytes()
+        assert reserved - used >= nbytes, "given back before the pool was quiet"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            reserved, used = rt.backend.pool_bytes()
+            if reserved - used < nbytes:
+                break
+            time.sleep(0.05)
+        after = cupy.cuda.runtime.memGetInfo()[0]
+        assert reserved - used < nbytes, "the quiet pool kept its unused memory"
+        assert after - before >= nbytes * 9 // 10  # the driver has it again
+
+
+def test_a_bad_pool_idle_time_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pygpukit import InvalidArgument
+
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("PYGPUKIT_POOL_IDLE_S", bad)
+        with pytest.raises(InvalidArgument, match="PYGPUKIT_POOL_IDLE_S must be a positive"):
+            Runtime(backend="cuda", vram_limit=1 << 30)
+
+
 def test_the_pool_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYGPUKIT_STREAM_ORDERED", "0")
     with Runtime(backend="cuda", vram_limit=1 << 30) as rt:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ _NOT_READY = 600  # cudaErrorNotReady
 _OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation (CuPy does not export the name)
 # cudaMemPoolProps of a device's memory pool: pinned (not host-mapped) device memory
 _ALLOCATION_PINNED, _HANDLE_NONE, _LOCATION_DEVICE = 1, 0, 1
+DEFAULT_POOL_IDLE_S = 2.0  # unused pool memory goes back to the driver after this long quiet
 _FOREIGN_EVENT = "a CUDA stream can only record or wait for events of the same runtime's backend"
 
 
@@ -295,6 +297,7 @@ def _free_async(ptr: int, stream: CudaStream, device_id: int) -> None:
     # Before the free, while the pointer is still this block's; `stream` (a local, or the
     # deferred list) keeps the stream alive until the free is queued.
     _keep.pop(ptr, None)
+    stream._backend._pool.busy_at = time.monotonic()  # (a float store: no lock here)
     try:
         with cupy.cuda.Device(device_id):
             with stream.capture_lock:
@@ -333,15 +336,24 @@ _streams: weakref.WeakValueDictionary[int, CudaStream] = weakref.WeakValueDictio
 
 class _PoolHandle:
     """The backend's pool handle, shared with its finalizer: ``None`` once destroyed, so
-    nothing uses a destroyed pool (a closed runtime stays CuPy's allocator)."""
+    nothing uses a destroyed pool (a closed runtime stays CuPy's allocator).
 
-    __slots__ = ("__weakref__", "device_id", "lock", "pool")
+    ``busy_at``: when a block was last taken from or given back to it; once it has been
+    quiet for ``idle_s``, the idle trimmer gives its unused memory back to the driver
+    (``trimmed_at``), where libraries that allocate for themselves (PyTorch, cuBLAS) can
+    get it."""
 
-    def __init__(self, pool: int | None, device_id: int) -> None:
+    __slots__ = ("__weakref__", "busy_at", "device_id", "idle_s", "lock", "pool", "trimmed_at")
+
+    def __init__(
+        self, pool: int | None, device_id: int, idle_s: float = DEFAULT_POOL_IDLE_S
+    ) -> None:
         self.pool = pool
         self.device_id = device_id
         # Held to use the pool: no trim or allocation runs on a pool being destroyed.
         self.lock = threading.Lock()
+        self.idle_s = idle_s
+        self.busy_at = self.trimmed_at = time.monotonic()
 
     def close(self) -> None:
         """Give the idle memory back to the driver; the pool itself goes once the last of
@@ -357,18 +369,78 @@ class _PoolHandle:
             except Exception:  # a faulted device, or interpreter exit
                 pass
 
-    def trim(self) -> None:
-        """Give memory no allocation uses back to the driver (frees already run)."""
+    def trim(self) -> bool:
+        """Give memory no allocation uses back to the driver (frees already run); whether
+        all of it went (a free still queued behind its stream's work keeps its block)."""
         with self.lock:
-            if self.pool is not None:
-                with cupy.cuda.Device(self.device_id):
-                    _rt.memPoolTrimTo(self.pool, 0)
+            if self.pool is None:
+                return True
+            with cupy.cuda.Device(self.device_id):
+                _rt.memPoolTrimTo(self.pool, 0)
+                reserved = _rt.memPoolGetAttribute(self.pool, _rt.cudaMemPoolAttrReservedMemCurrent)
+                used = _rt.memPoolGetAttribute(self.pool, _rt.cudaMemPoolAttrUsedMemCurrent)
+            return int(reserved) <= int(used)
 
 
 # Every live backend's pool: an allocation that runs out of device memory trims them all,
 # not just its own (another runtime's idle memory is as unusable to it as the driver's).
 _pools: weakref.WeakSet[_PoolHandle] = weakref.WeakSet()
 _pools_lock = threading.Lock()
+_trimmer: threading.Thread | None = None  # runs while any pool lives (under _pools_lock)
+
+
+def _trim_idle_pools() -> None:
+    """The idle trimmer's thread: gives back the unused memory of every pool that has been
+    quiet for its ``idle_s``, and ends once no pool is left."""
+    global _trimmer
+    while True:
+        with _pools_lock:
+            handles = list(_pools)
+            if not handles:
+                _trimmer = None
+                return
+        now = time.monotonic()
+        sleep = min(DEFAULT_POOL_IDLE_S, *(handle.idle_s for handle in handles))
+        for handle in handles:
+            if handle.busy_at <= handle.trimmed_at:
+                continue  # given back since its last use
+            quiet = now - handle.busy_at
+            if quiet < handle.idle_s:
+                sleep = min(sleep, handle.idle_s - quiet)
+                continue
+            try:
+                if handle.trim():
+                    handle.trimmed_at = now
+            except Exception:  # a faulted device: nothing to give back
+                handle.trimmed_at = now
+                _log.debug("trimming an idle pool failed", exc_info=True)
+        del handles  # hold no pool while asleep
+        time.sleep(max(sleep, 0.05))
+
+
+def _start_trimmer() -> None:
+    """Start the idle trimmer unless it runs (call with ``_pools_lock`` held)."""
+    global _trimmer
+    if _trimmer is None:
+        _trimmer = threading.Thread(
+            target=_trim_idle_pools, name="pygpukit-pool-trimmer", daemon=True
+        )
+        _trimmer.start()
+
+
+def _pool_idle_s() -> float:
+    raw = os.environ.get("PYGPUKIT_POOL_IDLE_S", "").strip()
+    try:
+        idle_s = float(raw) if raw else DEFAULT_POOL_IDLE_S
+    except ValueError:
+        idle_s = -1.0
+    if not idle_s > 0:  # NaN, zero, negative, or not a number
+        raise InvalidArgument(
+            f"PYGPUKIT_POOL_IDLE_S must be a positive number of seconds (how long the "
+            f"device pool's unused memory is kept after its last use; inf keeps it until "
+            f"the runtime closes), got {raw!r}"
+        )
+    return idle_s
 
 
 def _make_pool(device_id: int) -> int | None:
@@ -545,7 +617,7 @@ class CudaBackend(Backend):
         # nobody closed must still be destroyable.
         self._ours: weakref.WeakValueDictionary[int, CudaStream] = weakref.WeakValueDictionary()
         self._closed = False
-        self._pool = _PoolHandle(None, device_id)
+        self._pool = _PoolHandle(None, device_id, _pool_idle_s())
         if os.environ.get("PYGPUKIT_STREAM_ORDERED", "1").strip() != "0":
             with cupy.cuda.Device(device_id):
                 try:
@@ -557,6 +629,7 @@ class CudaBackend(Backend):
             if self._pool.pool is not None:
                 _pools.add(self._pool)
                 weakref.finalize(self, self._pool.close)
+                _start_trimmer()
         # A runtime sizes its budget from the driver's free memory: what other runtimes'
         # pools keep unused goes back first (they map it again when they need it).
         with _translated():
@@ -591,6 +664,7 @@ class CudaBackend(Backend):
                     if exc.status != _OUT_OF_MEMORY or retry:
                         raise
                 else:
+                    handle.busy_at = time.monotonic()
                     return _PoolMemory(ptr, nbytes, owner, self.device_id)
             self._make_room()  # without the lock: it trims every pool, this one included
         return self._malloc(nbytes)
