@@ -40,8 +40,10 @@ def _info(args: argparse.Namespace) -> int:
         }
         stream_ordered = bool(getattr(rt.backend, "stream_ordered", False))
         if d.backend == "cuda":
+            idle_s = float(getattr(rt.backend, "pool_idle_s", 0.0))
             rows["device memory"] = (
-                "stream-ordered pool per runtime (cudaMallocFromPoolAsync)"
+                "stream-ordered pool per runtime (cudaMallocFromPoolAsync); unused memory "
+                f"back to the driver after {idle_s:g} s quiet (PYGPUKIT_POOL_IDLE_S)"
                 if stream_ordered
                 else "cudaMalloc (PYGPUKIT_STREAM_ORDERED=0, or no pool support)"
             )

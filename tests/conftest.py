@@ -77,3 +77,11 @@ def host_rt() -> Iterator[Runtime]:
 def _fresh_default_runtime() -> Iterator[None]:
     yield
     scheduler.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _pool_keeps_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA runtimes made in a test keep their pool's unused memory until they close, so
+    tests that count the pool's or the driver's bytes across a slow step (a first kernel
+    compile) do not depend on timing; the idle-trim tests set their own value."""
+    monkeypatch.setenv("PYGPUKIT_POOL_IDLE_S", "inf")

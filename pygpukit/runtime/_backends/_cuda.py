@@ -14,11 +14,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument, VRAMBudgetExceeded
 from .._arena import Arena
-from .._locks import give_back
+from .._idle_trim import IdleTrimmer
+from .._locks import BookkeepingLock, give_back
 from ._base import (
     Backend,
     DeviceInfo,
@@ -79,6 +80,33 @@ def _translated() -> _Translating:
     return _TRANSLATING
 
 
+_T = TypeVar("_T")
+_exchange_mode: Any = None  # cuThreadExchangeStreamCaptureMode, loaded on first use
+
+
+def _relaxed(call: Callable[..., _T], *args: Any) -> _T:
+    """``call(*args)`` with this thread's stream capture mode relaxed for the call.
+
+    A query, a synchronization or a pool call made in the default (global) mode while
+    another thread captures a graph in global mode (PyTorch's default) invalidates that
+    capture — queries even while returning normally (measured on the H200,
+    docs/decisions.md). Ours never touch a capturing stream, so relaxing is safe for them.
+    """
+    global _exchange_mode
+    exchange = _exchange_mode
+    if exchange is None:
+        exchange = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+        exchange.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        exchange.restype = ctypes.c_int
+        _exchange_mode = exchange
+    mode = ctypes.c_int(2)  # CU_STREAM_CAPTURE_MODE_RELAXED; the old mode comes back here
+    exchange(mode)
+    try:
+        return call(*args)
+    finally:
+        exchange(mode)  # the thread's own mode again
+
+
 def _check(status: int, what: str) -> bool:
     """``True`` for success, ``False`` for not-ready; raise for a device error."""
     if status == 0:
@@ -113,7 +141,7 @@ class CudaEvent(RawEvent):
         self.origin: CudaStream | None = None
 
     def query(self) -> bool:
-        return _check(_rt.eventQuery(self.handle), "cudaEventQuery")
+        return _check(_relaxed(_rt.eventQuery, self.handle), "cudaEventQuery")
 
     def synchronize(self) -> None:
         with _translated():
@@ -123,7 +151,7 @@ class CudaEvent(RawEvent):
         if type(end) is not CudaEvent:
             raise InvalidArgument("elapsed time needs two events of the same backend")
         with _translated():
-            return float(cupy.cuda.get_elapsed_time(self._ev, end._ev))
+            return float(_relaxed(cupy.cuda.get_elapsed_time, self._ev, end._ev))
 
     def signal_when_done(self, slot: int, signal: Signal) -> None:
         origin = self.origin
@@ -184,7 +212,7 @@ class CudaStream(RawStream):
     def query(self) -> bool:
         if self.capturing:  # querying a capturing stream would break the capture
             return False
-        return _check(_rt.streamQuery(self.handle), "cudaStreamQuery")
+        return _check(_relaxed(_rt.streamQuery, self.handle), "cudaStreamQuery")
 
     def record(self, event: RawEvent) -> None:
         if type(event) is not CudaEvent:  # not isinstance: an ABC check costs ~0.5 µs
@@ -339,21 +367,34 @@ class _PoolHandle:
     nothing uses a destroyed pool (a closed runtime stays CuPy's allocator).
 
     ``busy_at``: when a block was last taken from or given back to it; once it has been
-    quiet for ``idle_s``, the idle trimmer gives its unused memory back to the driver
-    (``trimmed_at``), where libraries that allocate for themselves (PyTorch, cuBLAS) can
-    get it."""
+    quiet for ``idle_s``, the idle trimmer (``_idle_trim``) gives its unused memory back to
+    the driver, where libraries that allocate for themselves (PyTorch, cuBLAS) can get it.
+    """
 
-    __slots__ = ("__weakref__", "busy_at", "device_id", "idle_s", "lock", "pool", "trimmed_at")
+    __slots__ = (
+        "__weakref__",
+        "busy_at",
+        "device_id",
+        "idle_s",
+        "lock",
+        "pool",
+        "settled",
+        "tries",
+    )
 
     def __init__(
         self, pool: int | None, device_id: int, idle_s: float = DEFAULT_POOL_IDLE_S
     ) -> None:
         self.pool = pool
         self.device_id = device_id
-        # Held to use the pool: no trim or allocation runs on a pool being destroyed.
-        self.lock = threading.Lock()
+        # Held to use the pool: no trim or allocation runs on a pool being destroyed. A
+        # bookkeeping lock: the backend's finalizer closes the pool through give_back, so
+        # a collection on a thread holding it (the trimmer's, mid-trim) queues the close
+        # instead of waiting for itself.
+        self.lock = BookkeepingLock()
         self.idle_s = idle_s
-        self.busy_at = self.trimmed_at = time.monotonic()
+        self.busy_at = self.settled = time.monotonic()
+        self.tries = 0
 
     def close(self) -> None:
         """Give the idle memory back to the driver; the pool itself goes once the last of
@@ -364,8 +405,8 @@ class _PoolHandle:
                 return
             try:
                 with cupy.cuda.Device(self.device_id):
-                    _rt.memPoolTrimTo(pool, 0)
-                    _rt.memPoolDestroy(pool)
+                    _relaxed(_rt.memPoolTrimTo, pool, 0)
+                    _relaxed(_rt.memPoolDestroy, pool)
             except Exception:  # a faulted device, or interpreter exit
                 pass
 
@@ -376,56 +417,26 @@ class _PoolHandle:
             if self.pool is None:
                 return True
             with cupy.cuda.Device(self.device_id):
-                _rt.memPoolTrimTo(self.pool, 0)
-                reserved = _rt.memPoolGetAttribute(self.pool, _rt.cudaMemPoolAttrReservedMemCurrent)
-                used = _rt.memPoolGetAttribute(self.pool, _rt.cudaMemPoolAttrUsedMemCurrent)
-            return int(reserved) <= int(used)
+                _relaxed(_rt.memPoolTrimTo, self.pool, 0)
+                reserved, used = _relaxed(_pool_use, self.pool)
+            return reserved <= used
+
+
+def _pool_use(pool: int) -> tuple[int, int]:
+    """``(reserved, used)`` bytes of a stream-ordered pool."""
+    return (
+        int(_rt.memPoolGetAttribute(pool, _rt.cudaMemPoolAttrReservedMemCurrent)),
+        int(_rt.memPoolGetAttribute(pool, _rt.cudaMemPoolAttrUsedMemCurrent)),
+    )
 
 
 # Every live backend's pool: an allocation that runs out of device memory trims them all,
 # not just its own (another runtime's idle memory is as unusable to it as the driver's).
 _pools: weakref.WeakSet[_PoolHandle] = weakref.WeakSet()
 _pools_lock = threading.Lock()
-_trimmer: threading.Thread | None = None  # runs while any pool lives (under _pools_lock)
 
 
-def _trim_idle_pools() -> None:
-    """The idle trimmer's thread: gives back the unused memory of every pool that has been
-    quiet for its ``idle_s``, and ends once no pool is left."""
-    global _trimmer
-    while True:
-        with _pools_lock:
-            handles = list(_pools)
-            if not handles:
-                _trimmer = None
-                return
-        now = time.monotonic()
-        sleep = min(DEFAULT_POOL_IDLE_S, *(handle.idle_s for handle in handles))
-        for handle in handles:
-            if handle.busy_at <= handle.trimmed_at:
-                continue  # given back since its last use
-            quiet = now - handle.busy_at
-            if quiet < handle.idle_s:
-                sleep = min(sleep, handle.idle_s - quiet)
-                continue
-            try:
-                if handle.trim():
-                    handle.trimmed_at = now
-            except Exception:  # a faulted device: nothing to give back
-                handle.trimmed_at = now
-                _log.debug("trimming an idle pool failed", exc_info=True)
-        del handles  # hold no pool while asleep
-        time.sleep(max(sleep, 0.05))
-
-
-def _start_trimmer() -> None:
-    """Start the idle trimmer unless it runs (call with ``_pools_lock`` held)."""
-    global _trimmer
-    if _trimmer is None:
-        _trimmer = threading.Thread(
-            target=_trim_idle_pools, name="pygpukit-pool-trimmer", daemon=True
-        )
-        _trimmer.start()
+_trimmer = IdleTrimmer(_pools, _pools_lock)  # type: ignore[arg-type]
 
 
 def _pool_idle_s() -> float:
@@ -628,8 +639,8 @@ class CudaBackend(Backend):
             others = list(_pools)
             if self._pool.pool is not None:
                 _pools.add(self._pool)
-                weakref.finalize(self, self._pool.close)
-                _start_trimmer()
+                weakref.finalize(self, give_back, self._pool.close)
+                _trimmer.ensure()
         # A runtime sizes its budget from the driver's free memory: what other runtimes'
         # pools keep unused goes back first (they map it again when they need it).
         with _translated():
@@ -681,7 +692,7 @@ class CudaBackend(Backend):
         with _translated():
             for s in list(_streams.values()):
                 if not s.captured():
-                    s.cp.synchronize()
+                    _relaxed(s.cp.synchronize)
             with _pools_lock:
                 handles = list(_pools)
             for handle in handles:
@@ -709,6 +720,11 @@ class CudaBackend(Backend):
         """Whether device memory comes from the stream-ordered pool."""
         return self._pool.pool is not None
 
+    @property
+    def pool_idle_s(self) -> float:
+        """How long the pool keeps unused memory after its last use (PYGPUKIT_POOL_IDLE_S)."""
+        return self._pool.idle_s
+
     def pool_bytes(self) -> tuple[int, int]:
         """``(reserved, used)``: bytes the stream-ordered pool holds from the driver, and
         those of them allocations use (the rest is kept for reuse); zeros without it."""
@@ -716,10 +732,7 @@ class CudaBackend(Backend):
         with handle.lock, cupy.cuda.Device(self.device_id):
             if handle.pool is None:
                 return 0, 0
-            return (
-                int(_rt.memPoolGetAttribute(handle.pool, _rt.cudaMemPoolAttrReservedMemCurrent)),
-                int(_rt.memPoolGetAttribute(handle.pool, _rt.cudaMemPoolAttrUsedMemCurrent)),
-            )
+            return _relaxed(_pool_use, handle.pool)
 
     def info(self) -> DeviceInfo:
         return self._info
@@ -783,7 +796,7 @@ class CudaBackend(Backend):
         for s in streams:
             if s.capturing:
                 continue  # being captured: a query would invalidate the capture
-            status = _rt.streamQuery(s.handle)
+            status = _relaxed(_rt.streamQuery, s.handle)
             if status not in (0, _NOT_READY):
                 return CudaError(
                     f"the CUDA context faulted: error {status} ({_error_name(status)}); "
