@@ -63,16 +63,11 @@ typedef int (*cuLaunchHostFunc_t)(void *stream, void (*fn)(void *), void *data);
 typedef int (*cuCtxGetCurrent_t)(void **ctx);
 typedef int (*cuCtxSetCurrent_t)(void *ctx);
 typedef int (*cuStreamGetCtx_t)(void *stream, void **ctx);
-typedef int (*cuQuery_t)(void *handle);
-typedef int (*cuExchangeMode_t)(int *mode);
 
 static cuLaunchHostFunc_t p_launch = NULL;
 static cuCtxGetCurrent_t p_get_ctx = NULL;
 static cuCtxSetCurrent_t p_set_ctx = NULL;
 static cuStreamGetCtx_t p_stream_ctx = NULL;
-static cuQuery_t p_stream_query = NULL;
-static cuQuery_t p_event_query = NULL;
-static cuExchangeMode_t p_exchange_mode = NULL;
 
 static int load_driver(void) {
     if (p_launch != NULL) return 0;
@@ -86,12 +81,8 @@ static int load_driver(void) {
     p_get_ctx = (cuCtxGetCurrent_t)dlsym(lib, "cuCtxGetCurrent");
     p_set_ctx = (cuCtxSetCurrent_t)dlsym(lib, "cuCtxSetCurrent");
     p_stream_ctx = (cuStreamGetCtx_t)dlsym(lib, "cuStreamGetCtx");
-    p_stream_query = (cuQuery_t)dlsym(lib, "cuStreamQuery");
-    p_event_query = (cuQuery_t)dlsym(lib, "cuEventQuery");
-    p_exchange_mode = (cuExchangeMode_t)dlsym(lib, "cuThreadExchangeStreamCaptureMode");
     cuLaunchHostFunc_t launch = (cuLaunchHostFunc_t)dlsym(lib, "cuLaunchHostFunc");
-    if (launch == NULL || p_get_ctx == NULL || p_set_ctx == NULL || p_stream_ctx == NULL ||
-        p_stream_query == NULL || p_event_query == NULL || p_exchange_mode == NULL) {
+    if (launch == NULL || p_get_ctx == NULL || p_set_ctx == NULL || p_stream_ctx == NULL) {
         PyErr_SetString(PyExc_OSError, "the CUDA driver lacks cuLaunchHostFunc (CUDA >= 10)");
         return -1;
     }
@@ -183,25 +174,6 @@ static PyObject *py_launch(PyObject *self, PyObject *args) {
     return PyLong_FromLong(status);
 }
 
-/* Query a stream (or an event) with this thread's stream capture mode relaxed for the
- * call: a query in the default (global) mode invalidates a global-mode capture another
- * thread is making (PyTorch's default), even though it returns normally. The GIL stays
- * held: both calls are quick and never block. */
-static PyObject *py_query(PyObject *self, PyObject *args) {
-    unsigned long long handle;
-    int is_event;
-    if (!PyArg_ParseTuple(args, "Kp", &handle, &is_event)) return NULL;
-    if (load_driver() < 0) return NULL;
-    int mode = 2; /* CU_STREAM_CAPTURE_MODE_RELAXED; the thread's own mode comes back */
-    int status = p_exchange_mode(&mode);
-    if (status == 0) {
-        void *h = (void *)(uintptr_t)handle;
-        status = is_event ? p_event_query(h) : p_stream_query(h);
-        p_exchange_mode(&mode);
-    }
-    return PyLong_FromLong(status);
-}
-
 static PyObject *py_pushes(PyObject *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(atomic_load(&pushes));
 }
@@ -212,8 +184,6 @@ static PyMethodDef methods[] = {
     {"drain", py_drain, METH_NOARGS, "drain() -> list of finished slots"},
     {"launch", py_launch, METH_VARARGS,
      "launch(stream_ptr, slot) -> CUresult; enqueue the GIL-free host function"},
-    {"query", py_query, METH_VARARGS,
-     "query(handle, is_event) -> CUresult; cuStreamQuery/cuEventQuery, capture mode relaxed"},
     {"pushes", py_pushes, METH_NOARGS, "total slots pushed so far"},
     {NULL, NULL, 0, NULL},
 };

@@ -95,9 +95,7 @@ def _relaxed(call: Callable[..., _T], *args: Any) -> _T:
     global _exchange_mode
     exchange = _exchange_mode
     if exchange is None:
-        # PyDLL: the GIL stays held (a thread-local switch; releasing the GIL around it
-        # would let another thread in twice per call)
-        exchange = ctypes.PyDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+        exchange = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
         exchange.argtypes = [ctypes.POINTER(ctypes.c_int)]
         exchange.restype = ctypes.c_int
         _exchange_mode = exchange
@@ -107,24 +105,6 @@ def _relaxed(call: Callable[..., _T], *args: Any) -> _T:
         return call(*args)
     finally:
         exchange(mode)  # the thread's own mode again
-
-
-try:  # the completion bridge's C extension: queries without a Python-level mode switch
-    from .. import _cbridge as _native  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - built without a C compiler
-    _native = None
-_INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT: no context current on this thread
-
-
-def _query(handle: int, event: bool) -> int:
-    """``cudaStreamQuery`` / ``cudaEventQuery`` with the capture mode relaxed (see
-    :func:`_relaxed`): in C where the extension is built (the driver's call; a thread with
-    no context current yet goes through the runtime, which makes one current)."""
-    if _native is not None:
-        status: int = _native.query(handle, event)
-        if status != _INVALID_CONTEXT:
-            return status
-    return int(_relaxed(_rt.eventQuery if event else _rt.streamQuery, handle))
 
 
 def _check(status: int, what: str) -> bool:
@@ -161,7 +141,7 @@ class CudaEvent(RawEvent):
         self.origin: CudaStream | None = None
 
     def query(self) -> bool:
-        return _check(_query(self.handle, True), "cudaEventQuery")
+        return _check(_relaxed(_rt.eventQuery, self.handle), "cudaEventQuery")
 
     def synchronize(self) -> None:
         with _translated():
@@ -232,7 +212,7 @@ class CudaStream(RawStream):
     def query(self) -> bool:
         if self.capturing:  # querying a capturing stream would break the capture
             return False
-        return _check(_query(self.handle, False), "cudaStreamQuery")
+        return _check(_relaxed(_rt.streamQuery, self.handle), "cudaStreamQuery")
 
     def record(self, event: RawEvent) -> None:
         if type(event) is not CudaEvent:  # not isinstance: an ABC check costs ~0.5 µs
@@ -816,7 +796,7 @@ class CudaBackend(Backend):
         for s in streams:
             if s.capturing:
                 continue  # being captured: a query would invalidate the capture
-            status = _query(s.handle, False)
+            status = _relaxed(_rt.streamQuery, s.handle)
             if status not in (0, _NOT_READY):
                 return CudaError(
                     f"the CUDA context faulted: error {status} ({_error_name(status)}); "
