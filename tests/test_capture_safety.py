@@ -1,10 +1,11 @@
-"""pygpukit's own CUDA calls never break another thread's graph capture.
+"""pygpukit's queries, timings and pool upkeep never break another thread's graph capture.
 
-A stream or event query, a synchronization or a memory-pool call made in CUDA's default
+A stream or event query, a synchronization or a memory-pool trim made in CUDA's default
 (global) capture mode while another thread captures a graph in global mode (what
 ``torch.cuda.graph`` does by default) invalidates that capture; the query itself even
-returns normally (docs/decisions.md). pygpukit makes those calls with the thread's mode
-relaxed, which is safe for them: none of them touches the capturing stream.
+returns normally (docs/decisions.md). pygpukit makes its queries, elapsed times, fault
+checks and pool trims and attribute reads with the thread's mode relaxed, which is safe
+for them: none of them touches the capturing stream.
 """
 
 from __future__ import annotations

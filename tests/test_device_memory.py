@@ -129,7 +129,7 @@ def test_unused_pool_memory_goes_back_to_the_driver_once_the_pool_is_quiet(
     with Runtime(backend="cuda", vram_limit=2 << 30) as rt:
         _leave_unused(rt, nbytes)
         ctx = rt.create_context("user", max_vram=64 * MiB, base_vram=0)
-        kept = []
+        kept, before = [], None
         for _ in range(6):  # in use every 0.5 s for 3 s: longer than idle_s, never quiet
             with context_session(ctx):
                 x = rt.xp.empty(8 * MiB, dtype=rt.xp.uint8)
@@ -138,10 +138,12 @@ def test_unused_pool_memory_goes_back_to_the_driver_once_the_pool_is_quiet(
             t_used = time.monotonic()
             time.sleep(0.5)
             reserved, used = rt.backend.pool_bytes()
+            free = cupy.cuda.runtime.memGetInfo()[0]
             if time.monotonic() - t_used < idle_s:  # (a stalled machine proves nothing)
                 kept.append(reserved - used >= nbytes)
+                before = free  # the driver's free memory while the pool still kept it
         assert kept and all(kept), "given back while the pool was in use"
-        before = cupy.cuda.runtime.memGetInfo()[0]
+        assert before is not None
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             reserved, used = rt.backend.pool_bytes()

@@ -512,13 +512,14 @@ class CompletionBridge:
     def _send_stranded(self) -> None:
         """Send the open batches whose loop is not running, or that stayed open since the
         last look (a loop blocked in one iteration): the call that sends them would not
-        come, or not soon. Sending early is always safe: the signal still lands after every
-        waiter's work."""
+        come, or not soon. Sending early is safe — the signal still lands after every
+        waiter's work — except into a stream we are capturing into a graph: the signal
+        would become a node of the graph, so such a batch waits for the capture's end."""
         with self._lock:
             stranded = []
             for probe in self._probes.values():
                 batch, loop = probe.batch, probe.loop
-                if batch is None:
+                if batch is None or getattr(probe.stream, "capturing", False):
                     continue
                 if probe.seen is batch or (loop is not None and not loop.is_running()):
                     stranded.append((probe, probe.detach()))

@@ -461,7 +461,8 @@ def _make_pool(device_id: int) -> int | None:
     props = _rt.MemPoolProps(_ALLOCATION_PINNED, _HANDLE_NONE, _LOCATION_DEVICE, device_id)
     pool = _rt.memPoolCreate(props)
     # Freed memory stays mapped for the next allocation, of any context, until the backend
-    # closes or an allocation runs out of device memory (CudaBackend._make_room).
+    # closes, an allocation runs out of device memory (CudaBackend._make_room), or the
+    # pool has been quiet for its idle time (_idle_trim).
     _rt.memPoolSetAttribute(pool, _rt.cudaMemPoolAttrReleaseThreshold, (1 << 64) - 1)
     # Reuse memory freed on another stream only once that free has run: never let the pool
     # make an allocation wait for another stream's work (a Guaranteed context's allocation
