@@ -226,6 +226,21 @@ def test_waiters_of_a_stream_closed_before_their_shared_signal_resolve() -> None
         assert bridge.stats().pending == 0
 
 
+def _arm_and_stop(
+    bridge: CompletionBridge, rt: Runtime, stream: object, into: dict[str, object]
+) -> asyncio.AbstractEventLoop:
+    """:func:`_arm` on a new loop that stops before the iteration that would send b and
+    c's shared signal; the loop is returned, stopped (close it)."""
+    loop = asyncio.new_event_loop()
+
+    async def arm() -> None:
+        _arm(bridge, rt, stream, into)
+        loop.stop()
+
+    loop.run_until_complete(arm())
+    return loop
+
+
 def test_a_batch_left_by_a_stopped_loop_is_sent_by_the_watchdog() -> None:
     """A loop that stops before it runs the call that sends its open batch would strand
     those waiters; the watchdog sends a stopped loop's batches."""
@@ -233,14 +248,8 @@ def test_a_batch_left_by_a_stopped_loop_is_sent_by_the_watchdog() -> None:
     with Runtime(backend="host", bridge=bridge) as rt:
         stream = rt.create_stream()
         got: dict[str, object] = {}
-        loop = asyncio.new_event_loop()
-
-        async def arm() -> None:
-            _arm(bridge, rt, stream, got)
-            loop.stop()  # before the loop's next iteration, which would send b and c's
-
+        loop = _arm_and_stop(bridge, rt, stream, got)
         try:
-            loop.run_until_complete(arm())
             assert bridge.stats().signals == 1
             bridge._send_stranded()  # one look: the loop is not running
             assert bridge.stats().signals == 2
@@ -284,14 +293,8 @@ def test_the_watchdog_sends_no_batch_into_a_stream_being_captured() -> None:
     with Runtime(backend="host", bridge=bridge) as rt:
         stream = rt.create_stream()
         got: dict[str, object] = {}
-        loop = asyncio.new_event_loop()
-
-        async def arm() -> None:
-            _arm(bridge, rt, stream, got)
-            loop.stop()
-
+        loop = _arm_and_stop(bridge, rt, stream, got)
         try:
-            loop.run_until_complete(arm())
             stream.raw.capturing = True  # type: ignore[attr-defined]  # as CUDA's capture sets
             for _ in range(3):
                 bridge._send_stranded()
