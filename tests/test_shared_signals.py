@@ -8,6 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import anyio
 import pytest
@@ -226,39 +227,44 @@ def test_waiters_of_a_stream_closed_before_their_shared_signal_resolve() -> None
         assert bridge.stats().pending == 0
 
 
-def _arm_and_stop(
-    bridge: CompletionBridge, rt: Runtime, stream: object, into: dict[str, object]
-) -> asyncio.AbstractEventLoop:
-    """:func:`_arm` on a new loop that stops before the iteration that would send b and
-    c's shared signal; the loop is returned, stopped (close it)."""
-    loop = asyncio.new_event_loop()
-
-    async def arm() -> None:
-        _arm(bridge, rt, stream, into)
-        loop.stop()
-
-    loop.run_until_complete(arm())
-    return loop
+class Stranded(NamedTuple):
+    bridge: CompletionBridge
+    stream: Any
+    got: dict[str, object]
 
 
-def test_a_batch_left_by_a_stopped_loop_is_sent_by_the_watchdog() -> None:
-    """A loop that stops before it runs the call that sends its open batch would strand
-    those waiters; the watchdog sends a stopped loop's batches."""
-    bridge = _shared(watchdog_interval=3600)  # its looks are made by hand below
+@pytest.fixture
+def stranded() -> Iterator[Stranded]:
+    """:func:`_arm` on a loop that stops before the iteration that would send b and c's
+    shared signal; the bridge's watchdog looks only when a test calls it by hand."""
+    bridge = _shared(watchdog_interval=3600)
     with Runtime(backend="host", bridge=bridge) as rt:
         stream = rt.create_stream()
         got: dict[str, object] = {}
-        loop = _arm_and_stop(bridge, rt, stream, got)
+        loop = asyncio.new_event_loop()
+
+        async def arm() -> None:
+            _arm(bridge, rt, stream, got)
+            loop.stop()
+
         try:
-            assert bridge.stats().signals == 1
-            bridge._send_stranded()  # one look: the loop is not running
-            assert bridge.stats().signals == 2
-            stream.synchronize()
-            bridge._on_readable()
-            assert got == {"a": None, "b": None, "c": None}
-            assert bridge.stats().pending == 0
+            loop.run_until_complete(arm())
+            yield Stranded(bridge, stream, got)
         finally:
             loop.close()
+
+
+def test_a_batch_left_by_a_stopped_loop_is_sent_by_the_watchdog(stranded: Stranded) -> None:
+    """A loop that stops before it runs the call that sends its open batch would strand
+    those waiters; the watchdog sends a stopped loop's batches."""
+    bridge = stranded.bridge
+    assert bridge.stats().signals == 1
+    bridge._send_stranded()  # one look: the loop is not running
+    assert bridge.stats().signals == 2
+    stranded.stream.synchronize()
+    bridge._on_readable()
+    assert stranded.got == {"a": None, "b": None, "c": None}
+    assert bridge.stats().pending == 0
 
 
 def test_a_batch_of_a_loop_blocked_in_one_iteration_is_sent_by_the_watchdog() -> None:
@@ -285,25 +291,18 @@ def test_a_batch_of_a_loop_blocked_in_one_iteration_is_sent_by_the_watchdog() ->
         assert got == {"a": None, "b": None, "c": None}
 
 
-def test_the_watchdog_sends_no_batch_into_a_stream_being_captured() -> None:
+def test_the_watchdog_sends_no_batch_into_a_stream_being_captured(stranded: Stranded) -> None:
     """A shared signal sent while its stream is captured would become a node of the graph
     (resolving nobody until a replay, and then a stale token at every replay): the
     watchdog leaves such a batch open until the capture is over."""
-    bridge = _shared(watchdog_interval=3600)  # its looks are made by hand below
-    with Runtime(backend="host", bridge=bridge) as rt:
-        stream = rt.create_stream()
-        got: dict[str, object] = {}
-        loop = _arm_and_stop(bridge, rt, stream, got)
-        try:
-            stream.raw.capturing = True  # type: ignore[attr-defined]  # as CUDA's capture sets
-            for _ in range(3):
-                bridge._send_stranded()
-            assert bridge.stats().signals == 1, "a signal was sent into the capture"
-            stream.raw.capturing = False  # type: ignore[attr-defined]
-            bridge._send_stranded()
-            assert bridge.stats().signals == 2
-            stream.synchronize()
-            bridge._on_readable()
-            assert got == {"a": None, "b": None, "c": None}
-        finally:
-            loop.close()
+    bridge, raw = stranded.bridge, stranded.stream.raw
+    raw.capturing = True  # as CUDA's capture sets it
+    for _ in range(3):
+        bridge._send_stranded()
+    assert bridge.stats().signals == 1, "a signal was sent into the capture"
+    raw.capturing = False
+    bridge._send_stranded()
+    assert bridge.stats().signals == 2
+    stranded.stream.synchronize()
+    bridge._on_readable()
+    assert stranded.got == {"a": None, "b": None, "c": None}

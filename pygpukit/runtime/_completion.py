@@ -392,13 +392,8 @@ class CompletionBridge:
                 except Exception:
                     pass
             with self._lock:
-                doomed = []
-                for token in (*live, lead):
-                    slot = token & _SLOT
-                    if token >> _GEN_SHIFT == gens[slot]:
-                        doomed.append(self._take(slot))
-                        gens[slot] += 1
-            _resolve_all(doomed, error)  # type: ignore[arg-type]
+                doomed = [self._retire(token) for token in (*live, lead)]
+            _resolve_all([resolve for resolve in doomed if resolve is not None], error)
             if error is not None and not isinstance(error, Exception):
                 raise
 
@@ -424,11 +419,18 @@ class CompletionBridge:
         """Take back the slot ``token`` names, unless its waiter is gone already (the
         watchdog failed it, and the slot may be another waiter's now). The slot moves to a
         new generation: a signal already queued for ``token`` resolves nothing."""
-        slot = token & _SLOT
         with self._lock:
-            if token >> _GEN_SHIFT == self._gen[slot]:
-                self._take(slot)
-                self._gen[slot] += 1
+            self._retire(token)
+
+    def _retire(self, token: int) -> Callable[[BaseException | None], None] | None:
+        """Empty ``token``'s slot under a new generation, if it is still that waiter's (call
+        with the lock held); its callback, or ``None``."""
+        slot = token & _SLOT
+        if token >> _GEN_SHIFT != self._gen[slot]:
+            return None
+        resolve = self._take(slot)
+        self._gen[slot] += 1
+        return resolve
 
     def _take(self, slot: int) -> Callable[[BaseException | None], None] | None:
         """Empty ``slot`` (call with the lock held); its callback, or ``None``."""
