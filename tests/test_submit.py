@@ -232,6 +232,31 @@ async def test_submit_after_a_host_fault_raises_instead_of_hanging(host_rt: Runt
             await ctx.submit(lambda: 6)
 
 
+async def test_a_launcher_thread_that_cannot_bind_its_stream_fails_its_tasks(
+    host_rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launcher thread binds its context's stream (and device) once, as it starts;
+    where that fails (another device's stream on a broken set-up), every task of the
+    context fails with the error instead of waiting for a thread that is gone."""
+    from pygpukit import CudaError
+
+    backend = type(host_rt.backend)
+    real = backend.bind_stream
+
+    def bind(self: object, stream: object) -> object:
+        if threading.current_thread().name.startswith("pygpukit-launcher"):
+            raise CudaError("cannot make the device current")
+        return real(self, stream)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend, "bind_stream", bind)
+    ctx = host_rt.create_context("m", max_vram=MB)
+    with anyio.fail_after(10):
+        for value in (1, 2):
+            with pytest.raises(CudaError, match="cannot make the device current"):
+                await ctx.submit(lambda v=value: v)
+    assert ctx.usage().failed == 2
+
+
 async def test_destroying_a_context_lets_running_tasks_deliver(host_rt: Runtime) -> None:
     ctx = host_rt.create_context("m", max_vram=MB)
     results: list[object] = []

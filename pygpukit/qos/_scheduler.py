@@ -136,13 +136,21 @@ class _Launcher:
         backend = rt.backend
         raw = ctx.stream.raw
         _current.set(ctx)  # this thread's own contextvars: allocations charge ctx
-        backend.bind_stream(raw)  # once: this thread only ever runs ctx's work
+        try:
+            backend.bind_stream(raw)  # once: this thread only ever runs ctx's work
+            broken = None
+        except BaseException as exc:  # every task then fails with it rather than waits
+            broken = exc
         while True:
             task = box = start = None  # hold nothing of the last task while waiting
             task = self.queue.get()
             if task is None:
                 return
             box = _Outcome()
+            if broken is not None:
+                self._finish(task, box, broken, entered=False)
+                self._ran()
+                continue
             start = self._begin(task, box)
             if start is None:
                 self._ran()

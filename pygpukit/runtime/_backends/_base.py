@@ -226,7 +226,8 @@ class Backend(ABC):
 
     @abstractmethod
     def bind_stream(self, stream: RawStream | None) -> object:
-        """Make ``stream`` the array library's current stream on this thread.
+        """Make ``stream`` the array library's current stream on this thread, and its device
+        the current device.
 
         ``None`` changes nothing but still saves the thread's current stream.
 

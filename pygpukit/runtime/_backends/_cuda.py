@@ -100,7 +100,8 @@ def _relaxed(call: Callable[..., _T], *args: Any) -> _T:
         exchange.restype = ctypes.c_int
         _exchange_mode = exchange
     mode = ctypes.c_int(2)  # CU_STREAM_CAPTURE_MODE_RELAXED; the old mode comes back here
-    exchange(mode)
+    if exchange(mode) != 0:  # not switched: a second exchange would leave the thread relaxed
+        return call(*args)
     try:
         return call(*args)
     finally:
@@ -134,7 +135,7 @@ def _push_from_python(arg: tuple[Signal, int]) -> None:
 
 class CudaEvent(RawEvent):
     def __init__(self, backend: CudaBackend, timing: bool) -> None:
-        with _translated():
+        with _translated(), cupy.cuda.Device(backend.device_id):  # an event is a device's
             self._ev = cupy.cuda.Event(block=False, disable_timing=not timing)
         self.handle = int(self._ev.ptr)
         self._backend = backend
@@ -607,6 +608,9 @@ class CudaBackend(Backend):
                 f"device(s), numbered 0 to {count - 1}"
             )
         self.device_id = device_id
+        # More than one device visible: a thread's current device may not be ours, so
+        # binding our stream also makes our device current (bind_stream).
+        self._several = count > 1
         with _translated(), cupy.cuda.Device(device_id):
             props = _rt.getDeviceProperties(device_id)
             _rt.memGetInfo()  # make the primary context current on this thread
@@ -764,6 +768,11 @@ class CudaBackend(Backend):
         cupy.cuda.set_allocator(router)
 
     def bind_stream(self, stream: RawStream | None) -> object:
+        back = None  # the device to make current again, where we switched it
+        if self._several and type(stream) is CudaStream:
+            back = _rt.getDevice()
+            if back != self.device_id:
+                _rt.setDevice(self.device_id)  # CuPy and PyTorch allocate and launch there
         prev = cupy.cuda.get_current_stream()
         torch: Any = sys.modules.get("torch")
         torch_on = torch is not None and torch.cuda.is_initialized()
@@ -779,16 +788,21 @@ class CudaBackend(Backend):
             cupy.cuda.Stream.null.use()
             if torch_on:
                 torch.cuda.set_stream(torch.cuda.default_stream(self.device_id))
-        return (prev, torch_prev)
+        return (prev, torch_prev, back)
 
     def restore_stream(self, token: object) -> None:
         prev: Any
         torch_prev: Any
-        prev, torch_prev = token  # type: ignore[misc]
+        back: int | None
+        prev, torch_prev, back = token  # type: ignore[misc]
+        if back is not None and _rt.getDevice() != self.device_id:
+            _rt.setDevice(self.device_id)  # the step switched devices; prev is one of ours
         if cupy.cuda.get_current_stream() is not prev:
             prev.use()
         if torch_prev is not None:
             sys.modules["torch"].cuda.set_stream(torch_prev)
+        if back is not None and back != self.device_id:
+            _rt.setDevice(back)
 
     def fault(self, streams: list[RawStream]) -> BaseException | None:
         if not getattr(self._local, "device_set", False):
