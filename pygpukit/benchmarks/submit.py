@@ -2,8 +2,10 @@
 
 CPU time (``time.process_time``, all threads) per task over ``--n`` tasks of
 ``ctx.submit(launch_noop)``: awaited in batches of 256 (many in flight, the way the raw
-launches are measured) and one at a time, with the default dispatcher and with inline
-execution of quick functions turned on (``DispatcherConfig(inline_us=100)``); against
+launches are measured) and one at a time, with the default dispatcher, with inline
+execution of quick functions turned on (``DispatcherConfig(inline_us=100)``) and with a
+completion signal per task (``DispatcherConfig(batch_us=0)``: tasks launched back to back
+no longer share one), each with the process's context switches per task; against
 launching the same kernel directly (what any code pays) and launching it then awaiting the
 stream inline. And the floor under any such scheduler: the device calls a task that is timed
 and awaited needs — two timing events around the launch, a completion signal after the end
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import resource
 import time
 from typing import Any
 
@@ -30,12 +33,19 @@ BATCH = 256  # submits awaited together (the default queue holds 1024 per contex
 async def _run(backend: str, n: int, rounds: int) -> dict[str, Any]:
     cpu: dict[str, float] = {}
     wall: dict[str, float] = {}
+    switches: dict[str, float] = {}  # of the round with the least CPU
 
-    def timed(name: str, c0: float, w0: float) -> None:  # the best round of each
-        c, w = time.process_time() - c0, time.perf_counter() - w0
+    def timed(name: str, c0: float, w0: float, s0: int) -> None:  # the best round of each
+        c, w, sw = time.process_time() - c0, time.perf_counter() - w0, _switches() - s0
+        if c < cpu.get(name, c + 1):
+            switches[name] = sw
         cpu[name], wall[name] = min(cpu.get(name, c), c), min(wall.get(name, w), w)
 
-    modes = (("", None), (", inline", DispatcherConfig(inline_us=100)))
+    modes = (
+        ("", None),
+        (", inline", DispatcherConfig(inline_us=100)),
+        (", signal each", DispatcherConfig(batch_us=0)),  # the default before batch_us
+    )
     for mode, config in [m for _ in range(rounds) for m in modes]:  # interleaved rounds
         with Runtime(backend=backend) as rt:
             if config is not None:  # inline execution of quick functions is opt-in
@@ -50,31 +60,31 @@ async def _run(backend: str, n: int, rounds: int) -> dict[str, Any]:
             for _ in range(50):  # warm-up: launcher thread, events, kernels
                 await ctx.submit(task)
             if not mode:
-                c0, w0 = time.process_time(), time.perf_counter()
+                c0, w0, s0 = _mark()
                 for _ in range(n):
                     launch(stream)
                 await stream
-                timed("raw launch", c0, w0)
+                timed("raw launch", c0, w0, s0)
 
-                c0, w0 = time.process_time(), time.perf_counter()
+                c0, w0, s0 = _mark()
                 for _ in range(n):
                     launch(stream)
                     await stream
-                timed("launch + await", c0, w0)
+                timed("launch + await", c0, w0, s0)
 
-                c0, w0 = time.process_time(), time.perf_counter()
+                c0, w0, s0 = _mark()
                 await _floor(rt, stream, launch, n)
-                timed("floor, batched", c0, w0)
+                timed("floor, batched", c0, w0, s0)
 
-            c0, w0 = time.process_time(), time.perf_counter()
+            c0, w0, s0 = _mark()
             for _ in range(n):
                 await ctx.submit(task)
-            timed("submit" + mode, c0, w0)
+            timed("submit" + mode, c0, w0, s0)
 
-            c0, w0 = time.process_time(), time.perf_counter()
+            c0, w0, s0 = _mark()
             for i in range(0, n, BATCH):  # many at once, like the raw launches
                 await asyncio.gather(*(ctx.submit(task) for _ in range(min(BATCH, n - i))))
-            timed("submit, batched" + mode, c0, w0)
+            timed("submit, batched" + mode, c0, w0, s0)
             device, backend_name = rt.device.name, rt.backend.name
     return {
         "device": device,
@@ -83,7 +93,19 @@ async def _run(backend: str, n: int, rounds: int) -> dict[str, Any]:
         "rounds": rounds,
         "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
         "wall_us": {k: v / n * 1e6 for k, v in wall.items()},
+        "switches": {k: v / n for k, v in switches.items()},
     }
+
+
+def _switches() -> int:
+    """Context switches of the whole process so far (every thread's: the loop's, the
+    launcher's, the driver's callback thread's): each wake-up of a sleeping thread is one."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
+
+
+def _mark() -> tuple[float, float, int]:
+    return time.process_time(), time.perf_counter(), _switches()
 
 
 def _took(fut: asyncio.Future[float], start: Any, end: Any, error: BaseException | None) -> None:
@@ -119,7 +141,7 @@ async def _floor(rt: Runtime, stream: Any, launch: Any, n: int) -> None:
 
 
 def summary(r: dict[str, Any]) -> list[Row]:
-    cpu, wall = r["cpu_us"], r["wall_us"]
+    cpu, wall, switches = r["cpu_us"], r["wall_us"], r["switches"]
     raw = cpu["raw launch"]
     floor = cpu["floor, batched"]
     rows = [
@@ -128,13 +150,22 @@ def summary(r: dict[str, Any]) -> list[Row]:
             "floor: the device calls of a timed, awaited task (2 event records, the launch, "
             "a completion signal, elapsed time), no scheduler, many in flight: CPU us per task",
             f"{floor:.1f} us (+{floor - raw:.1f} over raw launch; wall "
-            f"{wall['floor, batched']:.1f} us)",
+            f"{wall['floor, batched']:.1f} us; {switches['floor, batched']:.1f} context "
+            "switches)",
             f"raw launch {raw:.1f} us",
             "(what bounds the target; no target)",
             None,
         )
     ]
+    each_cpu = cpu["submit, batched, signal each"]
+    each = (
+        f"; a signal per task (batch_us=0) +{each_cpu - raw:.1f} us, "
+        f"{switches['submit, batched, signal each']:.1f} context switches "
+        f"({cpu['submit, batched'] / each_cpu:.2f}x)"
+    )
     for mode, label in (("", "default"), (", inline", "inline_us=100")):
+        if mode:
+            each = ""
         over = cpu["submit, batched" + mode] - raw
         rows += [
             Row(
@@ -142,8 +173,9 @@ def summary(r: dict[str, Any]) -> list[Row]:
                 f"ctx.submit(trivial kernel), {label}, many in flight: CPU us per task over "
                 "raw launch",
                 f"+{over:.1f} us ({cpu['submit, batched' + mode]:.1f} us; wall "
-                f"{wall['submit, batched' + mode]:.1f} us)",
-                f"raw launch {raw:.1f} us",
+                f"{wall['submit, batched' + mode]:.1f} us; "
+                f"{switches['submit, batched' + mode]:.1f} context switches)",
+                f"raw launch {raw:.1f} us" + each,
                 "<=15 us over raw",
                 over <= 15 if r["backend"] == "cuda" else None,
             ),

@@ -54,6 +54,11 @@ class DispatcherConfig:
         context's launcher thread is idle, instead of waking that thread. Such a function
         must not block or wait for the loop, and allocations under memory pressure then
         make room on the loop thread
+    :ivar batch_us: tasks of one context launched back to back share one completion
+        signal (CUDA): a task's signal waits for the next task's function when that
+        function's last call took at most this long, which bounds what the wait adds to
+        the task's latency. 0 gives every task a signal of its own. Each task is still
+        timed on the GPU by itself and resolves only after its own work has run
     """
 
     tier_in_flight: Mapping[QoSPolicy, int | None] = field(
@@ -67,6 +72,7 @@ class DispatcherConfig:
     max_queued: int | None = 1024
     strict: bool = False
     inline_us: float = 0.0
+    batch_us: float = 50.0
 
 
 class Task:

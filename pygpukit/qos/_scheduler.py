@@ -35,6 +35,8 @@ __all__ = ("RuntimeScheduler",)
 
 _log = logging.getLogger("pygpukit")
 
+HELD_MAX = 32  # tasks that share one completion signal at most (DispatcherConfig.batch_us)
+
 
 class _Submitting(threading.local):
     """The task this thread's ``submit()`` is enqueueing, if any."""
@@ -70,6 +72,13 @@ def _on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _all_done(
+    held: list[Callable[[BaseException | None], None]], error: BaseException | None
+) -> None:
+    for done in held:
+        done(error)
 
 
 class _Outcome:
@@ -119,6 +128,13 @@ class _Launcher:
         self.outstanding = 0  # tasks handed to the thread whose fn has not returned yet
         self._costs: dict[Any, float] = {}  # code of fn -> seconds its last call took
         self._events: list[Any] = []  # timing events ready for reuse
+        # Tasks that ran on the thread and whose completion signal waits for the next
+        # task's function (DispatcherConfig.batch_us): each one's _done, in launch order,
+        # and the last one's end event. Shared with the completion watchdog's look.
+        self._held: list[Callable[[BaseException | None], None]] = []
+        self._held_end: Any = None
+        self._held_seen: list[Any] | None = None  # what the watchdog saw at its last look
+        self._held_lock = threading.Lock()
         self.thread = threading.Thread(
             target=self._run, name=f"pygpukit-launcher-{ctx.name}", daemon=True
         )
@@ -141,10 +157,16 @@ class _Launcher:
             broken = None
         except BaseException as exc:  # every task then fails with it rather than waits
             broken = exc
+        batching = self.scheduler.batch_s > 0 and not backend.tasks_on_streams
+        if batching:
+            rt.bridge.add_lookout(self._look)
         while True:
             task = box = start = None  # hold nothing of the last task while waiting
-            task = self.queue.get()
+            task = self._next() if batching else self.queue.get()
             if task is None:
+                if batching:
+                    self._send_held()
+                    rt.bridge.remove_lookout(self._look)
                 return
             box = _Outcome()
             if broken is not None:
@@ -172,6 +194,67 @@ class _Launcher:
     def _ran(self) -> None:
         with self.scheduler._lock:
             self.outstanding -= 1
+
+    # -- completion signals shared by tasks launched back to back ----------------------
+    def _next(self) -> Task | None:
+        """The next task; the held tasks' signal is sent first where it would otherwise
+        wait for a blocking ``get`` or for a function not known to be quick."""
+        try:
+            task = self.queue.get_nowait()
+        except queue.Empty:
+            self._send_held()
+            task = self.queue.get()
+        if task is not None:
+            task.cost_key = key = task.cost_key or _cost_key(task.fn)  # _execute learns it
+            if self._held:
+                cost = self._costs.get(key)
+                if cost is None or cost > self.scheduler.batch_s or len(self._held) >= HELD_MAX:
+                    self._send_held()
+        return task
+
+    def _hold(self, done: Callable[[BaseException | None], None], end: Any) -> None:
+        with self._held_lock:
+            self._held.append(done)
+            self._held_end = end
+            first = len(self._held) == 1
+        if first:  # the watchdog looks while something is held (see _look)
+            self.ctx.runtime.bridge.poke()
+
+    def _take_held(self) -> tuple[list[Callable[[BaseException | None], None]], Any]:
+        """The held tasks and their last end event, no longer held (call with the lock)."""
+        held, end = self._held, self._held_end
+        self._held, self._held_end, self._held_seen = [], None, None
+        return held, end
+
+    def _send_held(self) -> None:
+        with self._held_lock:
+            if not self._held:
+                return
+            held, end = self._take_held()
+        self._send(held, end)
+
+    def _look(self) -> bool:
+        """The completion watchdog's look: tasks held since its last look are signalled
+        now — this thread is stuck in a function (one that waits for an earlier task's
+        caller, say), and their callers must not wait for it. Whether any are held."""
+        with self._held_lock:
+            if not self._held:
+                return False
+            if self._held_seen is not self._held:
+                self._held_seen = self._held
+                return True
+            held, end = self._take_held()
+        self._send(held, end)
+        return False
+
+    def _send(self, held: list[Callable[[BaseException | None], None]], end: Any) -> None:
+        """One signal for ``held``, behind the last one's end event: each resolves, in
+        launch order, with its own timing."""
+        rt = self.ctx.runtime
+        try:
+            rt.bridge.on_done(end, rt.backend, functools.partial(_all_done, held))
+        except BaseException as exc:  # the device is gone: finish them now
+            _all_done(held, exc)
 
     # -- on the event loop -------------------------------------------------------------
     def try_inline(self, task: Task) -> bool:
@@ -215,7 +298,8 @@ class _Launcher:
     ) -> None:
         """Run the task, then mark the end of the work it enqueued and await that."""
         rt = self.ctx.runtime
-        if self.scheduler.inlines:  # remember how long fn took, for try_inline
+        held = bind is None and self.scheduler.batch_s > 0  # on this thread, batching
+        if held or self.scheduler.inlines:  # remember how long fn took (try_inline, _next)
             t0 = time.perf_counter()
             box.run(task, bind)
             self._remember(task.cost_key, time.perf_counter() - t0)
@@ -224,6 +308,9 @@ class _Launcher:
         try:
             end = self._event()
             self.ctx.stream.raw.record(end)  # after everything fn enqueued
+            if held:  # signalled with the tasks after it, or alone (_next, _look)
+                self._hold(functools.partial(self._done, task, box, start, end), end)
+                return
             rt.bridge.on_done(
                 end,
                 rt.backend,
@@ -342,6 +429,7 @@ class RuntimeScheduler:
         self._lock = threading.Lock()
         self._local = _Submitting()
         self.inline_s = self.dispatcher.config.inline_us / 1e6
+        self.batch_s = self.dispatcher.config.batch_us / 1e6
         # Decided once: inline execution is on, and the backend runs tasks on launcher
         # threads (the host executor runs them as stream items, never inline).
         self.inlines = self.inline_s > 0 and not runtime.backend.tasks_on_streams

@@ -196,6 +196,8 @@ class CompletionBridge:
         self.spin_us = float(os.environ.get("PYGPUKIT_SPIN_US", DEFAULT_SPIN_US))
         self._wake = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self._lookouts: set[Callable[[], bool]] = set()  # see add_lookout
+        self._pokes = 0
 
     # -- waiting ------------------------------------------------------------------------
     async def wait(self, target: RawStream | RawEvent, backend: Backend) -> None:
@@ -485,6 +487,26 @@ class CompletionBridge:
             )
 
     # -- the watchdog ------------------------------------------------------------------
+    def add_lookout(self, look: Callable[[], bool]) -> None:
+        """Have the watchdog call ``look()`` at each of its looks (every
+        ``watchdog_interval``) until :meth:`remove_lookout`. ``look`` returns whether it
+        still holds something that needs another look; whoever starts holding something
+        calls :meth:`poke`, so that a sleeping watchdog looks again."""
+        with self._lock:
+            self._lookouts.add(look)
+
+    def remove_lookout(self, look: Callable[[], bool]) -> None:
+        with self._lock:
+            self._lookouts.discard(look)
+
+    def poke(self) -> None:
+        """A lookout holds something now: the watchdog keeps looking until it says not."""
+        with self._lock:
+            self._pokes += 1
+            self._wake.set()
+        if self._watchdog is None:
+            self._ensure_watchdog()
+
     def _ensure_watchdog(self) -> None:
         self._wake.set()
         if self._watchdog is None:
@@ -502,9 +524,18 @@ class CompletionBridge:
             if _stop.is_set():
                 return
             with self._lock:
-                if not self._live:
-                    self._wake.clear()
-                    continue
+                live, pokes, lookouts = self._live, self._pokes, list(self._lookouts)
+            held = False
+            for look in lookouts:
+                try:
+                    held = look() or held
+                except BaseException:
+                    _log.exception("a completion lookout failed; the watchdog goes on")
+            if not live:
+                with self._lock:  # asleep only if nothing was armed or held meanwhile
+                    if not self._live and not held and self._pokes == pokes:
+                        self._wake.clear()
+                continue
             try:
                 self._send_stranded()
                 self.check_faults()
