@@ -192,3 +192,26 @@ def test_two_runtimes_on_two_devices_run_side_by_side() -> None:
         x, y = asyncio.run(main())
         assert (_device_of(x), _device_of(y)) == (0, last)
         assert float(x.get().sum()) == 256.0 and float(y.get().sum()) == 512.0
+
+
+def test_task_steps_outside_a_session_leave_the_threads_device_alone(other: Runtime) -> None:
+    """With PyTorch's CUDA state live, restoring its current stream at the end of a task
+    step makes that stream's device current; the step's end puts the thread's back."""
+    import cupy
+
+    torch = pytest.importorskip("torch")
+    torch.cuda.init()
+    ctx = other.create_context("c", max_vram=64 * MiB)
+    seen: list[tuple[int, int]] = []
+
+    async def outside() -> None:  # a task of a hooked loop, in no session
+        for _ in range(3):
+            await asyncio.sleep(0)
+            seen.append((int(cupy.cuda.runtime.getDevice()), int(torch.cuda.current_device())))
+
+    async def main() -> None:
+        await ctx.submit(lambda: None)  # hooks the loop: every task step binds
+        await asyncio.create_task(outside())
+
+    asyncio.run(main())
+    assert seen == [(0, 0)] * 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -13,7 +13,7 @@ import pytest
 from conftest import CUDA
 
 from pygpukit import MB, QoSPolicy
-from pygpukit.benchmarks._common import noop_kernel
+from pygpukit.benchmarks._common import busy_kernel, noop_kernel
 from pygpukit.qos import DispatcherConfig, RuntimeScheduler
 from pygpukit.qos._scheduler import HELD_MAX
 from pygpukit.runtime import Runtime
@@ -37,13 +37,36 @@ def _runtime(batch_us: float, context_in_flight: int | None = 4) -> Runtime:
     return rt
 
 
+@pytest.fixture
+def rt() -> Iterator[Runtime]:
+    """Functions that took under 0.1 s count as quick: what is held does not depend on how
+    the loop and launcher threads happened to share the GIL."""
+    with _runtime(1e5) as runtime:
+        yield runtime
+
+
+async def _behind_a_gate(ctx: Any, *callers: Callable[[], Awaitable[Any]]) -> float:
+    """Start ``callers`` while a gate task holds ``ctx``'s launcher thread, so that their
+    tasks queue behind it and then run back to back; open the gate, wait for them all.
+    Returns when the gate opened (``time.perf_counter()``)."""
+    go = threading.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ctx.submit, go.wait, 10)
+        await anyio.sleep(0.01)
+        for caller in callers:
+            tg.start_soon(caller)
+        await anyio.sleep(0.05)
+        opened = time.perf_counter()
+        go.set()
+    return opened
+
+
 async def _signals_for(rt: Runtime, n: int) -> tuple[int, list[float]]:
     """Signals enqueued for a gate task and ``n`` quick tasks queued behind it on the
     launcher thread, and each quick task's GPU time."""
     ctx = rt.create_context("c", max_vram=16 * MB, qos=QoSPolicy.GUARANTEED)
     launch = noop_kernel(rt)
     timed: list[float] = []
-    go = threading.Event()
 
     def step(i: int) -> int:
         launch(ctx.stream)
@@ -55,17 +78,14 @@ async def _signals_for(rt: Runtime, n: int) -> tuple[int, list[float]]:
     before = rt.bridge.stats().signals
     got: list[int] = []
 
-    async def one(i: int) -> None:
-        got.append(await ctx.submit(step, i))
+    def caller(i: int) -> Callable[[], Awaitable[None]]:
+        async def one() -> None:
+            got.append(await ctx.submit(step, i))
+
+        return one
 
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ctx.submit, go.wait, 10)
-            await anyio.sleep(0.01)
-            for i in range(n):
-                tg.start_soon(one, i)
-            await anyio.sleep(0.01)
-            go.set()
+        await _behind_a_gate(ctx, *(caller(i) for i in range(n)))
     assert sorted(got) == list(range(n))
     return rt.bridge.stats().signals - before, timed[1:]  # not the gate's
 
@@ -85,12 +105,31 @@ async def test_batch_us_zero_gives_each_task_its_own_signal() -> None:
     assert len(timed) == 200 and all(ms > 0 for ms in timed)
 
 
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    """Functions that took under 0.1 s count as quick: what is held does not depend on
-    how the loop and launcher threads happened to share the GIL."""
-    with _runtime(1e5) as runtime:
-        yield runtime
+async def test_each_task_of_a_shared_signal_resumes_after_its_own_work(rt: Runtime) -> None:
+    """Three tasks of 20 ms of GPU work each share a signal: each caller resumes only once
+    its own work has run, and the signal waits for the last one's."""
+    ctx = rt.create_context("c", max_vram=16 * MB)
+    spin = busy_kernel(rt)
+    ended: list[bool] = []
+
+    def step() -> Any:
+        spin(ctx.stream, 0.02)
+        done = rt.backend.create_event()
+        ctx.stream.raw.record(done)
+        return done
+
+    for _ in range(2):
+        await ctx.submit(step)  # learned: quick on the host, 20 ms on the GPU (< 0.1 s)
+    before = rt.bridge.stats().signals
+
+    async def caller() -> None:
+        done = await ctx.submit(step)
+        ended.append(done.query())
+
+    with anyio.fail_after(5):
+        await _behind_a_gate(ctx, caller, caller, caller)
+    assert ended == [True, True, True]
+    assert rt.bridge.stats().signals - before == 1  # the gate and all three, one signal
 
 
 async def test_a_function_that_waits_for_an_earlier_tasks_caller_does_not_hang(
@@ -100,7 +139,8 @@ async def test_a_function_that_waits_for_an_earlier_tasks_caller_does_not_hang(
     for b: the completion watchdog sends the held signal at its second look."""
     ctx = rt.create_context("c", max_vram=16 * MB)
     launch = noop_kernel(rt)
-    go, a_resumed = threading.Event(), threading.Event()
+    a_resumed = threading.Event()
+    resumed: dict[str, float] = {}
 
     def step(wait_for: threading.Event | None) -> None:
         launch(ctx.stream)
@@ -109,55 +149,101 @@ async def test_a_function_that_waits_for_an_earlier_tasks_caller_does_not_hang(
 
     for _ in range(3):
         await ctx.submit(step, None)  # quick: b will run while a's signal is held
-    took: dict[str, float] = {}
 
     async def a() -> None:
         await ctx.submit(step, None)
-        took["a"] = time.perf_counter() - t0
+        resumed["a"] = time.perf_counter()
         a_resumed.set()
 
+    async def b() -> None:
+        await ctx.submit(step, a_resumed)
+
     with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            # the launcher is busy with the gate while a and b queue behind it
-            tg.start_soon(ctx.submit, go.wait, 10)
-            await anyio.sleep(0.01)
-            tg.start_soon(a)
-            tg.start_soon(ctx.submit, step, a_resumed)
-            await anyio.sleep(0.01)
-            t0 = time.perf_counter()
-            go.set()
+        opened = await _behind_a_gate(ctx, a, b)
     # held, then sent by the watchdog (it looks every 0.1 s and sends on its second look)
-    assert 0.05 < took["a"] < 1.0, took
+    assert 0.05 < resumed["a"] - opened < 1.0, resumed["a"] - opened
 
 
-async def test_a_task_does_not_wait_for_a_slow_function_after_it(rt: Runtime) -> None:
+@pytest.fixture
+def no_watchdog(rt: Runtime) -> Iterator[None]:
+    """The completion watchdog looks every 5 s: a held signal is not sent by it in time."""
+    bridge = rt.bridge
+    interval, bridge._interval = bridge._interval, 5.0
+    time.sleep(0.15)  # its current wait, at the old interval, ends
+    try:
+        yield
+    finally:
+        bridge._interval = interval
+
+
+@pytest.mark.parametrize("slow_on", ["host", "gpu"])
+async def test_a_task_does_not_wait_for_a_slow_task_after_it(
+    rt: Runtime, no_watchdog: None, slow_on: str
+) -> None:
+    """quick's signal is not held for a task whose function took longer than batch_us
+    (0.1 s), on the host or on the GPU, on its last call."""
     ctx = rt.create_context("c", max_vram=16 * MB)
-    launch = noop_kernel(rt)
-    go = threading.Event()
+    launch, spin = noop_kernel(rt), busy_kernel(rt)
+    resumed: dict[str, float] = {}
 
     def quick() -> None:
         launch(ctx.stream)
 
-    def slow() -> None:  # slower than batch_us (0.1 s)
-        launch(ctx.stream)
-        time.sleep(0.3)
+    def slow() -> None:
+        if slow_on == "host":
+            launch(ctx.stream)
+            time.sleep(0.3)
+        else:
+            spin(ctx.stream, 0.3)
 
     for _ in range(2):
         await ctx.submit(quick)
     await ctx.submit(slow)  # the launcher thread knows it is slow now
-    took: dict[str, Any] = {}
 
     async def first() -> None:
         await ctx.submit(quick)
-        took["quick"] = time.perf_counter() - t0
+        resumed["quick"] = time.perf_counter()
+
+    async def second() -> None:
+        await ctx.submit(slow)
 
     with anyio.fail_after(5):
+        opened = await _behind_a_gate(ctx, first, second)
+    assert resumed["quick"] - opened < 0.15  # held for slow, >= 0.3 s
+
+
+async def test_tasks_held_when_their_context_is_destroyed_still_deliver(
+    rt: Runtime, no_watchdog: None
+) -> None:
+    """a and b are held while c's function blocks; the context is destroyed meanwhile: the
+    launcher thread, stopping, sends what it holds (the watchdog would take 5 s here)."""
+    ctx = rt.create_context("c", max_vram=16 * MB)
+    launch = noop_kernel(rt)
+    release = threading.Event()
+    got: list[int] = []
+
+    def step(i: int, wait_for: threading.Event | None = None) -> int:
+        launch(ctx.stream)
+        if wait_for is not None:
+            wait_for.wait(10)
+        return i
+
+    for i in range(2):
+        await ctx.submit(step, i)
+
+    def caller(i: int, wait_for: threading.Event | None = None) -> Callable[[], Awaitable[None]]:
+        async def one() -> None:
+            got.append(await ctx.submit(step, i, wait_for))
+
+        return one
+
+    async def destroy_then_release() -> None:
+        await anyio.sleep(0.15)  # the gate opened at 0.06 s: a and b held, c blocked
+        await anyio.to_thread.run_sync(rt.destroy_context, ctx)
+        release.set()
+
+    with anyio.fail_after(3):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ctx.submit, go.wait, 10)
-            await anyio.sleep(0.01)
-            tg.start_soon(first)
-            tg.start_soon(ctx.submit, slow)
-            await anyio.sleep(0.01)
-            t0 = time.perf_counter()
-            go.set()
-    assert took["quick"] < 0.15, took  # held for slow(), it would be >= 0.3 s
+            tg.start_soon(destroy_then_release)
+            await _behind_a_gate(ctx, caller(0), caller(1), caller(2, release))
+    assert sorted(got) == [0, 1, 2]

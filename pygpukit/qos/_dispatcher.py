@@ -54,11 +54,14 @@ class DispatcherConfig:
         context's launcher thread is idle, instead of waking that thread. Such a function
         must not block or wait for the loop, and allocations under memory pressure then
         make room on the loop thread
-    :ivar batch_us: tasks of one context launched back to back share one completion
-        signal (CUDA): a task's signal waits for the next task's function when that
-        function's last call took at most this long, which bounds what the wait adds to
-        the task's latency. 0 gives every task a signal of its own. Each task is still
-        timed on the GPU by itself and resolves only after its own work has run
+    :ivar batch_us: tasks of one context that its launcher thread runs back to back
+        share one completion signal (CUDA): a finished task's signal waits for the next
+        queued task when that task's function took at most this long on the host, and its
+        work at most this long on the GPU, on their last call — what each task waited for
+        adds to the held task's latency. Up to 32 share a signal; one held while the
+        thread is stuck in a function is sent by the completion watchdog at its second
+        look. 0 gives every task a signal of its own. Each task is still timed on the GPU
+        by itself and resolves only after its own work has run
     """
 
     tier_in_flight: Mapping[QoSPolicy, int | None] = field(

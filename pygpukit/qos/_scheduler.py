@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._exceptions import AdmissionRejected, ContextClosed, InvalidArgument
-from ..runtime._completion import checkpoint
+from ..runtime._completion import _resolve_all, checkpoint
 from ..runtime._oneshot import Oneshot, running_library
 from ..runtime._session import _current
 from ..runtime._tiers import QoSPolicy
@@ -50,18 +50,27 @@ def _cost_key(fn: Any) -> Any:
     Code is shared by every closure, lambda or bound method made from one ``def`` (so a
     function made per call is still recognised) and holds no reference to their captured
     objects or ``self`` (so remembering it keeps no model alive). ``None``: no code to go
-    by (a builtin, say); such a function always goes to the launcher thread.
+    by (a builtin, say, or an object whose attributes raise); such a function always goes
+    to the launcher thread and never shares a completion signal.
     """
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    fn = getattr(fn, "__func__", fn)  # a bound method's function
-    code = getattr(fn, "__code__", None)
-    if code is None:  # a callable object: its class's __call__
-        try:
-            code = type(fn).__call__.__code__
-        except AttributeError:
-            pass  # a builtin, or a C-implemented callable
+    try:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        fn = getattr(fn, "__func__", fn)  # a bound method's function
+        code = getattr(fn, "__code__", None)
+        if code is None:  # a callable object: its class's __call__
+            code = getattr(type(fn).__call__, "__code__", None)  # None: C-implemented
+    except Exception:
+        return None
     return code
+
+
+def _note(table: dict[Any, float], key: Any, value: float) -> None:
+    """``table[key] = value`` (the latest call decides), keeping at most 256 keys."""
+    if key is not None:
+        if len(table) >= 256 and key not in table:
+            table.clear()
+        table[key] = value
 
 
 def _on_event_loop() -> bool:
@@ -72,13 +81,6 @@ def _on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _all_done(
-    held: list[Callable[[BaseException | None], None]], error: BaseException | None
-) -> None:
-    for done in held:
-        done(error)
 
 
 class _Outcome:
@@ -127,6 +129,7 @@ class _Launcher:
         self.queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self.outstanding = 0  # tasks handed to the thread whose fn has not returned yet
         self._costs: dict[Any, float] = {}  # code of fn -> seconds its last call took
+        self._gpu_s: dict[Any, float] = {}  # code of fn -> its last task's GPU seconds
         self._events: list[Any] = []  # timing events ready for reuse
         # Tasks that ran on the thread and whose completion signal waits for the next
         # task's function (DispatcherConfig.batch_us): each one's _done, in launch order,
@@ -206,11 +209,23 @@ class _Launcher:
             task = self.queue.get()
         if task is not None:
             task.cost_key = key = task.cost_key or _cost_key(task.fn)  # _execute learns it
-            if self._held:
-                cost = self._costs.get(key)
-                if cost is None or cost > self.scheduler.batch_s or len(self._held) >= HELD_MAX:
-                    self._send_held()
+            if self._held and not self._quick(key):
+                self._send_held()
         return task
+
+    def _quick(self, key: Any) -> bool:
+        """Whether the held tasks may wait for a task of ``key``: its function's last call
+        took at most ``batch_s`` on the host and its work at most that on the GPU (what
+        holding adds to their latency), and fewer than HELD_MAX are held."""
+        limit = self.scheduler.batch_s
+        host, gpu = self._costs.get(key), self._gpu_s.get(key)
+        return (
+            host is not None
+            and gpu is not None
+            and host <= limit
+            and gpu <= limit
+            and len(self._held) < HELD_MAX
+        )
 
     def _hold(self, done: Callable[[BaseException | None], None], end: Any) -> None:
         with self._held_lock:
@@ -248,13 +263,14 @@ class _Launcher:
         return False
 
     def _send(self, held: list[Callable[[BaseException | None], None]], end: Any) -> None:
-        """One signal for ``held``, behind the last one's end event: each resolves, in
-        launch order, with its own timing."""
+        """One signal for ``held``, behind the last one's end event: they resolve in
+        launch order, each with its own timing, and one that raises does not keep the
+        others waiting."""
         rt = self.ctx.runtime
         try:
-            rt.bridge.on_done(end, rt.backend, functools.partial(_all_done, held))
+            rt.bridge.on_done(end, rt.backend, functools.partial(_resolve_all, held))
         except BaseException as exc:  # the device is gone: finish them now
-            _all_done(held, exc)
+            _resolve_all(held, exc)
 
     # -- on the event loop -------------------------------------------------------------
     def try_inline(self, task: Task) -> bool:
@@ -302,7 +318,7 @@ class _Launcher:
         if held or self.scheduler.inlines:  # remember how long fn took (try_inline, _next)
             t0 = time.perf_counter()
             box.run(task, bind)
-            self._remember(task.cost_key, time.perf_counter() - t0)
+            _note(self._costs, task.cost_key, time.perf_counter() - t0)
         else:
             box.run(task, bind)
         try:
@@ -323,13 +339,6 @@ class _Launcher:
         except BaseException as exc:  # the device is gone: finish the task now
             self._finish(task, box, box.error or exc)
 
-    def _remember(self, key: Any, took: float) -> None:
-        if key is not None:
-            costs = self._costs
-            if len(costs) >= 256 and key not in costs:
-                costs.clear()  # bounded
-            costs[key] = took  # the latest call decides where the next one runs
-
     def _guard(self, task: Task, box: _Outcome, device_error: BaseException | None) -> None:
         if device_error is not None and not box.ran:
             self._finish(task, box, device_error)
@@ -344,6 +353,7 @@ class _Launcher:
             except Exception:
                 gpu_ms = 0.0
             self._events += (start, end)  # both complete: safe to record again
+            _note(self._gpu_s, task.cost_key, gpu_ms / 1e3)  # for _quick
         self._finish(task, box, box.error or device_error, gpu_ms=gpu_ms)
 
     def _finish(

@@ -768,40 +768,51 @@ class CudaBackend(Backend):
         cupy.cuda.set_allocator(router)
 
     def bind_stream(self, stream: RawStream | None) -> object:
-        back = None  # the device to make current again, where we switched it
-        if self._several and type(stream) is CudaStream:
-            back = _rt.getDevice()
-            if back != self.device_id:
-                _rt.setDevice(self.device_id)  # CuPy and PyTorch allocate and launch there
-        prev = cupy.cuda.get_current_stream()
+        # not isinstance: this runs at every task step
+        ours = stream if type(stream) is CudaStream else None
+        own = ours is not None
         torch: Any = sys.modules.get("torch")
         torch_on = torch is not None and torch.cuda.is_initialized()
-        torch_prev = torch.cuda.current_stream(self.device_id) if torch_on else None
-        if type(stream) is CudaStream:  # not isinstance: this runs at every task step
-            if stream.cp is not prev:
-                stream.cp.use()
-            if torch_on:
-                torch.cuda.set_stream(stream.torch_stream())
-        elif prev.ptr in self._ours:
-            # Another task's session binding is still on this thread: a task outside any
-            # session must not run on it. (A stream the user chose themselves is kept.)
-            cupy.cuda.Stream.null.use()
-            if torch_on:
-                torch.cuda.set_stream(torch.cuda.default_stream(self.device_id))
-        return (prev, torch_prev, back)
+        # Several devices: binding our stream makes our device current (CuPy and PyTorch
+        # allocate and launch there), and PyTorch's set_stream makes its stream's device
+        # current; either way the thread's device comes back at restore_stream.
+        back = _rt.getDevice() if self._several and (own or torch_on) else None
+        here = self.device_id if own else back  # the device of the stream saved as prev
+        if own and back is not None and back != self.device_id:
+            _rt.setDevice(self.device_id)
+        try:
+            prev = cupy.cuda.get_current_stream()
+            torch_prev = torch.cuda.current_stream(self.device_id) if torch_on else None
+            if ours is not None:
+                if ours.cp is not prev:
+                    ours.cp.use()
+                if torch_on:
+                    torch.cuda.set_stream(ours.torch_stream())
+            elif prev.ptr in self._ours:
+                # Another task's session binding is still on this thread: a task outside
+                # any session must not run on it. (A stream the user chose is kept.)
+                cupy.cuda.Stream.null.use()
+                if torch_on:
+                    torch.cuda.set_stream(torch.cuda.default_stream(self.device_id))
+        except BaseException:
+            if back is not None:
+                _rt.setDevice(back)
+            raise
+        return (prev, torch_prev, back, here)
 
     def restore_stream(self, token: object) -> None:
         prev: Any
         torch_prev: Any
         back: int | None
-        prev, torch_prev, back = token  # type: ignore[misc]
-        if back is not None and _rt.getDevice() != self.device_id:
-            _rt.setDevice(self.device_id)  # the step switched devices; prev is one of ours
+        here: int | None
+        prev, torch_prev, back, here = token  # type: ignore[misc]
+        if back is not None and _rt.getDevice() != here:
+            _rt.setDevice(here)  # the step switched devices; prev is a stream of `here`
         if cupy.cuda.get_current_stream() is not prev:
             prev.use()
         if torch_prev is not None:
-            sys.modules["torch"].cuda.set_stream(torch_prev)
-        if back is not None and back != self.device_id:
+            sys.modules["torch"].cuda.set_stream(torch_prev)  # makes its device current
+        if back is not None and _rt.getDevice() != back:
             _rt.setDevice(back)
 
     def fault(self, streams: list[RawStream]) -> BaseException | None:
