@@ -163,9 +163,14 @@ def summary(r: dict[str, Any]) -> list[Row]:
         f"{switches['submit, batched, signal each']:.1f} context switches "
         f"({cpu['submit, batched'] / each_cpu:.2f}x)"
     )
+    alone_cpu = cpu["submit, signal each"]
+    alone = (
+        f"; a signal per task (batch_us=0) {alone_cpu:.1f} us, wall "
+        f"{wall['submit, signal each']:.1f} us ({cpu['submit'] / alone_cpu:.2f}x)"
+    )
     for mode, label in (("", "default"), (", inline", "inline_us=100")):
         if mode:
-            each = ""
+            each = alone = ""
         over = cpu["submit, batched" + mode] - raw
         rows += [
             Row(
@@ -183,7 +188,7 @@ def summary(r: dict[str, Any]) -> list[Row]:
                 "submit",
                 f"ctx.submit(trivial kernel), {label}, one at a time: CPU us per task",
                 f"{cpu['submit' + mode]:.1f} us (wall {wall['submit' + mode]:.1f} us)",
-                f"launch+await inline {cpu['launch + await']:.1f} us",
+                f"launch+await inline {cpu['launch + await']:.1f} us" + alone,
                 "(latency; no target)",
                 None,
             ),
