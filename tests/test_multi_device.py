@@ -96,9 +96,9 @@ def test_a_submitted_task_runs_on_the_runtimes_device_and_is_timed(other: Runtim
     assert ctx.usage().gpu_time_s >= 0.009  # the task's GPU time came from its events
 
 
-def test_a_watchdog_thread_signals_the_runtimes_device(other: Runtime) -> None:
-    """A completion armed from a thread whose current device is 0 (the watchdog, a
-    launcher, a user thread) still lands."""
+def test_a_completion_armed_from_a_thread_on_device_0_lands(other: Runtime) -> None:
+    """A completion armed from a user thread whose current device is 0 still lands (the
+    watchdog's sends of held or stranded signals come from such a thread too)."""
     ctx = other.create_context("c", max_vram=64 * MiB)
     spin = busy_kernel(other)
     errors: list[BaseException] = []
