@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._exceptions import AdmissionRejected, ContextClosed, InvalidArgument
-from ..runtime._completion import _resolve_all, checkpoint
+from ..runtime._completion import checkpoint
 from ..runtime._oneshot import Oneshot, running_library
 from ..runtime._session import _current
 from ..runtime._tiers import QoSPolicy
@@ -30,6 +30,7 @@ from ._partitions import PartitionManager
 
 if TYPE_CHECKING:
     from ..runtime import ExecutionContext, Runtime
+    from ..runtime._completion import _Batch
 
 __all__ = ("RuntimeScheduler",)
 
@@ -131,13 +132,9 @@ class _Launcher:
         self._costs: dict[Any, float] = {}  # code of fn -> seconds its last call took
         self._gpu_s: dict[Any, float] = {}  # code of fn -> its last task's GPU seconds
         self._events: list[Any] = []  # timing events ready for reuse
-        # Tasks that ran on the thread and whose completion signal waits for the next
-        # task's function (DispatcherConfig.batch_us): each one's _done, in launch order,
-        # and the last one's end event. Shared with the completion watchdog's look.
-        self._held: list[Callable[[BaseException | None], None]] = []
-        self._held_end: Any = None
-        self._held_seen: list[Any] | None = None  # what the watchdog saw at its last look
-        self._held_lock = threading.Lock()
+        # Tasks that ran on the thread and whose completion signal waits for the tasks
+        # after them (DispatcherConfig.batch_us): the bridge's batch they are members of.
+        self._batch: _Batch | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"pygpukit-launcher-{ctx.name}", daemon=True
         )
@@ -161,15 +158,11 @@ class _Launcher:
         except BaseException as exc:  # every task then fails with it rather than waits
             broken = exc
         batching = self.scheduler.batch_s > 0 and not backend.tasks_on_streams
-        if batching:
-            rt.bridge.add_lookout(self._look)
         while True:
             task = box = start = None  # hold nothing of the last task while waiting
             task = self._next() if batching else self.queue.get()
             if task is None:
-                if batching:
-                    self._send_held()
-                    rt.bridge.remove_lookout(self._look)
+                rt.bridge.send(self._batch)  # what it holds, if anything
                 return
             box = _Outcome()
             if broken is not None:
@@ -205,72 +198,21 @@ class _Launcher:
         try:
             task = self.queue.get_nowait()
         except queue.Empty:
-            self._send_held()
+            self.ctx.runtime.bridge.send(self._batch)
             task = self.queue.get()
         if task is not None:
             task.cost_key = key = task.cost_key or _cost_key(task.fn)  # _execute learns it
-            if self._held and not self._quick(key):
-                self._send_held()
+            if not self._quick(key):
+                self.ctx.runtime.bridge.send(self._batch)
         return task
 
     def _quick(self, key: Any) -> bool:
         """Whether the held tasks may wait for a task of ``key``: its function's last call
         took at most ``batch_s`` on the host and its work at most that on the GPU (what
-        holding adds to their latency), and fewer than HELD_MAX are held."""
+        holding adds to their latency)."""
         limit = self.scheduler.batch_s
         host, gpu = self._costs.get(key), self._gpu_s.get(key)
-        return (
-            host is not None
-            and gpu is not None
-            and host <= limit
-            and gpu <= limit
-            and len(self._held) < HELD_MAX
-        )
-
-    def _hold(self, done: Callable[[BaseException | None], None], end: Any) -> None:
-        with self._held_lock:
-            self._held.append(done)
-            self._held_end = end
-            first = len(self._held) == 1
-        if first:  # the watchdog looks while something is held (see _look)
-            self.ctx.runtime.bridge.poke()
-
-    def _take_held(self) -> tuple[list[Callable[[BaseException | None], None]], Any]:
-        """The held tasks and their last end event, no longer held (call with the lock)."""
-        held, end = self._held, self._held_end
-        self._held, self._held_end, self._held_seen = [], None, None
-        return held, end
-
-    def _send_held(self) -> None:
-        with self._held_lock:
-            if not self._held:
-                return
-            held, end = self._take_held()
-        self._send(held, end)
-
-    def _look(self) -> bool:
-        """The completion watchdog's look: tasks held since its last look are signalled
-        now — this thread is stuck in a function (one that waits for an earlier task's
-        caller, say), and their callers must not wait for it. Whether any are held."""
-        with self._held_lock:
-            if not self._held:
-                return False
-            if self._held_seen is not self._held:
-                self._held_seen = self._held
-                return True
-            held, end = self._take_held()
-        self._send(held, end)
-        return False
-
-    def _send(self, held: list[Callable[[BaseException | None], None]], end: Any) -> None:
-        """One signal for ``held``, behind the last one's end event: they resolve in
-        launch order, each with its own timing, and one that raises does not keep the
-        others waiting."""
-        rt = self.ctx.runtime
-        try:
-            rt.bridge.on_done(end, rt.backend, functools.partial(_resolve_all, held))
-        except BaseException as exc:  # the device is gone: finish them now
-            _resolve_all(held, exc)
+        return host is not None and gpu is not None and host <= limit and gpu <= limit
 
     # -- on the event loop -------------------------------------------------------------
     def try_inline(self, task: Task) -> bool:
@@ -324,8 +266,12 @@ class _Launcher:
         try:
             end = self._event()
             self.ctx.stream.raw.record(end)  # after everything fn enqueued
-            if held:  # signalled with the tasks after it, or alone (_next, _look)
-                self._hold(functools.partial(self._done, task, box, start, end), end)
+            # Held with the tasks before it, or for a task queued behind it: a task alone
+            # gets its signal right away. The watchdog sends a batch this thread does not.
+            batch = self._batch
+            if held and ((batch is not None and batch.open) or not self.queue.empty()):
+                done = functools.partial(self._done, task, box, start, end)
+                self._batch = rt.bridge.hold(batch, end, rt.backend, done, HELD_MAX)
                 return
             rt.bridge.on_done(
                 end,

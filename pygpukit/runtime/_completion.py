@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ("BridgeStats", "CompletionBridge", "default_bridge")
 
 CAPACITY = 1 << 18  # live waiters at most; the ring holds exactly this many
+_GEN_SHIFT = CAPACITY.bit_length() - 1  # a token: generation << _GEN_SHIFT | slot
+_SLOT = CAPACITY - 1
 DEFAULT_SPIN_US = 20.0  # bench/RESULTS.md §1: a trivial kernel completes in ~15 us
 DEFAULT_COALESCE = 1  # waiters per shared signal at most: off unless asked for (see wait())
 
@@ -93,32 +95,47 @@ class _PythonChannel:
 
 class _Probe:
     """A stream (or, for an event never recorded, a backend) with waiters pending on it:
-    what the watchdog queries for faults. Shared by those waiters' slots.
+    what the watchdog queries for faults. Shared by those waiters' slots; ``batch`` is the
+    stream's open batch of awaits, if any (see :meth:`CompletionBridge.on_done`)."""
 
-    It also holds the stream's open *batch*: the tokens of waiters armed on the loop thread
-    ``loop`` since the stream's last signal, which one signal will stand for (``seen``: the
-    batch the watchdog found open at its last look)."""
-
-    __slots__ = ("backend", "batch", "count", "loop", "seen", "stream")
+    __slots__ = ("backend", "batch", "count", "key", "stream")
 
     def __init__(self, backend: Backend, stream: RawStream | None) -> None:
         self.backend = backend
         self.stream = stream
+        self.key: object = backend if stream is None else stream  # in the bridge's _probes
         self.count = 0
-        self.batch: list[int] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.seen: list[int] | None = None
+        self.batch: _Batch | None = None
 
-    def detach(self) -> list[int] | None:
-        """Take the open batch away (with the bridge's lock held) for sending."""
-        batch = self.batch
-        self.batch = self.loop = self.seen = None
-        return batch
 
-    @staticmethod
-    def key(backend: Backend, stream: RawStream | None) -> object:
-        """What the bridge files a probe under: its stream, else its backend."""
-        return backend if stream is None else stream
+class _Batch:
+    """Waiters that will share one completion signal: their tokens in arming order, and
+    where the signal goes — behind ``target``, a stream (its end when the batch is sent) or
+    the event of the last member to join. Open until sent; made and changed under the
+    bridge's lock.
+
+    Two kinds use it. A stream's batch of awaits (``loop``: the asyncio loop whose current
+    iteration's end sends it; ``probe``: the stream's probe, which files it), and a batch
+    a holder keeps for work it launches back to back (:meth:`CompletionBridge.hold`: the
+    dispatcher's launcher threads). Either is sent when ``cap`` members have joined, and
+    by the watchdog if it is still open at the watchdog's second look at it (``seen``)."""
+
+    __slots__ = ("cap", "loop", "open", "probe", "seen", "target", "tokens")
+
+    def __init__(
+        self,
+        target: RawStream | RawEvent,
+        cap: int,
+        probe: _Probe | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.tokens: list[int] = []
+        self.target = target
+        self.cap = cap
+        self.probe = probe
+        self.loop = loop
+        self.open = True
+        self.seen = False
 
 
 class BridgeStats:
@@ -196,8 +213,7 @@ class CompletionBridge:
         self.spin_us = float(os.environ.get("PYGPUKIT_SPIN_US", DEFAULT_SPIN_US))
         self._wake = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self._lookouts: set[Callable[[], bool]] = set()  # see add_lookout
-        self._pokes = 0
+        self._batches: set[_Batch] = set()  # the open ones, for the watchdog (_send_stranded)
 
     # -- waiting ------------------------------------------------------------------------
     async def wait(self, target: RawStream | RawEvent, backend: Backend) -> None:
@@ -271,18 +287,69 @@ class CompletionBridge:
         loop = (
             asyncio._get_running_loop() if share and probe is target and self.coalesce > 1 else None
         )
-        token, batch, on = self._register(callback, backend, probe, loop)  # type: ignore[arg-type]
-        if batch is None:  # a signal of its own, now
+        if self._watchdog is None:
+            self._ensure_watchdog()
+        opened = full = None
+        with self._lock:
+            token, on = self._add(callback, backend, probe)  # type: ignore[arg-type]
+            if loop is not None and on.count > 1:  # others pending on the stream: share
+                batch = on.batch
+                if batch is None:  # this waiter opens the stream's batch
+                    batch = on.batch = opened = self._open(target, self.coalesce, on, loop)
+                if batch.loop is loop:
+                    full = self._join(batch, token)
+                    token = -1
+            if token >= 0:
+                self._signals += 1
+        if token >= 0:  # a signal of its own, now
             try:
                 target.signal_when_done(token, self)
             except BaseException:
                 self._release(token)
                 raise
-        elif len(batch) == 1:  # it opened the stream's batch: signal it after this iteration
+        elif opened is not None:  # signal it after this iteration
             assert loop is not None
-            loop.call_soon(self._flush, on, batch)
-        elif batch is not _JOINED:  # it filled the batch: signal it now
-            self._send(on, batch)
+            loop.call_soon(self.send, opened)
+        if full is not None:
+            self._send(full)
+
+    def hold(
+        self,
+        batch: _Batch | None,
+        event: RawEvent,
+        backend: Backend,
+        callback: Callable[[BaseException | None], None],
+        cap: int,
+    ) -> _Batch:
+        """Arm ``callback`` for ``event``'s work as the newest member of ``batch`` (of a new
+        batch if that is ``None`` or sent), and return the batch. Its one signal goes behind
+        the event of its last member, when the holder calls :meth:`send`, when ``cap``
+        members have joined (then here), or from the watchdog when it finds the batch still
+        open at its second look (0.1-0.2 s): a holder that cannot send — its thread stuck in
+        code that waits for a member's caller — strands nobody. Members resolve in the order
+        they joined, each with its own callback, after their own work and that of the
+        members after them."""
+        if self._watchdog is None:
+            self._ensure_watchdog()
+        with self._lock:
+            token, _ = self._add(callback, backend, event.origin)
+            if batch is None or not batch.open:
+                batch = self._open(event, cap)
+            batch.target = event
+            full = self._join(batch, token)
+        if full is not None:
+            self._send(full)
+        return batch
+
+    def send(self, batch: _Batch | None) -> None:
+        """Enqueue ``batch``'s signal now, unless it was sent already (or is ``None``)."""
+        if batch is None:
+            return
+        with self._lock:
+            if not batch.open:
+                return  # sent when it filled up, or by the watchdog
+            self._close(batch)
+        self._send(batch)
 
     def attach(self) -> None:
         """Watch the bridge's fd from the running asyncio loop or trio run (idempotent)."""
@@ -312,85 +379,80 @@ class CompletionBridge:
             self._on_readable()
 
     # -- slots --------------------------------------------------------------------------
-    # A signal carries a token: the slot plus CAPACITY times the slot's generation, so a late
-    # signal for a waiter that the watchdog already failed (and whose slot was reused) is
-    # recognised and ignored.
-    def _register(
+    # A signal carries a token: the slot's generation above _GEN_SHIFT, the slot below, so a
+    # late signal for a waiter that the watchdog already failed (and whose slot was reused)
+    # is recognised and ignored.
+    def _add(
         self,
         resolve: Callable[[BaseException | None], None],
         backend: Backend,
         stream: RawStream | None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> tuple[int, list[int] | None, _Probe]:
-        """Take a slot for ``resolve``; returns its token, its batch and its probe. The
-        batch is ``None`` when it needs a signal of its own now, else the stream's batch it
-        opened (length 1), filled (detached; length :attr:`coalesce`), or ``_JOINED``."""
+    ) -> tuple[int, _Probe]:
+        """Take a slot for ``resolve`` (call with the lock held); its token and its probe."""
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self._resolve[slot] = resolve
         key = backend if stream is None else stream  # _Probe.key, inlined: once per await
-        batch: list[int] | None = None
-        with self._lock:
-            if not self._free:
-                self._grow()
-            slot = self._free.pop()
-            self._resolve[slot] = resolve
-            probe = self._probes.get(key)
-            if probe is None:
-                probe = self._probes[key] = _Probe(backend, stream)
-            token = slot + CAPACITY * self._gen[slot]
-            if loop is not None and probe.count:  # others pending on the stream: share
-                batch = probe.batch
-                if batch is None:
-                    batch = probe.batch = [token]
-                    probe.loop = loop
-                elif probe.loop is loop:
-                    batch.append(token)
-                    if len(batch) >= self.coalesce:
-                        probe.detach()  # full: the caller sends it
-                    else:
-                        batch = _JOINED
-                else:  # another loop's batch: that loop sends it
-                    batch = None
-            probe.count += 1
-            self._probe[slot] = probe
-            self._live += 1
-            self._armed += 1
-            if batch is None:
-                self._signals += 1
-            if self._live == 1:
-                # The watchdog clears its wake-up flag under this lock once nothing is
-                # pending: the first waiter after that sets it again.
-                self._wake.set()
-        if self._watchdog is None:
-            self._ensure_watchdog()
-        return token, batch, probe
+        probe = self._probes.get(key)
+        if probe is None:
+            probe = self._probes[key] = _Probe(backend, stream)
+        probe.count += 1
+        self._probe[slot] = probe
+        self._live += 1
+        self._armed += 1
+        if self._live == 1:
+            # The watchdog clears its wake-up flag under this lock once nothing is pending:
+            # the first waiter after that sets it again.
+            self._wake.set()
+        return self._gen[slot] << _GEN_SHIFT | slot, probe
 
-    def _flush(self, probe: _Probe, batch: list[int]) -> None:
-        """Send ``batch`` unless it was sent already (the loop call its opener scheduled)."""
-        with self._lock:
-            if probe.batch is not batch:
-                return  # sent when it filled up, or by the watchdog
-            probe.detach()
-        self._send(probe, batch)
+    def _open(
+        self,
+        target: RawStream | RawEvent,
+        cap: int,
+        probe: _Probe | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> _Batch:
+        """A new open batch, where the watchdog sees it (call with the lock held)."""
+        batch = _Batch(target, cap, probe, loop)
+        self._batches.add(batch)
+        return batch
 
-    def _send(self, probe: _Probe, batch: list[int]) -> None:
-        """Enqueue one signal on ``probe``'s stream for the waiters of ``batch`` (detached
-        from it) still pending: it carries the last one's token, and that slot lists the
-        others."""
-        gens, stream = self._gen, probe.stream
-        assert stream is not None  # only a stream's waiters share signals
+    def _join(self, batch: _Batch, token: int) -> _Batch | None:
+        """Add ``token`` to ``batch`` (call with the lock held); the batch, closed, when that
+        filled it and the caller must send it."""
+        batch.tokens.append(token)
+        if len(batch.tokens) < batch.cap:
+            return None
+        self._close(batch)
+        return batch
+
+    def _close(self, batch: _Batch) -> None:
+        """No more members for ``batch``: it is about to be sent (call with the lock held)."""
+        batch.open = False
+        self._batches.discard(batch)
+        if batch.probe is not None and batch.probe.batch is batch:
+            batch.probe.batch = None
+
+    def _send(self, batch: _Batch) -> None:
+        """Enqueue one signal behind ``batch``'s target (the batch closed) for its members
+        still pending: it carries the last one's token, and that slot lists the others."""
+        gens, target = self._gen, batch.target
         with self._lock:
-            live = [t for t in batch if t >> _GEN_SHIFT == gens[t & _SLOT]]
+            live = [t for t in batch.tokens if t >> _GEN_SHIFT == gens[t & _SLOT]]
             if not live:
                 return  # every one failed by the watchdog meanwhile
             lead = live.pop()
             self._rest[lead & _SLOT] = live or None
             self._signals += 1
         try:
-            stream.signal_when_done(lead, self)
+            target.signal_when_done(lead, self)
         except BaseException as exc:  # a faulted or closed stream: every waiter hears it
             error: BaseException | None = exc
             if isinstance(exc, Exception):
                 try:  # closed after its work ran (close() waits for it): all done, then
-                    error = None if stream.query() else exc
+                    error = None if target.query() else exc
                 except Exception:
                     pass
             with self._lock:
@@ -445,7 +507,7 @@ class CompletionBridge:
             assert probe is not None  # a slot with a callback has its probe
             probe.count -= 1
             if not probe.count:
-                del self._probes[_Probe.key(probe.backend, probe.stream)]
+                del self._probes[probe.key]
             self._free.append(slot)
             self._live -= 1
         return resolve
@@ -464,15 +526,15 @@ class CompletionBridge:
                 if slot >= size or token >> _GEN_SHIFT != gens[slot]:
                     continue  # no waiter of ours, or one failed and its slot reused
                 rest = rests[slot]
-                resolve = take(slot)
-                if resolve is not None:
-                    done.append(resolve)
-                if rest is not None:  # the waiters this signal was shared by
+                if rest is not None:  # the members this signal was shared by, in order
                     for other in rest:
                         if other >> _GEN_SHIFT == gens[other & _SLOT]:
                             resolve = take(other & _SLOT)
                             if resolve is not None:
                                 done.append(resolve)
+                resolve = take(slot)  # the last member
+                if resolve is not None:
+                    done.append(resolve)
         _resolve_all(done, None)
 
     def stats(self) -> BridgeStats:
@@ -487,26 +549,6 @@ class CompletionBridge:
             )
 
     # -- the watchdog ------------------------------------------------------------------
-    def add_lookout(self, look: Callable[[], bool]) -> None:
-        """Have the watchdog call ``look()`` at each of its looks (every
-        ``watchdog_interval``) until :meth:`remove_lookout`. ``look`` returns whether it
-        still holds something that needs another look; whoever starts holding something
-        calls :meth:`poke`, so that a sleeping watchdog looks again."""
-        with self._lock:
-            self._lookouts.add(look)
-
-    def remove_lookout(self, look: Callable[[], bool]) -> None:
-        with self._lock:
-            self._lookouts.discard(look)
-
-    def poke(self) -> None:
-        """A lookout holds something now: the watchdog keeps looking until it says not."""
-        with self._lock:
-            self._pokes += 1
-            self._wake.set()
-        if self._watchdog is None:
-            self._ensure_watchdog()
-
     def _ensure_watchdog(self) -> None:
         self._wake.set()
         if self._watchdog is None:
@@ -524,18 +566,9 @@ class CompletionBridge:
             if _stop.is_set():
                 return
             with self._lock:
-                live, pokes, lookouts = self._live, self._pokes, list(self._lookouts)
-            held = False
-            for look in lookouts:
-                try:
-                    held = look() or held
-                except BaseException:
-                    _log.exception("a completion lookout failed; the watchdog goes on")
-            if not live:
-                with self._lock:  # asleep only if nothing was armed or held meanwhile
-                    if not self._live and not held and self._pokes == pokes:
-                        self._wake.clear()
-                continue
+                if not self._live and not self._batches:  # asleep until the next waiter
+                    self._wake.clear()  # (_add sets the flag again)
+                    continue
             try:
                 self._send_stranded()
                 self.check_faults()
@@ -543,24 +576,26 @@ class CompletionBridge:
                 _log.exception("the completion watchdog's fault check failed; it goes on")
 
     def _send_stranded(self) -> None:
-        """Send the open batches whose loop is not running, or that stayed open since the
-        last look (a loop blocked in one iteration): the call that sends them would not
-        come, or not soon. Sending early is safe — the signal still lands after every
-        waiter's work — except into a stream we are capturing into a graph: the signal
-        would become a node of the graph, so such a batch waits for the capture's end."""
+        """Send the open batches that were open at the last look already, or whose loop is
+        not running: whoever would send them has not, and may not (a loop blocked in one
+        iteration, a launcher thread stuck in a function). Sending early is safe — the
+        signal still lands after every member's work — except into a stream we are
+        capturing into a graph: the signal would become a node of the graph, so such a
+        batch waits for the capture's end."""
         with self._lock:
             stranded = []
-            for probe in self._probes.values():
-                batch, loop = probe.batch, probe.loop
-                if batch is None or getattr(probe.stream, "capturing", False):
+            for batch in self._batches:
+                if getattr(batch.target, "capturing", False):
                     continue
-                if probe.seen is batch or (loop is not None and not loop.is_running()):
-                    stranded.append((probe, probe.detach()))
+                loop = batch.loop
+                if batch.seen or (loop is not None and not loop.is_running()):
+                    stranded.append(batch)
                 else:
-                    probe.seen = batch
-        for probe, batch in stranded:
-            assert batch is not None
-            self._send(probe, batch)
+                    batch.seen = True
+            for batch in stranded:
+                self._close(batch)
+        for batch in stranded:
+            self._send(batch)
 
     def check_faults(self) -> int:
         """Fail every pending waiter whose device has faulted; returns how many.
@@ -616,11 +651,6 @@ def _resolve_all(
             interrupt = interrupt or exc
     if interrupt is not None:
         raise interrupt
-
-
-_GEN_SHIFT = CAPACITY.bit_length() - 1  # token = slot + CAPACITY * generation
-_SLOT = CAPACITY - 1
-_JOINED: list[int] = []  # _register's answer for a waiter that joined an open batch
 
 
 async def checkpoint() -> None:

@@ -81,7 +81,18 @@ def _translated() -> _Translating:
 
 
 _T = TypeVar("_T")
-_exchange_mode: Any = None  # cuThreadExchangeStreamCaptureMode, loaded on first use
+_exchange_mode: Any = None  # cuThreadExchangeStreamCaptureMode: _load_exchange()
+
+
+def _load_exchange() -> None:
+    """Load the driver's capture-mode switch, once, when the first backend is made: every
+    :func:`_relaxed` call (queries in a spin loop among them) then finds it ready."""
+    global _exchange_mode
+    if _exchange_mode is None:
+        exchange = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+        exchange.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        exchange.restype = ctypes.c_int
+        _exchange_mode = exchange
 
 
 def _relaxed(call: Callable[..., _T], *args: Any) -> _T:
@@ -91,14 +102,9 @@ def _relaxed(call: Callable[..., _T], *args: Any) -> _T:
     another thread captures a graph in global mode (PyTorch's default) invalidates that
     capture — queries even while returning normally (measured on the H200,
     docs/decisions.md). Ours never touch a capturing stream, so relaxing is safe for them.
+    Needs a :class:`CudaBackend` made first (:func:`_load_exchange`).
     """
-    global _exchange_mode
     exchange = _exchange_mode
-    if exchange is None:
-        exchange = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
-        exchange.argtypes = [ctypes.POINTER(ctypes.c_int)]
-        exchange.restype = ctypes.c_int
-        _exchange_mode = exchange
     mode = ctypes.c_int(2)  # CU_STREAM_CAPTURE_MODE_RELAXED; the old mode comes back here
     if exchange(mode) != 0:  # not switched: a second exchange would leave the thread relaxed
         return call(*args)
@@ -608,6 +614,7 @@ class CudaBackend(Backend):
                 f"device(s), numbered 0 to {count - 1}"
             )
         self.device_id = device_id
+        _load_exchange()
         # More than one device visible: a thread's current device may not be ours, so
         # binding our stream also makes our device current (bind_stream).
         self._several = count > 1
