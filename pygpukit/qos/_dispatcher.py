@@ -46,7 +46,11 @@ class DispatcherConfig:
     """Caps and bounds. ``None`` means unlimited.
 
     :ivar tier_in_flight: tasks of a tier in flight at once
-    :ivar context_in_flight: tasks of one context in flight at once
+    :ivar context_in_flight: tasks of one context in flight at once (16): how far a
+        context's launched work may run ahead of the dispatcher's order. A task queued
+        later with a lower priority number waits for at most this many of its context's
+        tasks already launched; tasks launched back to back share completion signals
+        only this many at a time (``batch_us``; bench/RESULTS.md §3)
     :ivar max_queued: tasks of one context waiting to launch; more raise QueueFull
     :ivar strict: hold BestEffort launches while any Guaranteed task is in flight
     :ivar inline_us: opt-in (0, the default, turns it off; CUDA only): a task whose
@@ -58,7 +62,8 @@ class DispatcherConfig:
         share one completion signal (CUDA): a finished task's signal waits for the next
         queued task when that task's function took at most this long on the host, and its
         work at most this long on the GPU, on their last call — what each task waited for
-        adds to the held task's latency. Up to 32 share a signal; one held while the
+        adds to the held task's latency. Up to 32 share a signal (at most
+        ``context_in_flight``, as held tasks are in flight); one held while the
         thread is stuck in a function is sent by the completion watchdog at its second
         look. 0 gives every task a signal of its own. Each task is still timed on the GPU
         by itself and resolves only after its own work has run
@@ -71,7 +76,7 @@ class DispatcherConfig:
             QoSPolicy.BEST_EFFORT: 2,
         }
     )
-    context_in_flight: int | None = 4
+    context_in_flight: int | None = 16
     max_queued: int | None = 1024
     strict: bool = False
     inline_us: float = 0.0
