@@ -143,3 +143,62 @@ def test_a_fault_fails_held_members_and_their_batch_then_sends_nothing(held: Hel
     held.bridge.send(batch)  # nobody left to signal for
     assert held.bridge.stats().signals == before
     assert held.bridge.stats().pending == 0
+
+
+def test_a_hold_after_the_watchdog_sent_the_batch_opens_another(held: Held) -> None:
+    batch = _hold(held, None, 0)
+    held.bridge._send_stranded()
+    held.bridge._send_stranded()  # sent by the watchdog
+    assert not batch.open
+    after = _hold(held, batch, 1)
+    assert after is not batch and after.open
+    held.bridge.send(after)
+    _drain(held)
+    assert [member for member, _, _ in held.got] == [0, 1]
+
+
+class _Refusing:
+    """An event whose signal cannot be enqueued (a driver error), its work not done."""
+
+    origin = None
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def signal_when_done(self, slot: int, signal: Any) -> None:
+        raise self.error
+
+    def query(self) -> bool:
+        return False
+
+
+def test_a_batch_whose_signal_cannot_be_enqueued_gives_every_member_the_error(
+    held: Held,
+) -> None:
+    error = CudaError("cuLaunchHostFunc failed")
+    got: list[BaseException | None] = []
+    batch = None
+    for _ in range(3):
+        batch = held.bridge.hold(batch, _Refusing(error), held.rt.backend, got.append, 32)  # type: ignore[arg-type]
+    held.bridge.send(batch)
+    assert got == [error, error, error]
+    assert held.bridge.stats().pending == 0
+
+
+def test_one_batch_whose_send_raises_does_not_strand_the_others(held: Held) -> None:
+    """The watchdog sends every stranded batch: a ``SystemExit`` from one batch's member
+    (its signal refused) is raised again only after the other batches were sent."""
+
+    def exits(error: BaseException | None) -> None:
+        raise SystemExit(1)
+
+    held.bridge.hold(None, _Refusing(CudaError("refused")), held.rt.backend, exits, 32)  # type: ignore[arg-type]
+    _hold(held, None, 0)
+    before = held.bridge.stats().signals
+    held.bridge._send_stranded()  # first look: both seen
+    with pytest.raises(SystemExit):
+        held.bridge._send_stranded()  # second: both sent, the refused one first
+    assert held.bridge.stats().signals - before == 2
+    _drain(held)
+    assert [member for member, _, _ in held.got] == [0]
+    assert held.bridge.stats().pending == 0

@@ -213,7 +213,8 @@ class CompletionBridge:
         self.spin_us = float(os.environ.get("PYGPUKIT_SPIN_US", DEFAULT_SPIN_US))
         self._wake = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self._batches: set[_Batch] = set()  # the open ones, for the watchdog (_send_stranded)
+        # the open batches, in the order they were opened: for the watchdog (_send_stranded)
+        self._batches: dict[_Batch, None] = {}
 
     # -- waiting ------------------------------------------------------------------------
     async def wait(self, target: RawStream | RawEvent, backend: Backend) -> None:
@@ -328,7 +329,11 @@ class CompletionBridge:
         open at its second look (0.1-0.2 s): a holder that cannot send — its thread stuck in
         code that waits for a member's caller — strands nobody. Members resolve in the order
         they joined, each with its own callback, after their own work and that of the
-        members after them."""
+        members after them: every member's event must be on the same stream, so that the
+        last one's covers all of them."""
+        if batch is not None:  # a held batch (not a stream's), on the same stream
+            assert batch.probe is None, "hold() takes a batch hold() returned"
+            assert getattr(batch.target, "origin", None) is event.origin, "another stream"
         if self._watchdog is None:
             self._ensure_watchdog()
         with self._lock:
@@ -416,7 +421,7 @@ class CompletionBridge:
     ) -> _Batch:
         """A new open batch, where the watchdog sees it (call with the lock held)."""
         batch = _Batch(target, cap, probe, loop)
-        self._batches.add(batch)
+        self._batches[batch] = None
         return batch
 
     def _join(self, batch: _Batch, token: int) -> _Batch | None:
@@ -431,7 +436,7 @@ class CompletionBridge:
     def _close(self, batch: _Batch) -> None:
         """No more members for ``batch``: it is about to be sent (call with the lock held)."""
         batch.open = False
-        self._batches.discard(batch)
+        self._batches.pop(batch, None)
         if batch.probe is not None and batch.probe.batch is batch:
             batch.probe.batch = None
 
@@ -580,8 +585,11 @@ class CompletionBridge:
         not running: whoever would send them has not, and may not (a loop blocked in one
         iteration, a launcher thread stuck in a function). Sending early is safe — the
         signal still lands after every member's work — except into a stream we are
-        capturing into a graph: the signal would become a node of the graph, so such a
-        batch waits for the capture's end."""
+        capturing into a graph: the signal would become a node of the graph, so a stream's
+        batch waits for the capture's end. (A held batch's signal goes on a companion
+        stream behind its event, never into the captured stream.) Each batch is sent
+        whatever sending another raised; a ``KeyboardInterrupt`` or the like from a
+        member's callback is raised again once all are sent."""
         with self._lock:
             stranded = []
             for batch in self._batches:
@@ -594,8 +602,14 @@ class CompletionBridge:
                     batch.seen = True
             for batch in stranded:
                 self._close(batch)
-        for batch in stranded:
-            self._send(batch)
+        interrupt: BaseException | None = None
+        for batch in stranded:  # closed: if one were skipped, no one would ever send it
+            try:
+                self._send(batch)
+            except BaseException as exc:
+                interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt
 
     def check_faults(self) -> int:
         """Fail every pending waiter whose device has faulted; returns how many.
