@@ -73,6 +73,13 @@ def test_launches_respect_tier_then_priority_then_arrival(
             d.finished(running.pop(a % len(running)), None, None)
         for tier, cap in CAPS.items():
             assert 0 <= d.in_flight_tier[tier] <= cap
+        for waiting in d.queued():  # nothing waits that could run: work-conserving
+            held = d.in_flight_tier[waiting.tier] >= CAPS[waiting.tier] or (
+                strict
+                and waiting.tier is QoSPolicy.BEST_EFFORT
+                and d.in_flight_tier[QoSPolicy.GUARANTEED] > 0
+            )
+            assert held, f"{waiting} waits after {op} though its tier has room"
     assert not violations, violations
     while running:  # finishing launches what waited, until the queue is empty
         d.finished(running.pop(0), None, None)

@@ -190,13 +190,18 @@ class Dispatcher:
                 and (task.deadline is None or now <= task.deadline)
                 and self._eligible(task, True, self._waiting_partitions)
             )
+            # Its context has tasks waiting already: the last pass found that context
+            # unable to launch (what decides that is the same for all its tasks, and only
+            # a launch, a finish or a cancel changes it, each followed by a pass), so a
+            # pass now could launch nothing. In a burst that is every submit but the first.
+            behind = task.context in self._queues
             if direct:
                 self._start(task, now)
             else:
                 heapq.heappush(self._queues.setdefault(task.context, []), (task.key, task))
         if direct:
             self._launch(task)
-        else:
+        elif not behind:
             self.pump()
 
     def _waiting_partitions(self) -> set[Any]:
