@@ -129,35 +129,45 @@ def _took(fut: asyncio.Future[float], start: Any, end: Any, error: BaseException
         fut.set_exception(exc)
 
 
+def _timed_launch(
+    rt: Runtime, stream: Any, launch: Any, start: Any, end: Any, held: Any, share: int
+) -> tuple[asyncio.Future[float], Any]:
+    """One floor task's device calls: the launch between two timing events, then its
+    completion armed — a signal of its own, or (``share`` above 1) as the newest member of
+    ``held`` (``CompletionBridge.hold``). Its future (the GPU time) and the batch."""
+    raw = stream.raw
+    raw.record(start)
+    launch(stream)
+    raw.record(end)
+    fut = asyncio.get_running_loop().create_future()
+    done = functools.partial(_took, fut, start, end)
+    if share > 1:  # sent by hold() when full
+        held = rt.bridge.hold(held, end, rt.backend, done, share)
+    else:
+        rt.bridge.on_done(end, rt.backend, done)
+    return fut, held
+
+
+def _event_pairs(rt: Runtime) -> list[tuple[Any, Any]]:
+    new = rt.backend.create_event
+    return [(new(timing=True), new(timing=True)) for _ in range(BATCH)]
+
+
 async def _floor(rt: Runtime, stream: Any, launch: Any, n: int, share: int = 1) -> None:
     """What a timed, awaited task costs in device calls alone, batched like the submits:
     with a completion signal each, or ``share`` tasks in a row to one signal (as the
     dispatcher's launcher thread shares them: ``CompletionBridge.hold``)."""
-    loop = asyncio.get_running_loop()
-    backend, bridge, raw = rt.backend, rt.bridge, stream.raw
-    events = [
-        (backend.create_event(timing=True), backend.create_event(timing=True)) for _ in range(BATCH)
-    ]
-    bridge.attach()
+    events = _event_pairs(rt)
+    rt.bridge.attach()
     for i in range(0, n, BATCH):
         futures = []
         held = None
         for start, end in events[: min(BATCH, n - i)]:  # each batch ends before the next
-            raw.record(start)
-            launch(stream)
-            raw.record(end)
-            fut: asyncio.Future[float] = loop.create_future()
-            done = functools.partial(_took, fut, start, end)
-            if share > 1:  # sent by hold() when full
-                held = bridge.hold(held, end, backend, done, share)
-            else:
-                bridge.on_done(end, backend, done)
+            fut, held = _timed_launch(rt, stream, launch, start, end, held, share)
             futures.append(fut)
-        bridge.send(held)
+        rt.bridge.send(held)
         await asyncio.gather(*futures)
-    for pair in events:
-        for event in pair:
-            event.close()
+    _close_all(events)
 
 
 async def _floor_in_tasks(rt: Runtime, stream: Any, launch: Any, n: int) -> None:
@@ -166,36 +176,24 @@ async def _floor_in_tasks(rt: Runtime, stream: Any, launch: Any, n: int) -> None
     ``gather(ctx.submit(...), ...)`` makes), ``SHARE`` to a signal; a batch still open at
     the end of a loop iteration is sent then."""
     loop = asyncio.get_running_loop()
-    backend, bridge, raw = rt.backend, rt.bridge, stream.raw
-    pool: list[tuple[Any, Any]] = []  # event pairs whose task has finished
+    events = _event_pairs(rt)
     held: list[Any] = [None]
 
-    async def one() -> float:
-        start, end = (
-            pool.pop()
-            if pool
-            else (
-                backend.create_event(timing=True),
-                backend.create_event(timing=True),
-            )
-        )
-        raw.record(start)
-        launch(stream)
-        raw.record(end)
-        fut: asyncio.Future[float] = loop.create_future()
-        before, done = held[0], functools.partial(_took, fut, start, end)
-        held[0] = bridge.hold(before, end, backend, done, SHARE)
+    async def one(start: Any, end: Any) -> float:
+        before = held[0]
+        fut, held[0] = _timed_launch(rt, stream, launch, start, end, before, SHARE)
         if held[0] is not before:  # a new batch: sent by the end of this iteration if not full
-            loop.call_soon(bridge.send, held[0])
-        try:
-            return await fut
-        finally:
-            pool.append((start, end))
+            loop.call_soon(rt.bridge.send, held[0])
+        return await fut
 
-    bridge.attach()
-    for i in range(0, n, BATCH):
-        await asyncio.gather(*(one() for _ in range(min(BATCH, n - i))))
-    for pair in pool:
+    rt.bridge.attach()
+    for i in range(0, n, BATCH):  # each batch ends before the next reuses its events
+        await asyncio.gather(*(one(*pair) for pair in events[: min(BATCH, n - i)]))
+    _close_all(events)
+
+
+def _close_all(events: list[tuple[Any, Any]]) -> None:
+    for pair in events:
         for event in pair:
             event.close()
 

@@ -132,6 +132,9 @@ class _Launcher:
         self._costs: dict[Any, float] = {}  # code of fn -> seconds its last call took
         self._gpu_s: dict[Any, float] = {}  # code of fn -> its last task's GPU seconds
         self._events: list[Any] = []  # timing events ready for reuse
+        # Decided once: tasks this thread runs may share completion signals (batch_us; the
+        # host executor runs tasks as stream items instead)
+        self.batching = scheduler.batch_s > 0 and not ctx.runtime.backend.tasks_on_streams
         # Tasks that ran on the thread and whose completion signal waits for the tasks
         # after them (DispatcherConfig.batch_us): the bridge's batch they are members of.
         self._batch: _Batch | None = None
@@ -157,10 +160,9 @@ class _Launcher:
             broken = None
         except BaseException as exc:  # every task then fails with it rather than waits
             broken = exc
-        batching = self.scheduler.batch_s > 0 and not backend.tasks_on_streams
         while True:
             task = box = start = None  # hold nothing of the last task while waiting
-            task = self._next() if batching else self.queue.get()
+            task = self._next() if self.batching else self.queue.get()
             if task is None:
                 rt.bridge.send(self._batch)  # what it holds, if anything
                 return
@@ -256,7 +258,7 @@ class _Launcher:
     ) -> None:
         """Run the task, then mark the end of the work it enqueued and await that."""
         rt = self.ctx.runtime
-        held = bind is None and self.scheduler.batch_s > 0  # on this thread, batching
+        held = bind is None and self.batching  # on this thread
         if held or self.scheduler.inlines:  # remember how long fn took (try_inline, _next)
             t0 = time.perf_counter()
             box.run(task, bind)

@@ -100,10 +100,10 @@ class _Probe:
 
     __slots__ = ("backend", "batch", "count", "key", "stream")
 
-    def __init__(self, backend: Backend, stream: RawStream | None) -> None:
+    def __init__(self, key: object, backend: Backend, stream: RawStream | None) -> None:
+        self.key = key  # what the bridge files it under: its stream, else its backend
         self.backend = backend
         self.stream = stream
-        self.key: object = backend if stream is None else stream  # in the bridge's _probes
         self.count = 0
         self.batch: _Batch | None = None
 
@@ -296,7 +296,7 @@ class CompletionBridge:
             if loop is not None and on.count > 1:  # others pending on the stream: share
                 batch = on.batch
                 if batch is None:  # this waiter opens the stream's batch
-                    batch = on.batch = opened = self._open(target, self.coalesce, on, loop)
+                    batch = on.batch = opened = self._open(_Batch(target, self.coalesce, on, loop))
                 if batch.loop is loop:
                     full = self._join(batch, token)
                     token = -1
@@ -339,7 +339,7 @@ class CompletionBridge:
         with self._lock:
             token, _ = self._add(callback, backend, event.origin)
             if batch is None or not batch.open:
-                batch = self._open(event, cap)
+                batch = self._open(_Batch(event, cap))
             batch.target = event
             full = self._join(batch, token)
         if full is not None:
@@ -398,10 +398,10 @@ class CompletionBridge:
             self._grow()
         slot = self._free.pop()
         self._resolve[slot] = resolve
-        key = backend if stream is None else stream  # _Probe.key, inlined: once per await
+        key = backend if stream is None else stream
         probe = self._probes.get(key)
         if probe is None:
-            probe = self._probes[key] = _Probe(backend, stream)
+            probe = self._probes[key] = _Probe(key, backend, stream)
         probe.count += 1
         self._probe[slot] = probe
         self._live += 1
@@ -412,15 +412,8 @@ class CompletionBridge:
             self._wake.set()
         return self._gen[slot] << _GEN_SHIFT | slot, probe
 
-    def _open(
-        self,
-        target: RawStream | RawEvent,
-        cap: int,
-        probe: _Probe | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> _Batch:
-        """A new open batch, where the watchdog sees it (call with the lock held)."""
-        batch = _Batch(target, cap, probe, loop)
+    def _open(self, batch: _Batch) -> _Batch:
+        """``batch``, new, where the watchdog sees it (call with the lock held)."""
         self._batches[batch] = None
         return batch
 
