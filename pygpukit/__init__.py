@@ -7,7 +7,6 @@ constructors on the host backend).
 
 from typing import Any
 
-from . import qos as _qos  # noqa: F401 - registers the task scheduler with every Runtime
 from ._exceptions import AdmissionRejected as AdmissionRejected
 from ._exceptions import BackendUnavailable as BackendUnavailable
 from ._exceptions import ContextClosed as ContextClosed

@@ -23,8 +23,7 @@ from typing import Any
 from ._exceptions import _fmt_bytes
 from .examples import Models, audio_seconds, build_assistant
 from .pipeline import PipelineResult
-from .qos import Task
-from .runtime import QoSPolicy, Runtime
+from .runtime import QoSPolicy, Runtime, Task
 
 __all__ = ("DemoReport", "run_demo")
 
@@ -79,8 +78,7 @@ async def _serve(rt: Runtime, requests: dict[str, int], models: Models, tokens: 
         report.spans.append((task.context.name, name, task.t_launched - t0, task.t_done - t0))
         latency_by_ctx[task.context.name].append(task.t_done - task.t_queued)
 
-    assert rt.scheduler is not None
-    rt.scheduler.listeners.append(on_task)  # type: ignore[attr-defined]
+    rt.on_task_done(on_task)
     pipelines = {
         service: build_assistant(rt, service, tier, models=models) for service, tier in SERVICES
     }

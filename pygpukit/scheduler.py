@@ -15,11 +15,10 @@ from ._units import GB, KB, MB
 from .runtime import ExecutionContext as _ExecutionContext
 from .runtime import QoSPolicy, context_session
 from .runtime import Runtime as _Runtime
-from .runtime._session import hook_future_loops as _hook_future_loops
+from .runtime import hook_future_loops as _hook_future_loops
 
 if TYPE_CHECKING:
-    from .runtime import ContextUsage, Event, ExecutionContext, Runtime, Stream
-    from .runtime._ledger import PressureHandler
+    from .runtime import ContextUsage, Event, ExecutionContext, PressureHandler, Runtime, Stream
 
 __all__ = (
     "GB",
@@ -114,7 +113,9 @@ def _runtime_of(ctx: object, what: str) -> Runtime:
             f"{what}() takes an ExecutionContext, not {type(ctx).__name__}; "
             "create one with create_context(name, max_vram=...)"
         )
-    return ctx.runtime
+    rt = ctx.runtime
+    assert isinstance(rt, _Runtime)  # every context is made by a Runtime
+    return rt
 
 
 def destroy_context(ctx: ExecutionContext) -> None:

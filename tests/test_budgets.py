@@ -243,7 +243,7 @@ def test_a_collection_inside_a_partition_lock_frees_without_deadlock() -> None:
     try:
         m = PartitionManager(PartitionConfig(total_memory=rt.ledger.capacity))
         m.create_partition("inf", "Inference", PartitionLimits().memory(32 * MB).compute(0.5))
-        rt.scheduler.use_partitions(m)
+        rt.use_partitions(m)
         ctx = rt.create_context("a", max_vram=24 * MB, partition="inf")
 
         class Cycle:  # only the cyclic collector frees it

@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 
 from pygpukit import InvalidArgument, QoSPolicy
 from pygpukit._exceptions import AdmissionRejected
-from pygpukit.qos import Dispatcher, DispatcherConfig, Task, TaskState
-from pygpukit.runtime import Runtime
+from pygpukit.runtime import Dispatcher, DispatcherConfig, Runtime, Task, TaskState
 
 TIERS = list(QoSPolicy)
 CAPS = {QoSPolicy.GUARANTEED: 1, QoSPolicy.BURSTABLE: 2, QoSPolicy.BEST_EFFORT: 1}
@@ -53,12 +52,12 @@ def test_launches_respect_tier_then_priority_then_arrival(
                     violations.append(f"{task} launched while {other} could run")
 
     d = Dispatcher(
-        launch,
         DispatcherConfig(
             tier_in_flight=CAPS, context_in_flight=None, max_queued=None, strict=strict
         ),
         clock=lambda: clock[0],
     )
+    d.bind(launch, None)
     submitted: list[Task] = []
     for op, a, b in ops:
         clock[0] += 1.0

@@ -28,7 +28,7 @@ def _manager(rt: Runtime) -> PartitionManager:
         "inference", "Inference", PartitionLimits().memory(32 * MB).compute(0.5)
     )
     manager.create_partition("training", "Training", PartitionLimits().memory(64 * MB).compute(0.5))
-    rt.scheduler.use_partitions(manager)  # type: ignore[union-attr]
+    rt.use_partitions(manager)
     return manager
 
 
@@ -62,20 +62,23 @@ def test_unknown_partition_and_missing_manager(rt: Runtime) -> None:
     with pytest.raises(InvalidArgument):
         rt.create_context("a", max_vram=MB, partition="nope")
     assert rt.contexts == ()
-    assert rt.scheduler.admission.reserved_memory == 0  # type: ignore[union-attr]
+    assert rt.ledger.reserved_total() == 0
 
 
-def test_contexts_are_admitted_by_the_evaluator(rt: Runtime) -> None:
-    evaluator = rt.scheduler.admission  # type: ignore[union-attr]
+def test_contexts_reserve_in_the_ledger_once(rt: Runtime) -> None:
+    """A context's reservation is kept in one place, the ledger, and given back with it."""
     g = rt.create_context("g", max_vram=64 * MB, qos=QoSPolicy.GUARANTEED)
     b = rt.create_context("b", max_vram=64 * MB, base_vram=16 * MB)
-    assert evaluator.reserved_memory == 80 * MB
-    assert set(evaluator.admitted_ids()) == {"context:g", "context:b"}
+    e = rt.create_context("e", max_vram=64 * MB, qos=QoSPolicy.BEST_EFFORT)
+    assert rt.ledger.reserved_total() == 80 * MB
+    assert [c.usage().reserved for c in (g, b, e)] == [64 * MB, 16 * MB, 0]
+    assert (g.max_vram, b.max_vram, b.base_vram) == (64 * MB, 64 * MB, 16 * MB)
     with pytest.raises(AdmissionRejected):
-        rt.create_context("big", max_vram=evaluator.available_memory + MB, qos="guaranteed")
-    rt.destroy_context(g)
-    rt.destroy_context(b)
-    assert evaluator.reserved_memory == 0 and evaluator.admitted_ids() == ()
+        rt.create_context("big", max_vram=rt.available_vram() + MB, qos="guaranteed")
+    assert rt.ledger.reserved_total() == 80 * MB  # the refused one left nothing
+    for ctx in (g, b, e):
+        rt.destroy_context(ctx)
+    assert rt.ledger.reserved_total() == 0
 
 
 async def test_compute_share_holds_back_a_partition_over_its_share(host_rt: Runtime) -> None:
@@ -83,7 +86,7 @@ async def test_compute_share_holds_back_a_partition_over_its_share(host_rt: Runt
     manager = PartitionManager(PartitionConfig(total_memory=rt.ledger.capacity), window_s=5.0)
     manager.create_partition("hog", "Hog", PartitionLimits().memory(32 * MB).compute(0.2))
     manager.create_partition("fair", "Fair", PartitionLimits().memory(32 * MB).compute(0.8))
-    rt.scheduler.use_partitions(manager)  # type: ignore[union-attr]
+    rt.use_partitions(manager)
     hog = rt.create_context("hog", max_vram=MB, partition="hog")
     fair = rt.create_context("fair", max_vram=MB, partition="fair")
     order: list[str] = []
@@ -97,10 +100,11 @@ async def test_compute_share_holds_back_a_partition_over_its_share(host_rt: Runt
 
         ctx.stream.launch_host_func(run)
 
-    from pygpukit.qos import DispatcherConfig
+    from pygpukit.runtime import Dispatcher, DispatcherConfig
 
     # one task in flight per context, so that both partitions have work waiting at once
-    rt.scheduler.dispatcher.config = DispatcherConfig(context_in_flight=1)  # type: ignore[union-attr]
+    assert isinstance(rt.policy, Dispatcher)
+    rt.policy.config = DispatcherConfig(context_in_flight=1)
     await hog.submit(step, hog, 30)  # hog has used the GPU recently...
     await fair.submit(step, fair, 2)
     assert manager.over_share("hog")

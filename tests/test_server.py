@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from pygpukit.qos import DispatcherConfig
+from pygpukit.runtime import DispatcherConfig
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[1]

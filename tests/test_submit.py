@@ -8,6 +8,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Iterator
 
 import anyio
 import anyio.lowlevel
@@ -22,8 +23,7 @@ from pygpukit import (
     current_context,
     current_stream,
 )
-from pygpukit.qos import DispatcherConfig, RuntimeScheduler
-from pygpukit.runtime import Runtime
+from pygpukit.runtime import Dispatcher, DispatcherConfig, LauncherConfig, Runtime
 
 pytestmark = pytest.mark.anyio
 
@@ -70,8 +70,8 @@ def _blocker(rt: Runtime, ctx) -> threading.Event:  # type: ignore[no-untyped-de
 
 
 async def test_cancel_before_launch_removes_the_task(host_rt: Runtime) -> None:
-    sched = host_rt.scheduler
-    assert isinstance(sched, RuntimeScheduler)
+    policy = host_rt.policy
+    assert isinstance(policy, Dispatcher)
     ctx = host_rt.create_context("m", max_vram=MB, qos=QoSPolicy.BEST_EFFORT)
     gate = threading.Event()
     ran: list[int] = []
@@ -94,7 +94,7 @@ async def test_cancel_before_launch_removes_the_task(host_rt: Runtime) -> None:
     await ctx.synchronize()
     await anyio.sleep(0.05)
     assert ran == []  # it never ran
-    assert sched.dispatcher.queued() == []
+    assert policy.queued() == []
 
 
 async def test_cancel_after_launch_waits_for_nothing_and_leaks_nothing(host_rt: Runtime) -> None:
@@ -141,8 +141,9 @@ async def test_deadline_fails_without_running(host_rt: Runtime) -> None:
 
 
 async def test_queue_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    rt = Runtime(backend="host")
-    rt.scheduler = RuntimeScheduler(rt, DispatcherConfig(context_in_flight=1, max_queued=3))
+    rt = Runtime(
+        backend="host", policy=Dispatcher(DispatcherConfig(context_in_flight=1, max_queued=3))
+    )
     try:
         ctx = rt.create_context("m", max_vram=MB)
         gate = threading.Event()
@@ -194,7 +195,6 @@ async def test_guaranteed_wait_stays_bounded_under_a_best_effort_flood(
 
 async def test_a_failing_listener_does_not_strand_other_tasks(host_rt: Runtime) -> None:
     ctx = host_rt.create_context("m", max_vram=MB)
-    sched = host_rt.scheduler
     calls: list[int] = []
 
     def flaky(task: object) -> None:
@@ -202,7 +202,7 @@ async def test_a_failing_listener_does_not_strand_other_tasks(host_rt: Runtime) 
         if len(calls) == 1:
             raise RuntimeError("listener bug")
 
-    sched.listeners.append(flaky)  # type: ignore[union-attr]
+    host_rt.on_task_done(flaky)
     with anyio.fail_after(10):
         results = []
         async with anyio.create_task_group() as tg:
@@ -279,20 +279,22 @@ async def test_destroying_a_context_lets_running_tasks_deliver(host_rt: Runtime)
 
 # generous, so the test does not hinge on how long a quick call takes on a loaded machine
 # (in the GPU machine's full run a quick call on the launcher thread once took over 100 µs)
-INLINE = DispatcherConfig(inline_us=2000)
+INLINE = LauncherConfig(inline_us=2000)
 
 
-def _inline(rt: Runtime) -> Runtime:
-    """``rt`` with inline execution of quick functions turned on (it is opt-in)."""
-    rt.scheduler = RuntimeScheduler(rt, INLINE)
-    return rt
+@pytest.fixture
+def inline_rt(backend: str) -> Iterator[Runtime]:
+    """A fresh runtime with inline execution of quick functions turned on (it is opt-in)."""
+    with Runtime(backend=backend, vram_limit=1 << 30, launcher=INLINE) as runtime:
+        yield runtime
 
 
-async def test_quick_functions_run_inline_and_keep_the_order(rt: Runtime) -> None:
+async def test_quick_functions_run_inline_and_keep_the_order(inline_rt: Runtime) -> None:
     """With inline execution on, a function seen to be quick runs on the loop thread (CUDA)
     once the launcher is idle; a slow one, or one behind queued work, goes to the launcher;
     the order holds."""
-    ctx = _inline(rt).create_context("inline", max_vram=16 * MB)
+    rt = inline_rt
+    ctx = rt.create_context("inline", max_vram=16 * MB)
     loop_thread = threading.get_ident()
     seen: list[tuple[str, int]] = []
     xp = rt.xp
@@ -350,9 +352,9 @@ async def test_inline_is_opt_in_and_errors_still_reach_the_caller(rt: Runtime) -
         await plain.submit(flaky, False)
     assert threading.get_ident() not in calls
 
-    on = Runtime(backend=rt.backend.name)
+    on = Runtime(backend=rt.backend.name, launcher=INLINE)
     try:
-        ctx = _inline(on).create_context("inline", max_vram=16 * MB)
+        ctx = on.create_context("inline", max_vram=16 * MB)
         for _ in range(3):
             await ctx.submit(flaky, False)
         with pytest.raises(KeyError, match="inline"):
@@ -371,11 +373,12 @@ class _Step:  # a dataclass with __call__ is unhashable
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["default", "inline"])
-async def test_unhashable_callables_and_made_per_call_functions(rt: Runtime, inline: bool) -> None:
+async def test_unhashable_callables_and_made_per_call_functions(
+    request: pytest.FixtureRequest, backend: str, inline: bool
+) -> None:
     """Remembering how long functions take neither fails on unhashable callables nor keeps
     what a function made per call captured alive (its arrays stay charged otherwise)."""
-    if inline:
-        _inline(rt)
+    rt: Runtime = request.getfixturevalue("inline_rt" if inline else "rt")
     ctx = rt.create_context("calls", max_vram=64 * MB)
     for i in range(5):
         assert await ctx.submit(_Step(3), i) == 3 * i
@@ -402,12 +405,13 @@ class _Box:
         self.array = array
 
 
-async def test_a_task_finished_inline_still_yields_with_a_deadline(rt: Runtime) -> None:
+async def test_a_task_finished_inline_still_yields_with_a_deadline(inline_rt: Runtime) -> None:
     """A submit that finished synchronously (inline, GPU already done) is a scheduling point
     with or without a deadline: a loop of them does not starve other tasks."""
     from pygpukit.benchmarks._common import noop_kernel
 
-    ctx = _inline(rt).create_context("yield", max_vram=16 * MB)
+    rt = inline_rt
+    ctx = rt.create_context("yield", max_vram=16 * MB)
     launch = noop_kernel(rt)
     ticks = 0
 
@@ -432,12 +436,13 @@ async def test_a_task_finished_inline_still_yields_with_a_deadline(rt: Runtime) 
         tg.cancel_scope.cancel()
 
 
-async def test_many_quick_tasks_in_flight_all_finish(rt: Runtime) -> None:
+async def test_many_quick_tasks_in_flight_all_finish(inline_rt: Runtime) -> None:
     """Quick tasks launched inline as others finish must not nest their completions (on the
     GPU a nested chain down a queue of hundreds overflowed the stack and stranded tasks)."""
     from pygpukit.benchmarks._common import noop_kernel
 
-    ctx = _inline(rt).create_context("many", max_vram=16 * MB)
+    rt = inline_rt
+    ctx = rt.create_context("many", max_vram=16 * MB)
     launch = noop_kernel(rt)
 
     def task(i: int) -> int:

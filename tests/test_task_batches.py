@@ -1,5 +1,5 @@
 """Tasks of one context launched back to back share a completion signal
-(``DispatcherConfig.batch_us``). On CUDA, and on the host executor run the way CUDA runs
+(``LauncherConfig.batch_us``). On CUDA, and on the host executor run the way CUDA runs
 tasks — functions on the context's launcher thread (by default the host backend runs them
 as stream items, which never share signals) — so CI runs these too."""
 
@@ -16,10 +16,9 @@ from conftest import CUDA
 
 from pygpukit import MB, CudaError, QoSPolicy
 from pygpukit.benchmarks._common import busy_kernel, noop_kernel
-from pygpukit.qos import DispatcherConfig, RuntimeScheduler
-from pygpukit.qos._scheduler import HELD_MAX
-from pygpukit.runtime import Runtime
+from pygpukit.runtime import Dispatcher, DispatcherConfig, LauncherConfig, Runtime
 from pygpukit.runtime._backends._host import HostBackend
+from pygpukit.runtime._launcher import HELD_MAX
 
 pytestmark = pytest.mark.anyio
 
@@ -44,10 +43,12 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def _runtime(backend: str, batch_us: float, context_in_flight: int | None = 4) -> Runtime:
-    rt = Runtime(backend=backend, vram_limit=1 << 30)
-    config = DispatcherConfig(batch_us=batch_us, context_in_flight=context_in_flight)
-    rt.scheduler = RuntimeScheduler(rt, config)
-    return rt
+    return Runtime(
+        backend=backend,
+        vram_limit=1 << 30,
+        policy=Dispatcher(DispatcherConfig(context_in_flight=context_in_flight)),
+        launcher=LauncherConfig(batch_us=batch_us),
+    )
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ async def _signals_for(rt: Runtime, n: int) -> tuple[int, list[float]]:
 
     for i in range(3):  # the launcher thread learns that step is quick
         await ctx.submit(step, i)
-    rt.scheduler.listeners.append(lambda task: timed.append(task.gpu_ms))
+    rt.on_task_done(lambda task: timed.append(task.gpu_ms))
     before = rt.bridge.stats().signals
     got: list[int] = []
 

@@ -27,8 +27,7 @@ from pydantic import BaseModel
 
 from pygpukit.examples import Audio, Prompt, build_assistant, build_describe
 from pygpukit.integrations.fastapi import Pygpukit, ndjson
-from pygpukit.qos import DispatcherConfig
-from pygpukit.runtime import QoSPolicy, Runtime
+from pygpukit.runtime import Dispatcher, DispatcherConfig, QoSPolicy, Runtime
 
 SERVICES = {
     "interactive": QoSPolicy.GUARANTEED,
@@ -65,7 +64,8 @@ def create_app(
 
     def setup(rt: Runtime) -> dict[str, Any]:
         if dispatcher is not None:
-            rt.scheduler.dispatcher.config = dispatcher  # type: ignore[union-attr]
+            assert isinstance(rt.policy, Dispatcher)  # the runtime's default policy
+            rt.policy.config = dispatcher
         pipes: dict[str, Any] = {s: build_assistant(rt, s, tier) for s, tier in SERVICES.items()}
         pipes["describe"] = build_describe(rt)
         return pipes

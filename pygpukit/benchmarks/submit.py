@@ -3,8 +3,8 @@
 CPU time (``time.process_time``, all threads) per task over ``--n`` tasks of
 ``ctx.submit(launch_noop)``: awaited in batches of 256 (many in flight, the way the raw
 launches are measured) and one at a time, with the default dispatcher, with inline
-execution of quick functions turned on (``DispatcherConfig(inline_us=100)``) and with a
-completion signal per task (``DispatcherConfig(batch_us=0)``: tasks launched back to back
+execution of quick functions turned on (``LauncherConfig(inline_us=100)``) and with a
+completion signal per task (``LauncherConfig(batch_us=0)``: tasks launched back to back
 no longer share one), each with the process's context switches per task; against
 launching the same kernel directly (what any code pays) and launching it then awaiting the
 stream inline. And the floor under any such scheduler: the device calls a task that is timed
@@ -25,8 +25,7 @@ import resource
 import time
 from typing import Any
 
-from ..qos import DispatcherConfig, RuntimeScheduler
-from ..runtime import QoSPolicy, Runtime
+from ..runtime import LauncherConfig, QoSPolicy, Runtime
 from ._common import Row, bench_main, noop_kernel
 
 BATCH = 256  # submits awaited together (the default queue holds 1024 per context)
@@ -47,13 +46,11 @@ async def _run(backend: str, n: int, rounds: int) -> dict[str, Any]:
 
     modes = (
         ("", None),
-        (", inline", DispatcherConfig(inline_us=100)),
-        (", signal each", DispatcherConfig(batch_us=0)),  # the default before batch_us
+        (", inline", LauncherConfig(inline_us=100)),
+        (", signal each", LauncherConfig(batch_us=0)),  # the default before batch_us
     )
     for mode, config in [m for _ in range(rounds) for m in modes]:  # interleaved rounds
-        with Runtime(backend=backend) as rt:
-            if config is not None:  # inline execution of quick functions is opt-in
-                rt.scheduler = RuntimeScheduler(rt, config)
+        with Runtime(backend=backend, launcher=config) as rt:  # inline is opt-in
             ctx = rt.create_context("bench", max_vram=64 << 20, qos=QoSPolicy.GUARANTEED)
             launch = noop_kernel(rt)
             stream = ctx.stream

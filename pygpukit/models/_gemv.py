@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ._ops import gelu, layer_norm, softmax
+
 __all__ = (
     "attend_row",
     "bias_gelu",
@@ -314,8 +316,6 @@ def vecmat_t(xp: Any, x: Any, e: Any, out: Any = None) -> Any:
 def layer_norm_row(xp: Any, x: Any, g: Any, b: Any, eps: float = 1e-5) -> Any:
     """LayerNorm of one row ``x`` (``(1, d)``): one block, one kernel."""
     if not _native(xp, x, g, b):
-        from .layers import layer_norm
-
         return layer_norm(xp, x, g, b, eps)
     y = xp.empty_like(x)
     _kernels(xp).get_function("layer_norm_row")(
@@ -330,8 +330,6 @@ _bias_gelu: dict[int, Any] = {}
 def bias_gelu(xp: Any, h: Any, b: Any) -> Any:
     """``gelu(h + b)`` (tanh approximation) in one elementwise kernel."""
     if not hasattr(xp, "ElementwiseKernel"):
-        from .layers import gelu
-
         return gelu(xp, h + b)
     kernel = _bias_gelu.get(id(xp))
     if kernel is None:
@@ -402,8 +400,6 @@ def _attend_arrays(xp: Any, qkv: Any, kc: Any, vc: Any, pos: Any, n_heads: int) 
     CuPy, which CuPy refuses while a graph is captured (buckets past
     :data:`MAX_ATTEND_ROWS` come here on CUDA too).
     """
-    from .layers import softmax
-
     d = qkv.shape[1] // 3
     dh = d // n_heads
     if isinstance(pos, np.ndarray) and not 0 <= int(pos[0]) < kc.shape[1]:  # no device sync

@@ -23,6 +23,9 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from ._gemv import attend_row, bias_gelu, layer_norm_row, vecmat
+from ._ops import gelu as gelu
+from ._ops import layer_norm as layer_norm
+from ._ops import softmax as softmax
 
 __all__ = (
     "Model",
@@ -52,25 +55,6 @@ def to_host(a: Any) -> np.ndarray[Any, Any]:
 
 
 # --------------------------------------------------------------------------- functions
-
-
-def layer_norm(xp: Any, x: Any, g: Any, b: Any, eps: float = 1e-5) -> Any:
-    mu = xp.mean(x, axis=-1, keepdims=True)
-    xc = x - mu
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)
-    return xc / xp.sqrt(var + eps) * g + b
-
-
-def gelu(xp: Any, x: Any) -> Any:
-    """GELU, tanh approximation (GPT-2's)."""
-    c = math.sqrt(2.0 / math.pi)
-    return 0.5 * x * (1.0 + xp.tanh(c * (x + 0.044715 * (x * x * x))))
-
-
-def softmax(xp: Any, x: Any, axis: int = -1) -> Any:
-    z = x - xp.max(x, axis=axis, keepdims=True)
-    e = xp.exp(z)
-    return e / xp.sum(e, axis=axis, keepdims=True)
 
 
 def attention(xp: Any, q: Any, k: Any, v: Any, mask: Any = None) -> Any:

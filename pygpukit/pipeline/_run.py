@@ -35,7 +35,7 @@ import anyio
 from pydantic import BaseModel
 
 from .._exceptions import DeadlineExceeded
-from ..runtime import _session, context_session
+from ..runtime import bind_each_step, context_session, hook_running_loop, steps_are_bound
 from ._plan import INPUT, Node, Plan
 from ._result import PipelineResult, RequestInfo, StageTiming, request_var
 
@@ -90,7 +90,7 @@ def _may_run_inline() -> bool:
     once. Stages run in such a task would inherit that limit, so they get a task of their
     own, which is created hooked. Host-only programs bind no stream and may always.
     """
-    return not _session._binders or _session._current_task_is_hooked()[0]
+    return steps_are_bound()
 
 
 class _InOwnContext:
@@ -104,7 +104,7 @@ class _InOwnContext:
     __slots__ = ("_coro", "_ctx")
 
     def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._coro = _session._BoundCoroutine(coro)
+        self._coro = bind_each_step(coro)
         self._ctx = contextvars.copy_context()
 
     def __await__(self) -> _InOwnContext:
@@ -283,7 +283,7 @@ class _Run:
         if _may_run_inline():
             await _InOwnContext(self._chain(chain))
             return
-        _session.hook_running_loop()  # so that the task is created hooked
+        hook_running_loop()  # so that the task is created hooked
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._chain, chain, name=f"pipeline {self.plan.name}")
@@ -381,7 +381,7 @@ async def drive(plan: Plan, request: BaseModel, info: RequestInfo) -> AsyncGener
     _check_deadline(plan, info)
     # Stage tasks must be created on a hooked loop, so that each binds its own context's
     # stream at every step (on CUDA two unhooked tasks may not hold sessions at once).
-    _session.hook_running_loop()
+    hook_running_loop()
     send, recv = anyio.create_memory_object_stream[tuple[str, Any]](STREAM_BUFFER)
     run = _Run(plan, request, info)
     run.start_driven(send.send)

@@ -7,16 +7,29 @@ from ._completion import default_bridge as default_bridge
 from ._context import ContextState as ContextState
 from ._context import ContextUsage as ContextUsage
 from ._context import ExecutionContext as ExecutionContext
+from ._dispatch import Dispatcher as Dispatcher
+from ._dispatch import DispatcherConfig as DispatcherConfig
+from ._evict import Evictable as Evictable
 from ._graph import Graph as Graph
 from ._graph import capture_graph as capture_graph
+from ._launcher import LauncherConfig as LauncherConfig
+from ._ledger import PressureHandler as PressureHandler
 from ._runtime import Runtime as Runtime
+from ._session import bind_each_step as bind_each_step
 from ._session import context_session as context_session
 from ._session import current_context as current_context
 from ._session import current_stream as current_stream
 from ._session import hook_event_loop as hook_event_loop
+from ._session import hook_future_loops as hook_future_loops
+from ._session import hook_running_loop as hook_running_loop
+from ._session import steps_are_bound as steps_are_bound
 from ._stream import Event as Event
 from ._stream import HandleState as HandleState
 from ._stream import Stream as Stream
+from ._tasks import PartitionPolicy as PartitionPolicy
+from ._tasks import SchedulingPolicy as SchedulingPolicy
+from ._tasks import Task as Task
+from ._tasks import TaskState as TaskState
 from ._tiers import QoSPolicy as QoSPolicy
 
 __all__ = (
@@ -25,21 +38,39 @@ __all__ = (
     "ContextState",
     "ContextUsage",
     "DeviceInfo",
+    "Dispatcher",
+    "DispatcherConfig",
     "Event",
+    "Evictable",
     "ExecutionContext",
     "Graph",
     "HandleState",
+    "LauncherConfig",
+    "PartitionPolicy",
+    "PressureHandler",
     "QoSPolicy",
     "Runtime",
+    "SchedulingPolicy",
     "Stream",
+    "Task",
+    "TaskState",
+    "bind_each_step",
     "capture_graph",
     "context_session",
     "current_context",
     "current_stream",
     "default_bridge",
     "hook_event_loop",
+    "hook_future_loops",
+    "hook_running_loop",
+    "steps_are_bound",
 )
 
 for _name in __all__:
-    globals()[_name].__module__ = __name__
-del _name
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__"):  # not type aliases such as PressureHandler
+        try:
+            _obj.__module__ = __name__
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import ContextClosed, _fmt_bytes
-from ._evict import Evictable, EvictionMixin
+from ._evict import Evictable, Eviction
 from ._tiers import QoSPolicy
 
 if TYPE_CHECKING:
-    from ._backends import RawPool
-    from ._ledger import Account
-    from ._runtime import Runtime
+    from ._backends import Backend, DeviceInfo, RawPool
+    from ._ledger import Account, Ledger
     from ._stream import Event, Stream
 
 __all__ = ("ContextState", "ContextUsage", "ExecutionContext")
+
+#: The context the running task or thread is in a session of: what allocations are charged
+#: to and whose stream is bound at every step (``_session.py``).
+_current: ContextVar[ExecutionContext | None] = ContextVar("pygpukit_context", default=None)
 
 
 class ContextState(enum.Enum):
@@ -77,7 +81,23 @@ class _Stats:
         self.gpu_ms += gpu_ms
 
 
-class ExecutionContext(EvictionMixin):
+class Owner(Protocol):
+    """What a context needs of the runtime that made it."""
+
+    backend: Backend
+    device: DeviceInfo
+    ledger: Ledger
+
+    def destroy_context(self, ctx: ExecutionContext) -> None: ...
+
+
+Submit = Callable[
+    ["ExecutionContext", Callable[..., Any], tuple[Any, ...], dict[str, Any], int, float | None],
+    Awaitable[Any],
+]
+
+
+class ExecutionContext:
     """An isolated place for one model to run: a stream, a VRAM budget, a QoS tier.
 
     Made by :meth:`Runtime.create_context` (or ``create_context``); enter it with
@@ -87,14 +107,12 @@ class ExecutionContext(EvictionMixin):
     __slots__ = (
         "__weakref__",
         "_account",
-        "_busy",
-        "_evict_lock",
-        "_evictables",
+        "_counts",
+        "_eviction",
         "_pool",
         "_runtime",
         "_stats",
-        "base_vram",
-        "max_vram",
+        "_submit",
         "name",
         "partition",
         "qos",
@@ -102,14 +120,12 @@ class ExecutionContext(EvictionMixin):
         "stream",
     )
     _account: Account
-    _busy: int
-    _evict_lock: threading.RLock
-    _evictables: set[Evictable]
+    _counts: Callable[[ExecutionContext], tuple[int, int]]
+    _eviction: Eviction
     _pool: RawPool
-    _runtime: Runtime
+    _runtime: Owner
     _stats: _Stats
-    base_vram: int
-    max_vram: int
+    _submit: Submit
     name: str
     partition: str | None
     qos: QoSPolicy
@@ -125,42 +141,68 @@ class ExecutionContext(EvictionMixin):
     @classmethod
     def _make(
         cls,
-        runtime: Runtime,
-        name: str,
-        qos: QoSPolicy,
-        max_vram: int,
-        base_vram: int,
+        runtime: Owner,
         stream: Stream,
         account: Account,
         pool: RawPool,
-        partition: str | None = None,
+        partition: str | None,
+        submit: Submit,
+        counts: Callable[[ExecutionContext], tuple[int, int]],
     ) -> ExecutionContext:
+        """A context over an opened ledger account (its name, tier and budget)."""
+        assert account.name is not None
+        assert account.tier is not None
         self = object.__new__(cls)
         self.partition = partition
         self._runtime = runtime
-        self.name = name
-        self.qos = qos
-        self.max_vram = max_vram
-        self.base_vram = base_vram
+        self.name = account.name
+        self.qos = account.tier
         self.stream = stream
         self._account = account
         self._pool = pool
         self._stats = _Stats()
-        self._evict_lock = threading.RLock()
-        self._evictables = set()
-        self._busy = 0
+        self._submit = submit
+        self._counts = counts
+        self._eviction = Eviction(
+            self.name, self.qos, runtime.backend, stream, pool, self._activated
+        )
         self.state = ContextState.OPEN
         account.owner = self
         account.trim = pool.release_cached
-        account.reclaim = self._reclaim
+        account.reclaim = self._eviction.reclaim
         return self
+
+    @contextlib.contextmanager
+    def _activated(self) -> Iterator[None]:
+        """This context current and its stream bound, on the calling thread."""
+        token = _current.set(self)
+        try:
+            backend = self._runtime.backend
+            bound = backend.bind_stream(self.stream.raw)
+            try:
+                yield
+            finally:
+                backend.restore_stream(bound)
+        finally:
+            _current.reset(token)
+
+    @property
+    def max_vram(self) -> int:
+        """The most device memory the context may hold."""
+        return self._account.max_vram
+
+    @property
+    def base_vram(self) -> int:
+        """The reserved part of a Burstable context's budget (0 for other tiers)."""
+        return self._account.base_vram
 
     @property
     def device_id(self) -> int:
         return self._runtime.device.device_id
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> Owner:
+        """The :class:`~pygpukit.runtime.Runtime` that made this context."""
         return self._runtime
 
     def _check_open(self) -> None:
@@ -171,8 +213,7 @@ class ExecutionContext(EvictionMixin):
         """Memory and activity now (see :class:`ContextUsage`)."""
         ledger = self._runtime.ledger
         a = self._account
-        sched = self._runtime.scheduler
-        d = getattr(sched, "dispatcher", None)
+        queued, in_flight = self._counts(self)
         return ContextUsage(
             name=self.name,
             used=self._pool.used_bytes(),
@@ -185,8 +226,8 @@ class ExecutionContext(EvictionMixin):
             sessions=self._stats.sessions,
             tasks=self._stats.tasks,
             failed=self._stats.failed,
-            queued=d.queued_ctx[self] if d else 0,
-            in_flight=d.in_flight_ctx[self] if d else 0,
+            queued=queued,
+            in_flight=in_flight,
             gpu_time_s=self._stats.gpu_ms / 1e3,
         )
 
@@ -222,17 +263,26 @@ class ExecutionContext(EvictionMixin):
         free meanwhile. Cancelling before launch removes the task; after launch, the
         caller stops waiting and the task finishes on its own.
 
-        :param deadline: a time on the runtime's clock (``time.monotonic()`` by default) by
-            which the task must launch
+        :param deadline: a time on the runtime's policy clock (``time.monotonic()`` by
+            default) by which the task must launch
         :raises QueueFull: too many tasks of this context are waiting
         :raises DeadlineExceeded: it could not launch in time (and did not run)
         :raises ContextClosed: the context was destroyed
         """
+        return await self._submit(self, fn, args, kwargs, priority, deadline)
+
+    def evictable(self, array: Any) -> Evictable:
+        """Hand ``array`` (allocated in this context) to the runtime as spillable.
+
+        Under pressure from a higher tier its bytes are copied to host memory and its device
+        memory freed; the context's next session or task copies them back. Drop your own
+        references to it and read it through the returned handle's ``.array``: a buffer
+        referenced elsewhere cannot be evicted.
+
+        :raises InvalidArgument: a Guaranteed context (never evicted) or not an array
+        """
         self._check_open()
-        scheduler = self._runtime.scheduler
-        if scheduler is None:  # pragma: no cover - pygpukit.qos registers one on import
-            raise RuntimeError("no task scheduler is registered; import pygpukit")
-        return await scheduler.submit(self, fn, args, kwargs, priority, deadline)
+        return self._eviction.add(array)
 
     def close(self) -> None:
         """Destroy the context (same as ``destroy_context``); idempotent."""

@@ -10,18 +10,22 @@ would free nothing).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextClosed, InvalidArgument
+from ._tiers import QoSPolicy
 
 if TYPE_CHECKING:
-    from ._context import ExecutionContext
+    from ._backends import Backend, RawPool
+    from ._stream import Stream
 
-__all__ = ("Evictable", "EvictableState")
+__all__ = ("Evictable", "EvictableState", "Eviction")
 
 
 class EvictableState(enum.Enum):
@@ -35,9 +39,9 @@ class Evictable:
 
     __slots__ = (
         "_array",
-        "_ctx",
         "_host",
         "_last_used",
+        "_owner",
         "dtype",
         "evictions",
         "last_evict_s",
@@ -48,8 +52,8 @@ class Evictable:
         "state",
     )
 
-    def __init__(self, ctx: ExecutionContext, array: Any) -> None:
-        self._ctx = ctx
+    def __init__(self, owner: Eviction, array: Any) -> None:
+        self._owner = owner
         self._array = array
         self._host: Any = None
         self.shape = tuple(array.shape)
@@ -69,7 +73,7 @@ class Evictable:
         if self.state is EvictableState.RELEASED:
             raise InvalidArgument("this evictable was released; make a new one")
         if self.state is EvictableState.EVICTED:
-            self._ctx._restore_evicted()
+            self._owner.restore()
         self._last_used = time.monotonic()
         return self._array
 
@@ -79,19 +83,18 @@ class Evictable:
 
     def release(self) -> None:
         """Stop managing the buffer and drop it (device and host copies)."""
-        with self._ctx._evict_lock:
-            self._ctx._evictables.discard(self)
+        with self._owner._lock:
+            self._owner._evictables.discard(self)
             self._array = self._host = None
             self.state = EvictableState.RELEASED
 
-    # -- called by the context, under its eviction lock --------------------------------
+    # -- called by its Eviction, under its lock ------------------------------------------
     def _evict(self) -> int:
         arr = self._array
         if not _sole_owner(arr):
             return 0  # freeing our reference would free nothing
-        backend = self._ctx.runtime.backend
         t0 = time.perf_counter()
-        self._host = backend.array_to_host(arr, self._host)
+        self._host = self._owner._backend.array_to_host(arr, self._host)
         self.last_evict_s = time.perf_counter() - t0
         self._array = None
         del arr
@@ -100,16 +103,16 @@ class Evictable:
         return self.nbytes
 
     def _restore(self) -> None:
-        backend = self._ctx.runtime.backend
         t0 = time.perf_counter()
-        self._array = backend.array_from_host(self._host)  # allocated in the bound context
+        # allocated in the context, which Eviction.restore binds
+        self._array = self._owner._backend.array_from_host(self._host)
         self.last_restore_s = time.perf_counter() - t0
         self.state = EvictableState.RESIDENT
         self.restores += 1
 
     def __repr__(self) -> str:
         return (
-            f"<Evictable {self.shape} {self.dtype} of {self._ctx.name!r} "
+            f"<Evictable {self.shape} {self.dtype} of {self._owner.name!r} "
             f"state={self.state.value} evictions={self.evictions}>"
         )
 
@@ -131,26 +134,50 @@ def _sole_owner(arr: Any) -> bool:
     return sys.getrefcount(base) <= 3  # arr.base, the local `base`, the argument
 
 
-class EvictionMixin:
-    """The eviction half of :class:`ExecutionContext` (kept here to keep that file small)."""
+class Eviction:
+    """One context's evictable buffers: spilled least recently used first, under pressure
+    from a higher tier, and restored when the context is next entered.
 
-    __slots__ = ()
-    _evict_lock: threading.RLock
-    _evictables: set[Evictable]
-    _busy: int
+    :param activate: makes the context current (its budget charged, its stream bound) for
+        the restores' allocations and copies
+    """
 
-    def evictable(self: Any, array: Any) -> Evictable:
-        """Hand ``array`` (allocated in this context) to the runtime as spillable.
+    __slots__ = (
+        "_activate",
+        "_backend",
+        "_busy",
+        "_evictables",
+        "_lock",
+        "_pool",
+        "_stream",
+        "closed",
+        "name",
+        "tier",
+    )
 
-        Drop your own references to it and read it through the returned handle's
-        ``.array``: a buffer referenced elsewhere cannot be evicted.
+    def __init__(
+        self,
+        name: str,
+        tier: QoSPolicy,
+        backend: Backend,
+        stream: Stream,
+        pool: RawPool,
+        activate: Callable[[], contextlib.AbstractContextManager[object]],
+    ) -> None:
+        self.name = name
+        self.tier = tier
+        self._backend = backend
+        self._stream = stream
+        self._pool = pool
+        self._activate = activate
+        self._lock = threading.RLock()
+        self._evictables: set[Evictable] = set()
+        self._busy = 0  # sessions and tasks running: nothing may be evicted meanwhile
+        self.closed = False
 
-        :raises InvalidArgument: a Guaranteed context (never evicted) or not an array
-        """
-        from ._tiers import QoSPolicy
-
-        self._check_open()
-        if self.qos is QoSPolicy.GUARANTEED:
+    def add(self, array: Any) -> Evictable:
+        """Manage ``array`` as spillable (see :meth:`ExecutionContext.evictable`)."""
+        if self.tier is QoSPolicy.GUARANTEED:
             raise InvalidArgument(
                 f"context {self.name!r} is GUARANTEED and is never evicted; keep the array "
                 "as it is, or use a BURSTABLE or BEST_EFFORT context for spillable buffers"
@@ -158,16 +185,16 @@ class EvictionMixin:
         if not hasattr(array, "nbytes") or not hasattr(array, "shape"):
             raise InvalidArgument(f"evictable() takes a device array, not {type(array).__name__}")
         handle = Evictable(self, array)
-        with self._evict_lock:
+        with self._lock:
             self._evictables.add(handle)
         return handle
 
-    def _reclaim(self: Any, want: int) -> int:
+    def reclaim(self, want: int) -> int:
         """Evict least recently used buffers until ``want`` bytes are freed; 0 if busy."""
-        if not self._evict_lock.acquire(timeout=1.0):
+        if not self._lock.acquire(timeout=1.0):
             return 0
         try:
-            if self._busy or self.state.value == "closed":
+            if self._busy or self.closed:
                 return 0
             resident = sorted(
                 (e for e in self._evictables if e.state is EvictableState.RESIDENT),
@@ -175,7 +202,7 @@ class EvictionMixin:
             )
             if not resident:
                 return 0
-            self.stream.synchronize()  # nothing in flight may still read them
+            self._stream.synchronize()  # nothing in flight may still read them
             freed = 0
             for handle in resident:
                 if freed >= want:
@@ -185,51 +212,46 @@ class EvictionMixin:
                 self._pool.release_cached()  # hand the freed blocks back to the device
             return freed
         finally:
-            self._evict_lock.release()
+            self._lock.release()
 
-    def _restore_evicted(self: Any) -> None:
+    def restore(self) -> None:
         """Bring every evicted buffer back (allocations charged to this context)."""
-        from ._session import _current
-
-        with self._evict_lock:
+        with self._lock:
             evicted = [e for e in self._evictables if e.state is EvictableState.EVICTED]
             if not evicted:
                 return
-            if self.state.value == "closed":
+            if self.closed:
                 raise ContextClosed(self.name)
             # Allocated, copied into and later freed on this context's stream, where the
             # buffers are used: a session restores them before it binds that stream.
-            backend = self._runtime.backend
-            token = _current.set(self)
-            try:
-                bound = backend.bind_stream(self.stream.raw)
-                try:
-                    for handle in evicted:
-                        handle._restore()
-                finally:
-                    backend.restore_stream(bound)
-            finally:
-                _current.reset(token)
+            with self._activate():
+                for handle in evicted:
+                    handle._restore()
 
-    def _nothing_evicted(self: Any) -> bool:
-        """Whether :meth:`_enter` would restore nothing (and so cannot take long)."""
+    def nothing_evicted(self) -> bool:
+        """Whether :meth:`enter` would restore nothing (and so cannot take long)."""
         if not self._evictables:
             return True
-        with self._evict_lock:
+        with self._lock:
             return not any(e.state is EvictableState.EVICTED for e in self._evictables)
 
-    def _enter(self: Any) -> None:
+    def enter(self) -> None:
         """A session or task begins: pin the buffers and bring back evicted ones."""
-        with self._evict_lock:
+        with self._lock:
             self._busy += 1
             if not self._evictables:
                 return  # nothing could be evicted: the common case, kept cheap
             try:
-                self._restore_evicted()
+                self.restore()
             except BaseException:
                 self._busy -= 1
                 raise
 
-    def _leave(self: Any) -> None:
-        with self._evict_lock:
+    def leave(self) -> None:
+        with self._lock:
             self._busy -= 1
+
+    def close(self) -> None:
+        """The context was destroyed: nothing is evicted or restored any more."""
+        with self._lock:
+            self.closed = True

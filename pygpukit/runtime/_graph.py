@@ -18,11 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import InvalidArgument
-from ._session import _current
+from ._context import ExecutionContext, _current
 
 if TYPE_CHECKING:
     from ._backends import RawGraph
-    from ._context import ExecutionContext
     from ._stream import Stream
 
 __all__ = ("Graph", "capture_graph")

@@ -31,6 +31,7 @@ class Account:
     """One context's (or the unscoped allocations') line in the ledger."""
 
     __slots__ = (
+        "base_vram",
         "charge_hook",
         "closed",
         "held",
@@ -46,12 +47,18 @@ class Account:
     )
 
     def __init__(
-        self, name: str | None, tier: QoSPolicy | None, max_vram: int, reserved: int
+        self,
+        name: str | None,
+        tier: QoSPolicy | None,
+        max_vram: int,
+        base_vram: int = 0,
+        reserved: int = 0,
     ) -> None:
         self.name = name
         self.tier = tier
-        self.max_vram = max_vram
-        self.reserved = reserved
+        self.max_vram = max_vram  # the budget: the one place it is kept
+        self.base_vram = base_vram  # Burstable: its reserved base
+        self.reserved = reserved  # bytes reserved now (0 once closed)
         self.held = 0
         self.peak = 0
         self.closed = False
@@ -74,10 +81,6 @@ def _none_freed(want: int) -> int:
     return 0
 
 
-# Who may take memory from whom: a tier evicts only tiers below it (DESIGN §6).
-_RANK = {QoSPolicy.GUARANTEED: 0, QoSPolicy.BURSTABLE: 1, QoSPolicy.BEST_EFFORT: 2, None: 3}
-
-
 class Ledger:
     """Thread-safe accounting of one device's memory (see the module docstring)."""
 
@@ -86,7 +89,7 @@ class Ledger:
         # reentrant: trim() frees blocks, which re-enters shrink(); finalizers: see _locks
         self._lock = BookkeepingLock(reentrant=True)
         self._accounts: list[Account] = []
-        self.unscoped = Account(None, None, capacity, 0)
+        self.unscoped = Account(None, None, capacity)
         self._accounts.append(self.unscoped)
         self.handlers: list[PressureHandler] = []
 
@@ -125,11 +128,7 @@ class Ledger:
 
         :raises AdmissionRejected: the reservation does not fit the unreserved memory
         """
-        reserve = {
-            QoSPolicy.GUARANTEED: max_vram,
-            QoSPolicy.BURSTABLE: base_vram,
-            QoSPolicy.BEST_EFFORT: 0,
-        }[tier]
+        reserve = tier.reservation(max_vram, base_vram)
         with self._lock:
             short = reserve - self._shared_free()
         if short > 0:
@@ -145,7 +144,7 @@ class Ledger:
                     f"{'max_vram' if tier is QoSPolicy.GUARANTEED else 'base_vram'}, use "
                     "a lower tier, or destroy contexts that hold reservations",
                 )
-            account = Account(name, tier, max_vram, reserve)
+            account = Account(name, tier, max_vram, base_vram, reserve)
             self._accounts.append(account)
             return account
 
@@ -222,18 +221,19 @@ class Ledger:
 
     def _make_room(self, tier: QoSPolicy | None, need: int) -> int:
         """Evict buffers of lower tiers — BestEffort first, then Burstable bursts (down to
-        their base) — until ``need`` bytes are freed; returns the bytes freed."""
-        rank = _RANK[tier]
+        their base) — until ``need`` bytes are freed; returns the bytes freed. A tier takes
+        memory only from tiers of a higher rank; unscoped allocations from none."""
+        rank = 3 if tier is None else tier.rank
         with self._lock:
             best_effort = [a for a in self._accounts if a.tier is QoSPolicy.BEST_EFFORT]
             burstable = [a for a in self._accounts if a.tier is QoSPolicy.BURSTABLE]
         freed = 0
-        if rank < _RANK[QoSPolicy.BEST_EFFORT]:
+        if rank < QoSPolicy.BEST_EFFORT.rank:
             for victim in best_effort:
                 if freed >= need:
                     return freed
                 freed += victim.reclaim(need - freed)
-        if rank < _RANK[QoSPolicy.BURSTABLE]:
+        if rank < QoSPolicy.BURSTABLE.rank:
             for victim in burstable:
                 if freed >= need:
                     return freed

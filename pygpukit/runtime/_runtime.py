@@ -1,10 +1,12 @@
-"""The Runtime: one device, its contexts, its memory ledger and the completion bridge."""
+"""The Runtime: one device, its contexts, its memory ledger, the completion bridge, and
+the execution of submitted tasks under a scheduling policy."""
 
 from __future__ import annotations
 
 import atexit
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .._exceptions import (
@@ -15,12 +17,14 @@ from .._exceptions import (
 from .._units import MB
 from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
 from ._completion import CompletionBridge, default_bridge
-from ._context import ContextState, ExecutionContext
-from ._hooks import make_scheduler
+from ._context import ContextState, ExecutionContext, _current
+from ._dispatch import Dispatcher
+from ._launcher import LauncherConfig, TaskRunner
 from ._ledger import Ledger, PressureHandler
 from ._locks import give_back
-from ._session import _current, hook_running_loop, register_binder, unregister_binder
+from ._session import hook_running_loop, register_binder, unregister_binder
 from ._stream import Event, Stream
+from ._tasks import PartitionPolicy, SchedulingPolicy, Task
 from ._tiers import QoSPolicy
 
 __all__ = ("Runtime",)
@@ -40,6 +44,11 @@ class Runtime:
     :param vram_limit: bytes the runtime may hand out; by default the device's free memory
         at start (less 256 MiB of headroom on CUDA)
     :param bridge: the completion bridge (the process-wide one by default)
+    :param policy: decides when submitted tasks launch; by default a
+        :class:`~pygpukit.runtime.Dispatcher` (one queue by tier, priority, arrival; caps;
+        deadlines). A policy serves one runtime.
+    :param launcher: how launched tasks are executed (inline execution, shared completion
+        signals)
     """
 
     def __init__(
@@ -49,9 +58,16 @@ class Runtime:
         *,
         vram_limit: int | None = None,
         bridge: CompletionBridge | None = None,
+        policy: SchedulingPolicy | None = None,
+        launcher: LauncherConfig | None = None,
     ) -> None:
         if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
             raise InvalidArgument(f"device_id must be a non-negative int, not {device_id!r}")
+        if launcher is not None and not isinstance(launcher, LauncherConfig):
+            raise InvalidArgument(
+                f"launcher must be a LauncherConfig, not {type(launcher).__name__}"
+            )
+        policy = Dispatcher() if policy is None else policy
         cls: Any = backend_class(resolve_backend_name(backend))
         self.backend: Backend = cls(device_id)
         self.device: DeviceInfo = self.backend.info()
@@ -76,7 +92,9 @@ class Runtime:
         # a runtime dropped without close() must not leave its backend bound at every step
         # (once nothing holds it: the newest runtime stays installed as CuPy's allocator)
         self._unregister = weakref.finalize(self, give_back, unregister_binder, self.backend)
-        self.scheduler = make_scheduler(self)
+        #: the scheduling policy deciding when submitted tasks launch
+        self.policy = policy
+        self.tasks = TaskRunner(self.backend, self.bridge, policy, launcher or LauncherConfig())
         hook_running_loop()
         _live.add(self)
 
@@ -158,24 +176,26 @@ class Runtime:
                 f"max_vram ({max_vram}) exceeds what this runtime manages "
                 f"({self.ledger.capacity} bytes on {self.device.name}); lower it"
             )
+        partitions = self.tasks.partitions
+        if partition is not None and partitions is None:
+            raise InvalidArgument(
+                f"context {name!r} asks for partition {partition!r} but this runtime has no "
+                "partitions; call use_partitions(PartitionManager(...)) first"
+            )
         hook_running_loop()
         with self._lock:
             if name in self._contexts:
                 raise DuplicateContextName(name)
-            admission = None
-            if self.scheduler is not None:
-                admission = self.scheduler.admit_context(
-                    name, tier, max_vram, base_vram or 0, partition
-                )
-            try:
-                account = self.ledger.open(name, tier, max_vram, base_vram or 0)
-            except BaseException:
-                if admission is not None:
-                    admission.close()
-                raise
-            if admission is not None:
-                account.charge_hook = admission.charge
-                account.release_hook = admission.release
+            account = self.ledger.open(name, tier, max_vram, base_vram or 0)
+            if partition is not None:
+                assert partitions is not None
+                try:
+                    partitions.attach(partition, name)
+                except BaseException:
+                    self.ledger.close(account)
+                    raise
+                account.charge_hook = _charger(partitions, partition, name)
+                account.release_hook = _releaser(partitions, partition)
             raw = None
             try:
                 priority = tier.stream_priority(self.device.priority_range)
@@ -193,11 +213,12 @@ class Runtime:
                 if raw is not None:
                     raw.close()
                 self.ledger.close(account)
-                if admission is not None:
-                    admission.close()
+                if partition is not None:
+                    assert partitions is not None
+                    partitions.detach(partition, name)
                 raise
             ctx = ExecutionContext._make(
-                self, name, tier, max_vram, base_vram or 0, stream, account, pool, partition
+                self, stream, account, pool, partition, self.tasks.submit, self.policy.counts
             )
             self._contexts[name] = ctx
         return ctx
@@ -219,13 +240,16 @@ class Runtime:
             ctx.state = ContextState.CLOSED
             if self._contexts.get(ctx.name) is ctx:
                 del self._contexts[ctx.name]
+        ctx._eviction.close()
         try:
-            if self.scheduler is not None:
-                self.scheduler.context_closed(ctx)
+            self.tasks.context_closed(ctx)
             ctx.stream.close()
         finally:
             ctx._pool.close()
             self.ledger.close(ctx._account)
+            partitions = self.tasks.partitions
+            if ctx.partition is not None and partitions is not None:
+                partitions.detach(ctx.partition, ctx.name)
 
     def get_context(self, name: str) -> ExecutionContext:
         try:
@@ -252,6 +276,42 @@ class Runtime:
     def remove_memory_pressure_handler(self, handler: PressureHandler) -> None:
         self.ledger.handlers.remove(handler)
 
+    # -- tasks and partitions ---------------------------------------------------------------
+    def use_partitions(self, manager: PartitionPolicy) -> None:
+        """Enforce ``manager``'s partitions (e.g. a :class:`~pygpukit.qos.PartitionManager`)
+        for contexts created with ``partition=``: their memory limits at allocation, their
+        compute shares when tasks launch.
+
+        :raises InvalidArgument: contexts already use the current partitions
+        """
+        needed = ("attach", "detach", "charge", "release", "over_share", "record_gpu_time")
+        if not all(callable(getattr(manager, n, None)) for n in needed):
+            raise InvalidArgument(
+                f"use_partitions() takes a PartitionManager (or an object with its methods "
+                f"{', '.join(needed)}), not {type(manager).__name__}"
+            )
+        if any(c.partition is not None for c in self.contexts):
+            raise InvalidArgument(
+                "contexts already use the current partitions; destroy them before switching"
+            )
+        self.tasks.partitions = manager
+
+    @property
+    def partitions(self) -> PartitionPolicy | None:
+        """The partitions given to :meth:`use_partitions`, if any."""
+        return self.tasks.partitions
+
+    def on_task_done(self, listener: Callable[[Task], None]) -> Callable[[Task], None]:
+        """Call ``listener(task)`` as each submitted task finishes (timelines, metrics).
+
+        It runs on the thread that drains completions, so it must be quick; what it raises
+        is logged, not propagated. Usable as a decorator.
+        """
+        if not callable(listener):
+            raise InvalidArgument("on_task_done() takes a callable listener")
+        self.tasks.listeners.append(listener)
+        return listener
+
     # -- lifetime ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -264,8 +324,7 @@ class Runtime:
         for ctx in list(self._contexts.values()):
             self.destroy_context(ctx)
         self._closed = True
-        if self.scheduler is not None:
-            self.scheduler.close()
+        self.tasks.close()
         self._unregister()
         self.backend.close()
 
@@ -280,6 +339,23 @@ class Runtime:
             f"<Runtime backend={self.backend.name} device={self.device.name!r} "
             f"contexts={len(self._contexts)} {'closed' if self._closed else 'open'}>"
         )
+
+
+def _charger(partitions: PartitionPolicy, partition: str, name: str) -> Callable[[int], None]:
+    def charge(nbytes: int) -> None:
+        partitions.charge(partition, name, nbytes)
+
+    return charge
+
+
+def _releaser(partitions: PartitionPolicy, partition: str) -> Callable[[int], None]:
+    def release(nbytes: int) -> None:
+        try:
+            partitions.release(partition, nbytes)
+        except InvalidArgument:  # the partition was deleted or replaced meanwhile
+            pass
+
+    return release
 
 
 def _check_bytes(what: str, value: object, *, allow_zero: bool = False) -> None:

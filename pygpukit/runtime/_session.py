@@ -25,26 +25,28 @@ import collections.abc
 import sys
 import threading
 import weakref
-from contextvars import ContextVar, Token
+from collections.abc import Coroutine
+from contextvars import Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextError, InvalidArgument
+from ._context import ExecutionContext, _current
 from ._locks import BookkeepingLock
 
 if TYPE_CHECKING:
     from ._backends import Backend
-    from ._context import ExecutionContext
     from ._stream import Stream
 
 __all__ = (
+    "bind_each_step",
     "context_session",
     "current_context",
     "current_stream",
     "hook_event_loop",
+    "hook_running_loop",
+    "steps_are_bound",
 )
-
-_current: ContextVar[ExecutionContext | None] = ContextVar("pygpukit_context", default=None)
 
 # Backends whose array library has a thread-local current stream (CUDA); the step hooks
 # touch only these, so pure host-backend programs pay nothing per step.
@@ -243,6 +245,21 @@ def _hook_trio() -> None:
 _unhooked = threading.local()  # which unhooked task holds a thread-level binding
 
 
+def bind_each_step(coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+    """``coro`` wrapped so that each of its steps binds the stream of the session current
+    in the context it runs in, as the tasks of a hooked loop do. For code that drives a
+    coroutine itself (the pipeline runs stages in copies of the caller's context)."""
+    return _BoundCoroutine(coro)
+
+
+def steps_are_bound() -> bool:
+    """Whether the calling task re-binds its stream at every step, so that it may hold
+    sessions while other tasks on its thread hold theirs: ``True`` when no CUDA runtime
+    binds streams, in trio (instrumented), on plain threads, and for asyncio tasks created
+    after their loop was hooked; ``False`` for an asyncio task created before."""
+    return not _binders or _current_task_is_hooked()[0]
+
+
 def _current_task_is_hooked() -> tuple[bool, object | None]:
     loop = asyncio._get_running_loop()
     if loop is None:
@@ -263,8 +280,6 @@ class context_session:
     __slots__ = ("_ctx", "_held_thread", "_token", "_tokens")
 
     def __init__(self, ctx: ExecutionContext) -> None:
-        from ._context import ExecutionContext
-
         if not isinstance(ctx, ExecutionContext):
             raise InvalidArgument(
                 f"context_session() takes an ExecutionContext, not {type(ctx).__name__}; "
@@ -279,7 +294,7 @@ class context_session:
         if self._token is not None:
             raise ContextError("this context_session() is already entered; make a new one")
         self._ctx._check_open()
-        self._ctx._enter()  # pins its evictable buffers, restores evicted ones
+        self._ctx._eviction.enter()  # pins its evictable buffers, restores evicted ones
         self._token = _current.set(self._ctx)
         self._tokens = _bind(self._ctx)
         self._ctx._stats.sessions += 1
@@ -295,7 +310,7 @@ class context_session:
         assert self._token is not None
         _current.reset(self._token)
         self._token = None
-        self._ctx._leave()
+        self._ctx._eviction.leave()
         if self._held_thread:
             _unhooked.task = None
             self._held_thread = False

@@ -20,6 +20,13 @@ class QoSPolicy(enum.Enum):
     BURSTABLE = "burstable"
     BEST_EFFORT = "best_effort"
 
+    #: Dispatch and eviction order: 0 Guaranteed, 1 Burstable, 2 BestEffort. A lower rank
+    #: launches first and may take memory from higher ranks, never the other way round.
+    rank: int
+
+    def __init__(self, value: str) -> None:
+        self.rank = ("guaranteed", "burstable", "best_effort").index(value)
+
     # Members are singletons compared by identity, so the identity hash is consistent with
     # equality; Enum's own hashes the name in Python, which the dispatcher's per-tier
     # counters paid several times per task.
@@ -33,6 +40,13 @@ class QoSPolicy(enum.Enum):
         if self is QoSPolicy.BEST_EFFORT:
             return least
         return least + (greatest - least) // 2
+
+    def reservation(self, max_vram: int, base_vram: int) -> int:
+        """Bytes a context of this tier reserves on the device: all of ``max_vram``
+        (Guaranteed), its ``base_vram`` (Burstable), nothing (BestEffort)."""
+        if self is QoSPolicy.GUARANTEED:
+            return max_vram
+        return base_vram if self is QoSPolicy.BURSTABLE else 0
 
     @classmethod
     def coerce(cls, value: object) -> QoSPolicy:

@@ -1,9 +1,11 @@
-"""``ctx.submit``: a runtime's dispatcher plus one launcher thread per context.
+"""``ctx.submit``: running tasks on one launcher thread per context.
 
 The launcher thread runs model code with the context bound once (its stream as the array
 library's current stream, its budget charged), so the event loop stays free while the code
 launches kernels. The caller is woken by the completion bridge once the GPU work the code
-enqueued has run.
+enqueued has run. *When* a task launches is the scheduling policy's decision
+(:class:`~pygpukit.runtime.SchedulingPolicy`; the dispatcher by default); this module only
+executes what it launches.
 """
 
 from __future__ import annotations
@@ -15,28 +17,59 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._exceptions import AdmissionRejected, ContextClosed, InvalidArgument
-from ..runtime._completion import checkpoint
-from ..runtime._oneshot import Oneshot, running_library
-from ..runtime._session import _current
-from ..runtime._tiers import QoSPolicy
-from ._admission import QosPolicyEvaluator, QosTaskMeta
-from ._dispatcher import Dispatcher, DispatcherConfig, Task
-from ._partitions import PartitionManager
+from .._exceptions import ContextClosed, InvalidArgument
+from ._completion import checkpoint
+from ._context import ContextState, ExecutionContext, _current
+from ._oneshot import Oneshot, running_library
+from ._tasks import Task
 
 if TYPE_CHECKING:
-    from ..runtime import ExecutionContext, Runtime
-    from ..runtime._completion import _Batch
+    from ._backends import Backend
+    from ._completion import CompletionBridge, _Batch
+    from ._tasks import PartitionPolicy, SchedulingPolicy
 
-__all__ = ("RuntimeScheduler",)
+__all__ = ("LauncherConfig", "TaskRunner")
 
 _log = logging.getLogger("pygpukit")
 
-HELD_MAX = 32  # tasks that share one completion signal at most (DispatcherConfig.batch_us)
+HELD_MAX = 32  # tasks that share one completion signal at most (LauncherConfig.batch_us)
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    """How the runtime executes the tasks its policy launches.
+
+    :ivar inline_us: opt-in (0, the default, turns it off; CUDA only): a task whose
+        function's last call took at most this long runs on the event loop thread when its
+        context's launcher thread is idle, instead of waking that thread. Such a function
+        must not block or wait for the loop, and allocations under memory pressure then
+        make room on the loop thread
+    :ivar batch_us: tasks of one context that its launcher thread runs back to back
+        share one completion signal (CUDA): a finished task's signal waits for the next
+        queued task when that task's function took at most this long on the host, and its
+        work at most this long on the GPU, on their last call — what each task waited for
+        adds to the held task's latency. Up to 32 share a signal (at most
+        ``context_in_flight``, as held tasks are in flight); one held while the
+        thread is stuck in a function is sent by the completion watchdog at its second
+        look. 0 gives every task a signal of its own. Each task is still timed on the GPU
+        by itself and resolves only after its own work has run
+    """
+
+    inline_us: float = 0.0
+    batch_us: float = 50.0
+
+    def __post_init__(self) -> None:
+        for name in ("inline_us", "batch_us"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise InvalidArgument(
+                    f"LauncherConfig.{name} must be a number of microseconds >= 0, not {value!r}"
+                )
 
 
 class _Submitting(threading.local):
@@ -124,9 +157,9 @@ class _Launcher:
     thread is idle, so everything it launched is already on the stream.
     """
 
-    def __init__(self, ctx: ExecutionContext, scheduler: RuntimeScheduler) -> None:
+    def __init__(self, ctx: ExecutionContext, runner: TaskRunner) -> None:
         self.ctx = ctx
-        self.scheduler = scheduler
+        self.runner = runner
         self.queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self.outstanding = 0  # tasks handed to the thread whose fn has not returned yet
         self._costs: dict[Any, float] = {}  # code of fn -> seconds its last call took
@@ -134,7 +167,7 @@ class _Launcher:
         self._events: list[Any] = []  # timing events ready for reuse
         # Decided once: tasks this thread runs may share completion signals (batch_us; the
         # host executor runs tasks as stream items instead)
-        self.batching = scheduler.batch_s > 0 and not ctx.runtime.backend.tasks_on_streams
+        self.batching = runner.batch_s > 0 and not runner.backend.tasks_on_streams
         # Tasks that ran on the thread and whose completion signal waits for the tasks
         # after them (DispatcherConfig.batch_us): the bridge's batch they are members of.
         self._batch: _Batch | None = None
@@ -145,14 +178,14 @@ class _Launcher:
 
     # -- the launcher thread -----------------------------------------------------------
     def put(self, task: Task) -> None:
-        with self.scheduler._lock:
+        with self.runner._lock:
             self.outstanding += 1
         self.queue.put(task)
 
     def _run(self) -> None:
         ctx = self.ctx
-        rt = ctx.runtime
-        backend = rt.backend
+        bridge = self.runner.bridge
+        backend = self.runner.backend
         raw = ctx.stream.raw
         _current.set(ctx)  # this thread's own contextvars: allocations charge ctx
         try:
@@ -164,7 +197,7 @@ class _Launcher:
             task = box = start = None  # hold nothing of the last task while waiting
             task = self._next() if self.batching else self.queue.get()
             if task is None:
-                rt.bridge.send(self._batch)  # what it holds, if anything
+                bridge.send(self._batch)  # what it holds, if anything
                 return
             box = _Outcome()
             if broken is not None:
@@ -185,12 +218,12 @@ class _Launcher:
             self._ran()
             try:
                 raw.launch_host_func(functools.partial(self._execute, task, box, start, ctx))
-                rt.bridge.on_done(raw, backend, functools.partial(self._guard, task, box))
+                bridge.on_done(raw, backend, functools.partial(self._guard, task, box))
             except BaseException as exc:
                 self._finish(task, box, exc)
 
     def _ran(self) -> None:
-        with self.scheduler._lock:
+        with self.runner._lock:
             self.outstanding -= 1
 
     # -- completion signals shared by tasks launched back to back ----------------------
@@ -200,38 +233,39 @@ class _Launcher:
         try:
             task = self.queue.get_nowait()
         except queue.Empty:
-            self.ctx.runtime.bridge.send(self._batch)
+            self.runner.bridge.send(self._batch)
             task = self.queue.get()
         if task is not None:
             task.cost_key = key = task.cost_key or _cost_key(task.fn)  # _execute learns it
             if not self._quick(key):
-                self.ctx.runtime.bridge.send(self._batch)
+                self.runner.bridge.send(self._batch)
         return task
 
     def _quick(self, key: Any) -> bool:
         """Whether the held tasks may wait for a task of ``key``: its function's last call
         took at most ``batch_s`` on the host and its work at most that on the GPU (what
         holding adds to their latency)."""
-        limit = self.scheduler.batch_s
+        limit = self.runner.batch_s
         host, gpu = self._costs.get(key), self._gpu_s.get(key)
         return host is not None and gpu is not None and host <= limit and gpu <= limit
 
     # -- on the event loop -------------------------------------------------------------
     def try_inline(self, task: Task) -> bool:
         """Run ``task`` here and now if that is known to be quick and keeps the order."""
-        limit = self.scheduler.inline_s
+        limit = self.runner.inline_s
         cost = self._costs.get(task.cost_key)
-        if cost is None or cost > limit or self.outstanding or not self.ctx._nothing_evicted():
+        ctx = self.ctx
+        if cost is None or cost > limit or self.outstanding or not ctx._eviction.nothing_evicted():
             return False
-        rt = self.ctx.runtime
+        backend = self.runner.backend
         box = _Outcome()
-        token = rt.backend.bind_stream(self.ctx.stream.raw)
+        token = backend.bind_stream(ctx.stream.raw)
         try:
             start = self._begin(task, box)
             if start is not None:
-                self._execute(task, box, start, self.ctx)
+                self._execute(task, box, start, ctx)
         finally:
-            rt.backend.restore_stream(token)
+            backend.restore_stream(token)
         return True
 
     # -- both ---------------------------------------------------------------------------
@@ -239,7 +273,7 @@ class _Launcher:
         try:
             return self._events.pop()
         except IndexError:
-            return self.ctx.runtime.backend.create_event(timing=True)
+            return self.runner.backend.create_event(timing=True)
 
     def _begin(self, task: Task, box: _Outcome) -> Any:
         """Mark the task's start on the stream and pin the context; ``None`` if that failed
@@ -247,7 +281,7 @@ class _Launcher:
         try:
             start = self._event()
             self.ctx.stream.raw.record(start)
-            self.ctx._enter()  # pins evictable buffers; restores evicted ones
+            self.ctx._eviction.enter()  # pins evictable buffers; restores evicted ones
         except BaseException as exc:  # a closed or faulted stream, a failed restore
             self._finish(task, box, exc, entered=False)
             return None
@@ -257,9 +291,9 @@ class _Launcher:
         self, task: Task, box: _Outcome, start: Any, bind: ExecutionContext | None = None
     ) -> None:
         """Run the task, then mark the end of the work it enqueued and await that."""
-        rt = self.ctx.runtime
+        runner = self.runner
         held = bind is None and self.batching  # on this thread
-        if held or self.scheduler.inlines:  # remember how long fn took (try_inline, _next)
+        if held or runner.inlines:  # remember how long fn took (try_inline, _next)
             t0 = time.perf_counter()
             box.run(task, bind)
             _note(self._costs, task.cost_key, time.perf_counter() - t0)
@@ -273,16 +307,16 @@ class _Launcher:
             batch = self._batch
             if held and ((batch is not None and batch.open) or not self.queue.empty()):
                 done = functools.partial(self._done, task, box, start, end)
-                self._batch = rt.bridge.hold(batch, end, rt.backend, done, HELD_MAX)
+                self._batch = runner.bridge.hold(batch, end, runner.backend, done, HELD_MAX)
                 return
-            rt.bridge.on_done(
+            runner.bridge.on_done(
                 end,
-                rt.backend,
+                runner.backend,
                 functools.partial(self._done, task, box, start, end),
                 # only a task run inline by its own submit() call may finish synchronously:
                 # one launched by another task's completion would nest the next completion
                 # in this one, and so on down the queue
-                spin=bind is not None and self.scheduler._local.submitting is task,
+                spin=bind is not None and runner._local.submitting is task,
             )
         except BaseException as exc:  # the device is gone: finish the task now
             self._finish(task, box, box.error or exc)
@@ -317,17 +351,18 @@ class _Launcher:
             return
         ctx = self.ctx
         if entered:
-            ctx._leave()  # its GPU work is over: the buffers may be evicted again
+            ctx._eviction.leave()  # its GPU work is over: the buffers may be evicted again
         task.gpu_ms = gpu_ms
         ctx._stats.record_task(gpu_ms, failed=error is not None)
-        partitions = self.scheduler.partitions
+        runner = self.runner
+        partitions = runner.partitions
         if ctx.partition is not None and partitions is not None and gpu_ms:
             try:
                 partitions.record_gpu_time(ctx.partition, gpu_ms / 1e3)
             except InvalidArgument:  # the partition was deleted meanwhile
                 pass
-        self.scheduler.dispatcher.finished(task, None if error else box.value, error)
-        for listener in self.scheduler.listeners:
+        runner.policy.finished(task, None if error else box.value, error)
+        for listener in runner.listeners:
             try:
                 listener(task)
             except Exception:
@@ -337,114 +372,46 @@ class _Launcher:
         self.queue.put(None)
 
 
-class _Admission:
-    """A context's admission: its evaluator reservation and partition membership."""
+class TaskRunner:
+    """A runtime's task execution: ``submit`` hands tasks to the scheduling policy, and
+    runs the ones it launches on their contexts' launcher threads.
 
-    def __init__(self, scheduler: RuntimeScheduler, task_id: str, name: str, partition: str | None):
-        self._scheduler = scheduler
-        self._id = task_id
-        self._name = name
-        self._partition = partition
-        self._closed = False
-
-    def charge(self, nbytes: int) -> None:
-        if self._partition is not None and self._scheduler.partitions is not None:
-            self._scheduler.partitions.charge(self._partition, self._name, nbytes)
-
-    def release(self, nbytes: int) -> None:
-        if self._partition is not None and self._scheduler.partitions is not None:
-            try:
-                self._scheduler.partitions.release(self._partition, nbytes)
-            except InvalidArgument:  # the partition was deleted or replaced meanwhile
-                pass
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._scheduler.admission.release(self._id)
-        if self._partition is not None and self._scheduler.partitions is not None:
-            self._scheduler.partitions.detach(self._partition, self._name)
-
-
-class RuntimeScheduler:
-    """The runtime's scheduler: admission (a :class:`QosPolicyEvaluator` sized to the
-    runtime's memory), partitions (once :meth:`use_partitions` is called) and the
-    dispatcher behind ``ctx.submit``."""
+    :param policy: decides when each task launches
+    :param config: how tasks are executed (inline, shared completion signals)
+    """
 
     def __init__(
         self,
-        runtime: Runtime,
-        config: DispatcherConfig | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        backend: Backend,
+        bridge: CompletionBridge,
+        policy: SchedulingPolicy,
+        config: LauncherConfig,
     ) -> None:
-        self.runtime = runtime
-        self.admission = QosPolicyEvaluator(total_memory=max(1, runtime.ledger.capacity))
-        self.partitions: PartitionManager | None = None
-        self.dispatcher = Dispatcher(self._launch, config, clock, over_share=self._over_share)
+        self.backend = backend
+        self.bridge = bridge
+        self.policy = policy
+        self.partitions: PartitionPolicy | None = None
         self._launchers: dict[ExecutionContext, _Launcher] = {}
-        self._admissions: dict[str, _Admission] = {}
         self._lock = threading.Lock()
         self._local = _Submitting()
-        self.inline_s = self.dispatcher.config.inline_us / 1e6
-        self.batch_s = self.dispatcher.config.batch_us / 1e6
+        self.inline_s = config.inline_us / 1e6
+        self.batch_s = config.batch_us / 1e6
         # Decided once: inline execution is on, and the backend runs tasks on launcher
         # threads (the host executor runs them as stream items, never inline).
-        self.inlines = self.inline_s > 0 and not runtime.backend.tasks_on_streams
+        self.inlines = self.inline_s > 0 and not backend.tasks_on_streams
         #: ``listener(task)`` is called as each submitted task finishes (timelines, metrics);
         #: it runs on the thread that drains completions, so it must be quick.
         self.listeners: list[Callable[[Task], None]] = []
-
-    # -- admission and partitions ------------------------------------------------------
-    def use_partitions(self, manager: PartitionManager) -> None:
-        """Enforce ``manager``'s partitions for contexts created with ``partition=``."""
-        if not isinstance(manager, PartitionManager):
-            raise InvalidArgument(f"use_partitions() takes a PartitionManager, not {manager!r}")
-        if any(c.partition is not None for c in self.runtime.contexts):
-            raise InvalidArgument(
-                "contexts already use the current partitions; destroy them before switching"
-            )
-        self.partitions = manager
-
-    def admit_context(
-        self, name: str, tier: QoSPolicy, max_vram: int, base_vram: int, partition: str | None
-    ) -> _Admission:
-        task_id = f"context:{name}"
-        if tier is QoSPolicy.GUARANTEED:
-            meta = QosTaskMeta.guaranteed(task_id, name, max_vram)
-        elif tier is QoSPolicy.BURSTABLE:
-            meta = QosTaskMeta.burstable(
-                task_id, name, base_vram, burst_memory=max_vram - base_vram
-            )
-        else:
-            meta = QosTaskMeta.best_effort(task_id, name, 0)
-        if partition is not None and self.partitions is None:
-            raise InvalidArgument(
-                f"context {name!r} asks for partition {partition!r} but this runtime has no "
-                "partitions; call use_partitions(PartitionManager(...)) first"
-            )
-        verdict = self.admission.admit(meta)
-        if not verdict.admitted:
-            raise AdmissionRejected(f"context {name!r}", verdict.reason)
-        admission = _Admission(self, task_id, name, partition)
-        if partition is not None:
-            try:
-                assert self.partitions is not None
-                self.partitions.attach(partition, name)
-            except BaseException:
-                self.admission.release(task_id)
-                raise
-        self._admissions[name] = admission
-        return admission
+        policy.bind(self._launch, self._over_share)
 
     def _over_share(self, task: Task) -> bool:
-        part = getattr(task.context, "partition", None)
+        part = task.context.partition
         return part is not None and self.partitions is not None and self.partitions.over_share(part)
 
     def _launch(self, task: Task) -> None:
         ctx = task.context
-        if ctx.state.value == "closed":  # destroyed between submit() and launch
-            self.dispatcher.finished(task, None, ContextClosed(ctx.name))
+        if ctx.state is ContextState.CLOSED:  # destroyed between submit() and launch
+            self.policy.finished(task, None, ContextClosed(ctx.name))
             return
         launcher = self._launchers.get(ctx)
         if launcher is None:
@@ -465,6 +432,8 @@ class RuntimeScheduler:
         priority: int,
         deadline: float | None,
     ) -> Any:
+        """Queue ``fn(*args, **kwargs)`` in ``ctx``; return its result once its GPU work ran
+        (see :meth:`ExecutionContext.submit`)."""
         if not callable(fn):
             raise InvalidArgument(f"submit() needs a callable, not {type(fn).__name__}")
         if inspect.iscoroutinefunction(fn):
@@ -474,20 +443,23 @@ class RuntimeScheduler:
             )
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidArgument(f"priority must be an int (lower runs first), not {priority!r}")
-        if deadline is not None and not isinstance(deadline, (int, float)):
+        if deadline is not None and (
+            not isinstance(deadline, int | float) or isinstance(deadline, bool)
+        ):
             raise InvalidArgument(
                 "deadline must be a time on the runtime's clock (time.monotonic() by "
                 f"default) or None, not {deadline!r}"
             )
         ctx._check_open()
-        self.runtime.bridge.attach()
+        self.bridge.attach()
+        policy = self.policy
         one = Oneshot()
         task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
         if self.inlines:
             task.cost_key = _cost_key(fn)  # once: the launch and the launcher both use it
         self._local.submitting = task
         try:
-            self.dispatcher.enqueue(task)
+            policy.enqueue(task)
         finally:
             self._local.submitting = None
         ctx._stats.submitted += 1
@@ -496,25 +468,24 @@ class RuntimeScheduler:
                 await checkpoint()
             if deadline is None:
                 return await one.wait(again=False)
-            with anyio.move_on_after(max(0.0, deadline - self.dispatcher.clock())):
+            with anyio.move_on_after(max(0.0, deadline - policy.clock())):
                 return await one.wait()
-            self.dispatcher.expire(task)  # no-op if it launched meanwhile
+            policy.expire(task)  # no-op if it launched meanwhile
             return await one.wait()
         except BaseException:
-            self.dispatcher.cancel(task)  # before launch: out of the queue; after: no-op
+            policy.cancel(task)  # before launch: out of the queue; after: no-op
             raise
 
     def context_closed(self, ctx: ExecutionContext) -> None:
-        admission = self._admissions.pop(ctx.name, None)
-        if admission is not None:
-            admission.close()
-        for task in self.dispatcher.queued():
-            if task.context is ctx and self.dispatcher.cancel(task):
+        """Fail ``ctx``'s queued tasks and stop its launcher thread (after what it runs)."""
+        for task in self.policy.queued():
+            if task.context is ctx and self.policy.cancel(task):
                 task.deliver(None, ContextClosed(ctx.name))
         with self._lock:
             launcher = self._launchers.pop(ctx, None)
         if launcher is not None:
             launcher.stop()
+        self.policy.forget(ctx)
 
     def close(self) -> None:
         with self._lock:

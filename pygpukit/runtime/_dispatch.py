@@ -1,4 +1,4 @@
-"""The per-tier task scheduler behind ``await ctx.submit(fn, ...)``.
+"""The runtime's default scheduling policy: the per-tier queue behind ``ctx.submit``.
 
 Tasks wait in one priority queue ordered by tier (Guaranteed, Burstable, BestEffort), then
 task priority (lower runs first, like CUDA stream priorities), then arrival. A task is
@@ -10,11 +10,11 @@ then its caller gets ``fn``'s result. A task whose deadline passes before it can
 with :class:`~pygpukit.DeadlineExceeded` and never runs.
 
 Time is read only through the clock the dispatcher is given, so tests can drive it.
+The dispatcher implements :class:`~pygpukit.runtime.SchedulingPolicy`.
 """
 
 from __future__ import annotations
 
-import enum
 import heapq
 import itertools
 import threading
@@ -24,21 +24,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import DeadlineExceeded, QueueFull
-from ..runtime._tiers import QoSPolicy
+from .._exceptions import DeadlineExceeded, InvalidArgument, QueueFull
+from ._tasks import Task, TaskState
+from ._tiers import QoSPolicy
 
-__all__ = ("Dispatcher", "DispatcherConfig", "Task", "TaskState")
-
-RANK = {QoSPolicy.GUARANTEED: 0, QoSPolicy.BURSTABLE: 1, QoSPolicy.BEST_EFFORT: 2}
-
-
-class TaskState(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"  # launched: fn runs or its GPU work is in flight
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # removed from the queue before launch
-    EXPIRED = "expired"  # its deadline passed before it could launch
+__all__ = ("Dispatcher", "DispatcherConfig")
 
 
 @dataclass(frozen=True)
@@ -50,23 +40,9 @@ class DispatcherConfig:
         context's launched work may run ahead of the dispatcher's order. A task queued
         later with a lower priority number waits for at most this many of its context's
         tasks already launched; tasks launched back to back share completion signals
-        only this many at a time (``batch_us``; bench/RESULTS.md §3)
+        only this many at a time (``LauncherConfig.batch_us``)
     :ivar max_queued: tasks of one context waiting to launch; more raise QueueFull
     :ivar strict: hold BestEffort launches while any Guaranteed task is in flight
-    :ivar inline_us: opt-in (0, the default, turns it off; CUDA only): a task whose
-        function's last call took at most this long runs on the event loop thread when its
-        context's launcher thread is idle, instead of waking that thread. Such a function
-        must not block or wait for the loop, and allocations under memory pressure then
-        make room on the loop thread
-    :ivar batch_us: tasks of one context that its launcher thread runs back to back
-        share one completion signal (CUDA): a finished task's signal waits for the next
-        queued task when that task's function took at most this long on the host, and its
-        work at most this long on the GPU, on their last call — what each task waited for
-        adds to the held task's latency. Up to 32 share a signal (at most
-        ``context_in_flight``, as held tasks are in flight); one held while the
-        thread is stuck in a function is sent by the completion watchdog at its second
-        look. 0 gives every task a signal of its own. Each task is still timed on the GPU
-        by itself and resolves only after its own work has run
     """
 
     tier_in_flight: Mapping[QoSPolicy, int | None] = field(
@@ -79,83 +55,28 @@ class DispatcherConfig:
     context_in_flight: int | None = 16
     max_queued: int | None = 1024
     strict: bool = False
-    inline_us: float = 0.0
-    batch_us: float = 50.0
-
-
-class Task:
-    """One submitted call. ``deliver(value, exc)`` hands the outcome to its caller."""
-
-    __slots__ = (
-        "args",
-        "context",
-        "cost_key",
-        "deadline",
-        "deliver",
-        "fn",
-        "gpu_ms",
-        "kwargs",
-        "priority",
-        "seq",
-        "state",
-        "t_done",
-        "t_launched",
-        "t_queued",
-        "tier",
-    )
-
-    def __init__(
-        self,
-        context: Any,
-        tier: QoSPolicy,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        priority: int,
-        deadline: float | None,
-        deliver: Callable[[Any, BaseException | None], None],
-    ) -> None:
-        self.context = context
-        self.tier = tier
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.priority = priority
-        self.deadline = deadline
-        self.deliver = deliver
-        self.state = TaskState.QUEUED
-        self.seq = 0
-        self.t_queued = self.t_launched = self.t_done = 0.0
-        self.gpu_ms = 0.0
-        self.cost_key: Any = None  # what the inline decision knows fn by (when it is on)
-
-    @property
-    def key(self) -> tuple[int, int, int]:
-        return (RANK[self.tier], self.priority, self.seq)
-
-    def __repr__(self) -> str:
-        name = getattr(self.fn, "__qualname__", repr(self.fn))
-        return f"<Task {name} ctx={getattr(self.context, 'name', '?')} {self.state.value}>"
 
 
 class Dispatcher:
-    """Orders and launches tasks; thread-safe, loop-agnostic.
+    """Orders and launches tasks; thread-safe, loop-agnostic. One per runtime.
 
-    :param launch: ``launch(task)`` hands a task to its context's launcher (must not block)
-    :param clock: the only source of time
+    :param config: caps and bounds
+    :param clock: the only source of time (``time.monotonic`` by default)
     """
 
     def __init__(
         self,
-        launch: Callable[[Task], None],
         config: DispatcherConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
-        over_share: Callable[[Task], bool] | None = None,
     ) -> None:
+        if config is not None and not isinstance(config, DispatcherConfig):
+            raise InvalidArgument(
+                f"Dispatcher() takes a DispatcherConfig, not {type(config).__name__}"
+            )
         self.config = config or DispatcherConfig()
-        self._over_share = over_share
+        self._over_share: Callable[[Task], bool] | None = None
         self.clock = clock
-        self._launch = launch
+        self._launch: Callable[[Task], None] = _unbound
         self._lock = threading.Lock()
         # One heap per context: everything that decides whether a task may launch (its
         # tier's and its context's caps, its partition's share, strict mode) is the same
@@ -166,6 +87,21 @@ class Dispatcher:
         self.in_flight_tier: Counter[QoSPolicy] = Counter()
         self.in_flight_ctx: Counter[Any] = Counter()
         self.queued_ctx: Counter[Any] = Counter()
+        self._gone: set[Any] = set()  # destroyed contexts with tasks still in flight
+
+    def bind(
+        self, launch: Callable[[Task], None], over_share: Callable[[Task], bool] | None
+    ) -> None:
+        """Called once by the runtime: ``launch(task)`` hands a task to its context's
+        launcher (never blocks); ``over_share(task)`` tells whether the task's partition is
+        over its compute share."""
+        if self._launch is not _unbound:
+            raise InvalidArgument(
+                "this Dispatcher already schedules another runtime's tasks; give each "
+                "Runtime a Dispatcher of its own"
+            )
+        self._launch = launch
+        self._over_share = over_share
 
     # -- queue ------------------------------------------------------------------------
     def enqueue(self, task: Task) -> None:
@@ -341,12 +277,36 @@ class Dispatcher:
             task.t_done = self.clock()
             self.in_flight_tier[task.tier] -= 1
             self.in_flight_ctx[task.context] -= 1
+            if self._gone and task.context in self._gone and not self.in_flight_ctx[task.context]:
+                self._drop(task.context)
         task.deliver(value, exc)
         self.pump()
 
     def in_flight(self) -> int:
         with self._lock:
             return sum(self.in_flight_tier.values())
+
+    def counts(self, context: Any) -> tuple[int, int]:
+        """``(queued, in flight)`` tasks of ``context``."""
+        return self.queued_ctx[context], self.in_flight_ctx[context]
+
+    def forget(self, context: Any) -> None:
+        """Drop a destroyed context's counters (they would keep it alive), now or once its
+        last task in flight finishes."""
+        with self._lock:
+            if self.in_flight_ctx[context]:
+                self._gone.add(context)
+            else:
+                self._drop(context)
+
+    def _drop(self, context: Any) -> None:
+        self._gone.discard(context)
+        del self.queued_ctx[context]  # Counter: no KeyError for a missing key
+        del self.in_flight_ctx[context]
+
+
+def _unbound(task: Task) -> None:
+    raise RuntimeError("this Dispatcher is not bound to a runtime; pass it as Runtime(policy=)")
 
 
 def _expired(task: Task, now: float) -> DeadlineExceeded:
