@@ -49,8 +49,7 @@ def _raw_copies(rt: Runtime, nbytes: int, freed: int, repeats: int = 3) -> dict[
     """Best-of-``repeats`` seconds for raw pinned copies of ``nbytes``: D2H, H2D into a
     buffer written before, and H2D into a new buffer right after ``freed`` bytes were given
     back to the driver — what a restore does after the context that needed the memory
-    went away (the driver's work after a large free slows the next copy; bench/RESULTS.md
-    §8)."""
+    went away (the driver's work after a large free slows the next copy; docs/adr/0023)."""
     dev = rt.backend.alloc_raw(nbytes)
     host = rt.backend.copy_to_host(dev, nbytes)  # allocates the pinned buffer (untimed)
     d2h, h2d, after_free = [], [], []
@@ -189,7 +188,7 @@ def summary(r: dict[str, Any]) -> list[Row]:
     Both judged against the raw copies of a buffer written before. Beside the restore: the
     same cycles with cudaMalloc/cudaFree instead of the stream-ordered pool, and the raw
     copy into a new buffer right after a cudaFree of the departing context's size, which
-    bounds that variant (bench/RESULTS.md §8).
+    bounds that variant (docs/adr/0023).
     """
     gpu = "host" not in r["device"]
     spill, restore = r["evict_gbps"], r["restore_gbps"]

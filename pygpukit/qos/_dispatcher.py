@@ -50,7 +50,7 @@ class DispatcherConfig:
         context's launched work may run ahead of the dispatcher's order. A task queued
         later with a lower priority number waits for at most this many of its context's
         tasks already launched; tasks launched back to back share completion signals
-        only this many at a time (``batch_us``; bench/RESULTS.md §3)
+        only this many at a time (``batch_us``; docs/adr/0035)
     :ivar max_queued: tasks of one context waiting to launch; more raise QueueFull
     :ivar strict: hold BestEffort launches while any Guaranteed task is in flight
     :ivar inline_us: opt-in (0, the default, turns it off; CUDA only): a task whose
