@@ -82,12 +82,36 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from ._exceptions import InvalidArgument
     from .benchmarks import dump, run_suite
+    from .benchmarks.report import write
 
+    if args.output and args.report is None:
+        raise InvalidArgument("-o names where --report writes the page; add --report")
+    if args.report:  # render an earlier run: nothing runs
+        if args.only or args.quick or args.backend or args.json:
+            raise InvalidArgument(
+                "--report JSON renders an earlier run; --only, --quick, --backend and --json "
+                "apply to a new one (use --report without JSON to run and render)"
+            )
+        try:
+            with open(args.report) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"cannot read {args.report!r} as suite JSON: {exc}") from None
+        if not isinstance(data, dict) or "environment" not in data or "summary" not in data:
+            raise InvalidArgument(
+                f"{args.report!r} is not what 'pygpukit bench --json' writes (no environment "
+                "or summary); run the suite again with --json"
+            )
+        write(data, args.output)
+        return 0
     only = [n.strip() for n in args.only.split(",")] if args.only else None
-    result = run_suite(only, backend=args.backend, quick=args.quick)
+    result = run_suite(only, backend=args.backend or "auto", quick=args.quick)
     if args.json:
         dump(result, args.json)
+    if args.report is not None:
+        write(result, args.output)
     return 0
 
 
@@ -109,10 +133,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--png", default="pygpukit-demo-timeline.png", help="timeline picture")
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="run the benchmark suite against its baselines")
-    bench.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
+    bench.add_argument("--backend", choices=("auto", "cuda", "host"), help="default: auto")
     bench.add_argument("--only", help="comma-separated benchmark names (see --help)")
     bench.add_argument("--json", help="write all results here")
     bench.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    bench.add_argument(
+        "--report",
+        nargs="?",
+        const="",
+        metavar="JSON",
+        help="render the results page (bench/RESULTS.md) from JSON an earlier --json wrote; "
+        "without JSON, run the suite and render this run",
+    )
+    bench.add_argument("-o", "--output", help="write the --report page here (default: stdout)")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

@@ -3,7 +3,7 @@
 A stream or event query, a synchronization or a memory-pool trim made in CUDA's default
 (global) capture mode while another thread captures a graph in global mode (what
 ``torch.cuda.graph`` does by default) invalidates that capture; the query itself even
-returns normally (docs/decisions.md). pygpukit makes its queries, elapsed times, fault
+returns normally (docs/adr/0031). pygpukit makes its queries, elapsed times, fault
 checks and pool trims and attribute reads with the thread's mode relaxed, which is safe
 for them: none of them touches the capturing stream.
 """

@@ -1,10 +1,12 @@
-"""``pygpukit info`` prints the device, or a clear error."""
+"""``pygpukit info`` prints the device, or a clear error; ``pygpukit bench --report`` refuses
+what it cannot render."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import CUDA
 
@@ -36,3 +38,20 @@ def test_info_on_cuda_without_gpu_is_a_clear_error() -> None:
         assert proc.returncode == 2
         assert proc.stderr.startswith("pygpukit: error: ")
         assert "Traceback" not in proc.stderr
+
+
+def test_bench_report_refuses_what_it_cannot_render(tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"results": {}}))
+    cases = {
+        ("-o", str(tmp_path / "page.md")): "add --report",
+        ("--report", str(other), "--quick"): "renders an earlier run",
+        ("--report", str(tmp_path / "missing.json")): "cannot read",
+        ("--report", str(other)): "not what 'pygpukit bench --json' writes",
+    }
+    for args, message in cases.items():
+        proc = _cli("bench", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("pygpukit: error: ") and message in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "page.md").exists()

@@ -1,6 +1,6 @@
 """The CUDA backend's device memory: a stream-ordered pool whose frees wait for nobody and
 whose memory, once a context gives it back, serves the next allocation of any context
-without going through the driver again (bench/RESULTS.md §8)."""
+without going through the driver again (docs/adr/0024)."""
 
 from __future__ import annotations
 

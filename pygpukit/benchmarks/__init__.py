@@ -15,19 +15,21 @@ alloc          7: budgeted, routed allocate/free vs the raw CuPy pool
 eviction       8: BestEffort spill and restore bandwidth vs raw pinned copies
 stages         9: framework overhead per pipeline stage
 =============  =======================================================================
+
+The JSON describes its run (:func:`pygpukit.benchmarks.report.environment`: device,
+backend, versions, day and commit) and holds every row and every benchmark's ``BOUNDS``,
+so ``pygpukit bench --report bench.json`` renders the results page from it alone.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import platform
-import time
 from typing import Any
 
 from ._common import Row
 
-__all__ = ("FULL", "QUICK", "Row", "run_suite")
+__all__ = ("FULL", "NAMES", "QUICK", "Row", "dump", "run_suite")
 
 NAMES = ("completion", "throughput", "submit", "models", "isolation", "alloc", "eviction", "stages")
 
@@ -47,14 +49,27 @@ QUICK: dict[str, list[str]] = {
 def run_suite(
     only: list[str] | None = None, *, backend: str = "auto", quick: bool = False
 ) -> dict[str, Any]:
-    """Run the benchmarks named in ``only`` (all by default); returns results and rows."""
+    """Run the benchmarks named in ``only`` (all by default) and print their rows.
+
+    :param only: benchmark names (:data:`NAMES`), in the order to run them
+    :param backend: ``auto``, ``cuda`` or ``host``
+    :param quick: small sizes (a smoke test; nothing is judged on the host backend anyway)
+    :return: the run, self-described: ``environment`` (device, backend, versions, day,
+        commit), ``command``, each benchmark's ``results``, the ``summary`` rows and each
+        benchmark's ``bounds`` (what bounds a miss)
+    :raises InvalidArgument: an unknown benchmark name
+    """
+    from .report import environment
+
     names = list(only or NAMES)
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         from .._exceptions import InvalidArgument
 
         raise InvalidArgument(f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
+    env = environment(backend)
     results: dict[str, Any] = {}
+    bounds: dict[str, str] = {}
     rows: list[Row] = []
     for name in names:
         module = importlib.import_module(f".{name}", __name__)
@@ -62,12 +77,21 @@ def run_suite(
         args = ["--backend", backend, *(QUICK if quick else FULL)[name]]
         results[name] = module.main(args)
         rows += module.summary(results[name])
+        bounds[name] = module.BOUNDS
     print_rows(rows)
+    command = ["pygpukit bench"]
+    if backend != "auto":
+        command.append(f"--backend {backend}")
+    if only:
+        command.append(f"--only {','.join(names)}")
+    if quick:
+        command.append("--quick")
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": platform.python_version(),
+        "environment": env,
+        "command": " ".join(command),
         "results": results,
         "summary": [r.as_dict() for r in rows],
+        "bounds": bounds,
     }
 
 
@@ -80,5 +104,6 @@ def print_rows(rows: list[Row]) -> None:
 
 
 def dump(result: dict[str, Any], path: str) -> None:
+    """Write a :func:`run_suite` result as JSON (what ``--report`` reads)."""
     with open(path, "w") as f:
         json.dump(result, f, indent=2, default=str)

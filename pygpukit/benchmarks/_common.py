@@ -1,20 +1,24 @@
 """Pieces every benchmark uses: percentiles, a kernel that occupies the device for a set
-time, and the summary row that ``pygpukit bench`` prints."""
+time, and the summary row that ``pygpukit bench`` prints.
+
+Every benchmark module also states, in its ``BOUNDS`` constant, what bounds the figure
+when it misses its target; ``pygpukit bench --report`` prints it under the table."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..runtime import Runtime, Stream
 
-__all__ = ("GcPauses", "Row", "bench_main", "busy_kernel", "noop_kernel", "pct")
+__all__ = ("GcPauses", "Row", "bench_main", "busy_kernel", "noop_kernel", "pct", "utc_day")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -102,19 +106,34 @@ class GcPauses:
         }
 
 
+def utc_day() -> str:
+    """Today's date in UTC (``YYYY-MM-DD``): results name the day they were measured on."""
+    return datetime.datetime.now(datetime.UTC).date().isoformat()
+
+
 @dataclass(frozen=True)
 class Row:
-    """One line of the suite's summary: a figure against its baseline and target."""
+    """One line of the suite's summary: a figure against its baseline and target.
+
+    :ivar value: the figure as measured, with its unit
+    :ivar baseline: what it is compared with, measured in the same run
+    :ivar target: the target it is held to, or ``(no target)`` in parentheses
+    :ivar met: whether the target is met; ``None`` where none is judged (the host
+        backend, or a diagnostic row)
+    :ivar ratio: the figure against its baseline as the row's text states it (e.g. how
+        many times faster than the baseline); ``None`` where the row has no single ratio
+    """
 
     benchmark: str
     figure: str
     value: str
     baseline: str
     target: str
-    met: bool | None  # None: no target applies (host backend, or informational)
+    met: bool | None
+    ratio: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return asdict(self)
 
 
 Option = tuple[str, dict[str, Any]]
@@ -136,7 +155,7 @@ def bench_main(
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     result = run(args)
-    result.update(python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    result.update(python=platform.python_version(), date=utc_day())
     rows = report(result)
     for row in rows or ():
         print(f"{row.figure}: {row.value}  [{row.baseline}]")

@@ -26,6 +26,15 @@ from ._common import Row, bench_main, pct
 
 N_MODELS = 4
 
+#: What bounds a miss (``pygpukit bench --report`` prints it under the table).
+BOUNDS = (
+    "Four batch-1 models share one GIL: an eager decode step launches hundreds of kernels "
+    "per token from Python, and four launcher threads only take turns at it (the eager rows, "
+    "not judged). With graph decode each token is one replayed graph that samples on the "
+    "device, so the ceiling is the step itself replayed on four streams against one; the "
+    "loop lag is bounded by how long a launcher thread holds the GIL between switches."
+)
+
 
 def _config(rt: Runtime, size: str) -> LMConfig:
     if size == "auto":
@@ -128,6 +137,7 @@ def summary(r: dict[str, Any]) -> list[Row]:
                 f"models inline on the loop {inline['lag_p99_ms']:.1f} ms",
                 "<=2 ms",
                 ours["lag_p99_ms"] <= 2 if judged else None,
+                ours["lag_p99_ms"] / inline["lag_p99_ms"] if inline["lag_p99_ms"] else None,
             ),
             Row(
                 "models",
@@ -136,6 +146,7 @@ def summary(r: dict[str, Any]) -> list[Row]:
                 f"serialized on one stream {inline['tokens_per_s']:.0f}",
                 ">=2.5x",
                 speedup >= 2.5 if judged else None,
+                speedup,
             ),
         ]
     return rows

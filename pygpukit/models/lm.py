@@ -336,7 +336,7 @@ class FixedStep:
     NOISE_ROWS = 64  # tokens' worth of sampling noise uploaded at a time
     #: prompts up to this many tokens run through the (captured) step one token at a time;
     #: longer ones in one batched pass. A batched pass launches some 300 kernels from
-    #: Python, about as much host time as 30 replayed steps take on the GPU (RESULTS.md §6).
+    #: Python, about as much host time as 30 replayed steps take on the GPU (docs/adr/0021).
     STEP_PROMPT = 32
 
     def __init__(self, lm: TinyLM) -> None:

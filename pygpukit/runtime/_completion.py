@@ -34,7 +34,7 @@ __all__ = ("BridgeStats", "CompletionBridge", "default_bridge")
 CAPACITY = 1 << 18  # live waiters at most; the ring holds exactly this many
 _GEN_SHIFT = CAPACITY.bit_length() - 1  # a token: generation << _GEN_SHIFT | slot
 _SLOT = CAPACITY - 1
-DEFAULT_SPIN_US = 20.0  # bench/RESULTS.md §1: a trivial kernel completes in ~15 us
+DEFAULT_SPIN_US = 20.0  # docs/adr/0013: a trivial kernel completes in ~15 us
 DEFAULT_COALESCE = 1  # waiters per shared signal at most: off unless asked for (see wait())
 
 
@@ -197,7 +197,7 @@ class CompletionBridge:
         self._drain_lock = threading.Lock()
         # The waiter table: parallel lists indexed by slot, grown on demand up to CAPACITY.
         # A pending await allocates nothing here (no per-waiter object for the garbage
-        # collector to count and traverse: RESULTS.md §2); a free slot holds None.
+        # collector to count and traverse: docs/adr/0028); a free slot holds None.
         self._resolve: list[Callable[[BaseException | None], None] | None] = []
         self._probe: list[_Probe | None] = []  # what each slot's waiter waits on
         self._rest: list[list[int] | None] = []  # the other waiters a slot's signal stands for
@@ -231,7 +231,7 @@ class CompletionBridge:
         :raises CudaError: the device faulted while we waited
         """
         # Spin only for a lone waiter: with others pending the loop has work to return to,
-        # and spinning would cost every one of thousands of awaits (RESULTS.md §2).
+        # and spinning would cost every one of thousands of awaits (docs/adr/0013).
         if self.spin_us > 0 and backend.spin_helps and not self._live:
             query = target.query
             end = time.perf_counter_ns() + self.spin_us * 1000

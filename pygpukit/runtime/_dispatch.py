@@ -40,7 +40,7 @@ class DispatcherConfig:
         context's launched work may run ahead of the dispatcher's order. A task queued
         later with a lower priority number waits for at most this many of its context's
         tasks already launched; tasks launched back to back share completion signals
-        only this many at a time (``LauncherConfig.batch_us``)
+        only this many at a time (``LauncherConfig.batch_us``; docs/adr/0035)
     :ivar max_queued: tasks of one context waiting to launch; more raise QueueFull
     :ivar strict: hold BestEffort launches while any Guaranteed task is in flight
     """

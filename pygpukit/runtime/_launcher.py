@@ -153,7 +153,7 @@ class _Launcher:
     Where :attr:`DispatcherConfig.inline_us` turns it on, a function already seen to
     return quickly runs right on the event loop thread instead, when nothing of its context
     is waiting for the thread: launching a trivial kernel costs a few microseconds, waking a
-    thread and handing it the GIL ten times that (bench/RESULTS.md §3). Order is kept: the
+    thread and handing it the GIL ten times that (docs/adr/0018). Order is kept: the
     thread is idle, so everything it launched is already on the stream.
     """
 

@@ -101,7 +101,7 @@ def _relaxed(call: Callable[..., _T], *args: Any) -> _T:
     A query, a synchronization or a pool call made in the default (global) mode while
     another thread captures a graph in global mode (PyTorch's default) invalidates that
     capture — queries even while returning normally (measured on the H200,
-    docs/decisions.md). Ours never touch a capturing stream, so relaxing is safe for them.
+    docs/adr/0031). Ours never touch a capturing stream, so relaxing is safe for them.
     Needs a :class:`CudaBackend` made first (:func:`_load_exchange`).
     """
     exchange = _exchange_mode
@@ -298,7 +298,7 @@ class _PoolMemory:
     Given back with ``cudaFreeAsync`` on the stream it was allocated on: ordered after that
     stream's work, and nobody waits. ``cudaFree`` instead waits until the whole device is
     idle — 48 ms while another stream ran a 50 ms kernel — and hands the pages to the
-    driver, which slows the next large copy to 75% (bench/RESULTS.md §8). The pool keeps
+    driver, which slows the next large copy to 75% (docs/adr/0024). The pool keeps
     the memory mapped for the next allocation of any context.
     """
 

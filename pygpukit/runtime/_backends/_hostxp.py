@@ -4,7 +4,7 @@ On CUDA, ``pygpukit.xp`` is CuPy itself and *every* allocation goes through the 
 allocator. NumPy has no Python-level allocator hook, so here the constructors below take
 their memory from the routed allocator (the calling task's context pool) and everything
 else is plain NumPy. Results of other operations (``a @ b``) are not charged on the host
-backend; docs/decisions.md records this difference.
+backend; docs/adr/0007 records this difference.
 """
 
 from __future__ import annotations
