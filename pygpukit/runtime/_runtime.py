@@ -12,13 +12,13 @@ from .._exceptions import (
     DuplicateContextName,
     InvalidArgument,
 )
+from .._locks import give_back
 from .._units import MB
 from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
 from ._completion import CompletionBridge, default_bridge
 from ._context import ContextState, ExecutionContext
 from ._hooks import make_scheduler
 from ._ledger import Ledger, PressureHandler
-from ._locks import give_back
 from ._session import _current, hook_running_loop, register_binder, unregister_binder
 from ._stream import Event, Stream
 from ._tiers import QoSPolicy

@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextError, InvalidArgument
-from ._locks import BookkeepingLock
+from .._locks import BookkeepingLock
 
 if TYPE_CHECKING:
     from ._backends import Backend

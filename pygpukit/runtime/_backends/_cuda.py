@@ -17,9 +17,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument, VRAMBudgetExceeded
-from .._arena import Arena
-from .._idle_trim import IdleTrimmer
-from .._locks import BookkeepingLock, give_back
+from ..._locks import BookkeepingLock, give_back
+from ._arena import Arena
 from ._base import (
     Backend,
     DeviceInfo,
@@ -31,6 +30,7 @@ from ._base import (
     Shrinker,
     Signal,
 )
+from ._idle_trim import IdleTrimmer
 
 try:
     import cupy

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from ..._exceptions import CudaError, InvalidArgument, VRAMBudgetExceeded
+from ..._locks import BookkeepingLock, give_back
 from ..._units import GB, parse_size
-from .._arena import Arena
-from .._locks import BookkeepingLock, give_back
+from ._arena import Arena
 from ._base import (
     Backend,
     DeviceInfo,

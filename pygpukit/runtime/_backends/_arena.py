@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 
-from ._locks import BookkeepingLock
+from ..._locks import BookkeepingLock
 
 __all__ = ("Arena",)
 
