@@ -17,10 +17,10 @@ from pygpukit import (
     VRAMBudgetExceeded,
     context_session,
 )
+from pygpukit._locks import BookkeepingLock, give_back
 from pygpukit.lowlevel import PartitionConfig, PartitionLimits, PartitionManager
 from pygpukit.runtime import Runtime
-from pygpukit.runtime._arena import Arena
-from pygpukit.runtime._locks import BookkeepingLock, give_back
+from pygpukit.runtime._backends._arena import Arena
 
 
 def test_allocation_past_max_vram_is_refused_after_asking_handlers(rt: Runtime) -> None:

@@ -86,3 +86,53 @@ def test_memory_is_charged_against_the_configured_capacity(monkeypatch: pytest.M
         assert rt.backend.mem_get_info()[0] == free_before - (1 << 20)
         del x
         assert rt.backend.mem_get_info()[0] == free_before
+
+
+def test_device_memory_past_the_capacity_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYGPUKIT_HOST_VRAM", "4MiB")
+    with Runtime(backend="host") as rt:
+        free, total = rt.backend.mem_get_info()
+        held = rt.backend.alloc_raw(free)
+        assert rt.backend.mem_get_info() == (0, total)
+        with pytest.raises(
+            MemoryError,
+            match=rf"^host device memory exhausted: 512 bytes asked, 0 free of {total}$",
+        ):
+            rt.backend.alloc_raw(512)
+        assert rt.backend.mem_get_info() == (0, total)  # the refusal took nothing
+        del held
+        assert rt.backend.mem_get_info() == (free, total)
+        assert rt.backend.alloc_raw(free) is not None
+
+
+def test_streams_and_events_are_made_by_the_runtime_and_closed_once(host_rt: Runtime) -> None:
+    from pygpukit import InvalidArgument
+    from pygpukit.runtime import Event, HandleState, Stream
+
+    stream = host_rt.create_stream(priority=-2)
+    event = stream.record()
+    assert repr(stream) == f"<Stream id={stream.id:#x} priority=-2 backend=host state=open>"
+    assert repr(event) == f"<Event id={event.id:#x} backend=host state=open>"
+    assert stream.ptr == stream.id == stream.raw.handle
+    for handle in (stream, event):
+        with pytest.raises(AttributeError):
+            handle.extra = 1  # type: ignore[union-attr]  # slots: nothing else to set
+    with pytest.raises(TypeError, match=r"^Stream objects cannot be instantiated directly; use "):
+        Stream()
+    with pytest.raises(TypeError, match=r"^Event objects cannot be instantiated directly; use "):
+        Event()
+
+    event.close()
+    event.close()  # idempotent
+    assert event.state is HandleState.CLOSED
+    assert repr(event).endswith("state=closed>")
+    with pytest.raises(InvalidArgument, match=r"^<Event id=.* state=closed> is closed; record a "):
+        event.query()
+    with pytest.raises(InvalidArgument, match=r"is closed; record a new event$"):
+        stream.record(event)
+    stream.close()
+    stream.close()
+    assert stream.state is HandleState.CLOSED
+    with pytest.raises(InvalidArgument, match=r"^<Stream id=.* state=closed> is closed; use an "):
+        stream.launch_host_func(lambda: None)
+    assert stream.query()  # its work has run: a closed stream still answers that

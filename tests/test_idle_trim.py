@@ -7,7 +7,7 @@ import threading
 import time
 import weakref
 
-from pygpukit.runtime._idle_trim import RETRIES, IdleTrimmer, trim_if_quiet
+from pygpukit.runtime._backends._idle_trim import RETRIES, IdleTrimmer, trim_if_quiet
 
 
 class Pool:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._exceptions import AdmissionRejected, InvalidArgument, VRAMBudgetExceeded, _fmt_bytes
-from ..runtime._locks import BookkeepingLock
+from .._locks import BookkeepingLock
 
 __all__ = ("PartitionConfig", "PartitionInfo", "PartitionLimits", "PartitionManager")
 

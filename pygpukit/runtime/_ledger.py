@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._exceptions import AdmissionRejected, ContextClosed, VRAMBudgetExceeded, _fmt_bytes
-from ._locks import BookkeepingLock
+from .._locks import BookkeepingLock
 from ._tiers import QoSPolicy
 
 __all__ = ("Account", "Ledger", "PressureHandler")

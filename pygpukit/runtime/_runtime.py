@@ -14,6 +14,7 @@ from .._exceptions import (
     DuplicateContextName,
     InvalidArgument,
 )
+from .._locks import give_back
 from .._units import MB
 from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
 from ._completion import CompletionBridge, default_bridge
@@ -21,7 +22,6 @@ from ._context import ContextState, ExecutionContext, _current
 from ._dispatch import Dispatcher
 from ._launcher import LauncherConfig, TaskRunner
 from ._ledger import Ledger, PressureHandler
-from ._locks import give_back
 from ._session import hook_running_loop, register_binder, unregister_binder
 from ._stream import Event, Stream
 from ._tasks import PartitionPolicy, SchedulingPolicy, Task

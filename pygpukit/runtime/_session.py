@@ -31,8 +31,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextError, InvalidArgument
+from .._locks import BookkeepingLock
 from ._context import ExecutionContext, _current
-from ._locks import BookkeepingLock
 
 if TYPE_CHECKING:
     from ._backends import Backend

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
 from .._exceptions import InvalidArgument
 
@@ -24,30 +24,30 @@ class HandleState(enum.Enum):
     CLOSED = "closed"
 
 
-_PRIVATE = object()
+_Raw = TypeVar("_Raw", "RawStream", "RawEvent")
 
 
-class Stream:
-    """An in-order queue of device work with a priority (lower number = higher priority).
-
-    Streams come from :meth:`Runtime.create_stream` or belong to a context
-    (``get_stream(ctx)``); they cannot be constructed directly.
-    """
+class _Handle(Generic[_Raw]):
+    """A public handle over a backend's raw one: made by the runtime, never by its
+    constructor, awaitable, and closed once (``state`` tells which)."""
 
     __slots__ = ("__weakref__", "_backend", "_bridge", "_raw", "state")
     _backend: Backend
     _bridge: CompletionBridge
-    _raw: RawStream
+    _raw: _Raw
     state: HandleState
+    #: the calls that make one, named by the constructor's error
+    _made_by: ClassVar[str]
+    #: what to do instead of using a closed one, named by its error
+    _instead: ClassVar[str]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
-            "Stream objects cannot be instantiated directly; use Runtime.create_stream() "
-            "or get_stream(ctx)"
+            f"{type(self).__name__} objects cannot be instantiated directly; use {self._made_by}"
         )
 
     @classmethod
-    def _wrap(cls, raw: RawStream, backend: Backend, bridge: CompletionBridge) -> Stream:
+    def _wrap(cls, raw: _Raw, backend: Backend, bridge: CompletionBridge) -> Self:
         self = object.__new__(cls)
         self._raw = raw
         self._backend = backend
@@ -57,10 +57,37 @@ class Stream:
 
     @property
     def id(self) -> int:
-        """The raw handle (``cudaStream_t`` on CUDA); unique among live streams."""
+        """The raw handle (``cudaStream_t`` or ``cudaEvent_t`` on CUDA); unique among live
+        handles of its kind."""
         return self._raw.handle
 
-    ptr = id
+    def _open(self) -> _Raw:
+        if self.state is HandleState.CLOSED:
+            raise InvalidArgument(f"{self!r} is closed; {self._instead}")
+        return self._raw
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._bridge.wait(self._open(), self._backend).__await__()
+
+    def close(self) -> None:
+        """Release the handle, once a stream's work has run; idempotent."""
+        if self.state is HandleState.OPEN:
+            self.state = HandleState.CLOSED
+            self._raw.close()
+
+
+class Stream(_Handle["RawStream"]):
+    """An in-order queue of device work with a priority (lower number = higher priority).
+
+    Streams come from :meth:`Runtime.create_stream` or belong to a context
+    (``get_stream(ctx)``); they cannot be constructed directly.
+    """
+
+    __slots__ = ()
+    _made_by = "Runtime.create_stream() or get_stream(ctx)"
+    _instead = "use an open stream"
+
+    ptr = _Handle.id
 
     @property
     def priority(self) -> int:
@@ -69,11 +96,6 @@ class Stream:
     @property
     def backend(self) -> str:
         return self._backend.name
-
-    def _open(self) -> RawStream:
-        if self.state is HandleState.CLOSED:
-            raise InvalidArgument(f"{self!r} is closed; use an open stream")
-        return self._raw
 
     @property
     def raw(self) -> RawStream:
@@ -123,15 +145,6 @@ class Stream:
             raise TypeError("a host-backend stream is not a CUDA stream")
         return (0, self._raw.handle)
 
-    def __await__(self) -> Generator[Any, None, None]:
-        return self._bridge.wait(self._open(), self._backend).__await__()
-
-    def close(self) -> None:
-        """Wait for the stream's work and release it; idempotent."""
-        if self.state is HandleState.OPEN:
-            self.state = HandleState.CLOSED
-            self._raw.close()
-
     def __repr__(self) -> str:
         return (
             f"<Stream id={self.id:#x} priority={self.priority} backend={self.backend} "
@@ -139,38 +152,12 @@ class Stream:
         )
 
 
-class Event:
+class Event(_Handle["RawEvent"]):
     """A point in a stream; complete when the work recorded before it has run."""
 
-    __slots__ = ("__weakref__", "_backend", "_bridge", "_raw", "state")
-    _backend: Backend
-    _bridge: CompletionBridge
-    _raw: RawEvent
-    state: HandleState
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError(
-            "Event objects cannot be instantiated directly; use stream.record(), "
-            "record_event(ctx) or Runtime.create_event()"
-        )
-
-    @classmethod
-    def _wrap(cls, raw: RawEvent, backend: Backend, bridge: CompletionBridge) -> Event:
-        self = object.__new__(cls)
-        self._raw = raw
-        self._backend = backend
-        self._bridge = bridge
-        self.state = HandleState.OPEN
-        return self
-
-    @property
-    def id(self) -> int:
-        return self._raw.handle
-
-    def _open(self) -> RawEvent:
-        if self.state is HandleState.CLOSED:
-            raise InvalidArgument(f"{self!r} is closed; record a new event")
-        return self._raw
+    __slots__ = ()
+    _made_by = "stream.record(), record_event(ctx) or Runtime.create_event()"
+    _instead = "record a new event"
 
     def record(self, stream: Stream) -> Event:
         """Record this event at the current end of ``stream``."""
@@ -190,14 +177,6 @@ class Event:
     def elapsed_time(self, end: Event) -> float:
         """Milliseconds from this event to ``end``; both created with ``timing=True``."""
         return self._open().elapsed_ms(end._open())
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return self._bridge.wait(self._open(), self._backend).__await__()
-
-    def close(self) -> None:
-        if self.state is HandleState.OPEN:
-            self.state = HandleState.CLOSED
-            self._raw.close()
 
     def __repr__(self) -> str:
         return f"<Event id={self.id:#x} backend={self._backend.name} state={self.state.value}>"

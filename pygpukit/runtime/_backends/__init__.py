@@ -7,10 +7,20 @@ import os
 from functools import cache
 
 from ..._exceptions import BackendUnavailable, InvalidArgument
-from ._base import Backend, DeviceInfo, RawEvent, RawGraph, RawPool, RawStream, Signal
+from ._base import (
+    Backend,
+    CudaWarning,
+    DeviceInfo,
+    RawEvent,
+    RawGraph,
+    RawPool,
+    RawStream,
+    Signal,
+)
 
 __all__ = (
     "Backend",
+    "CudaWarning",
     "DeviceInfo",
     "RawEvent",
     "RawGraph",

@@ -13,7 +13,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-__all__ = ("Backend", "DeviceInfo", "Grower", "RawEvent", "RawPool", "RawStream", "Signal")
+__all__ = (
+    "Backend",
+    "CudaWarning",
+    "DeviceInfo",
+    "Grower",
+    "RawEvent",
+    "RawPool",
+    "RawStream",
+    "Shrinker",
+    "Signal",
+)
+
+
+class CudaWarning(RuntimeWarning):
+    """A device call failed where no exception can propagate: in a finalizer giving device
+    memory back, or a pool's close. The device may have faulted; its memory is lost to the
+    process until it exits."""
 
 
 @dataclass(frozen=True)

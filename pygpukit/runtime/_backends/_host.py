@@ -27,21 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from ..._exceptions import CudaError, InvalidArgument, VRAMBudgetExceeded
+from ..._exceptions import CudaError, InvalidArgument
+from ..._locks import BookkeepingLock, give_back
 from ..._units import GB, parse_size
-from .._arena import Arena
-from .._locks import BookkeepingLock, give_back
-from ._base import (
-    Backend,
-    DeviceInfo,
-    Grower,
-    RawEvent,
-    RawGraph,
-    RawPool,
-    RawStream,
-    Shrinker,
-    Signal,
-)
+from ._arena import ArenaPool
+from ._base import Backend, DeviceInfo, Grower, RawEvent, RawGraph, RawStream, Shrinker, Signal
 from ._hostxp import HostXP
 
 __all__ = ("HostBackend",)
@@ -300,13 +290,7 @@ class _Executor:
             self.cv.notify_all()
 
 
-def _fragmented(label: str | None, size: int, arena: Arena) -> VRAMBudgetExceeded:
-    return VRAMBudgetExceeded(
-        label, size, arena.largest_free, arena.size, "its reserved memory is fragmented"
-    )
-
-
-class HostPool(RawPool):
+class HostPool(ArenaPool):
     """Allocations charged through ``grow``/``shrink`` and returned when the array dies."""
 
     def __init__(
@@ -317,14 +301,13 @@ class HostPool(RawPool):
         arena_bytes: int = 0,
         label: str | None = None,
     ) -> None:
-        self._label = label
+        super().__init__(grow, shrink, arena_bytes, label)
         self._backend = backend
-        self._grow = grow
-        self._shrink = shrink
         self._used = 0
-        self._lock = BookkeepingLock()  # released from finalizers: see _locks
-        self._arena = Arena(arena_bytes) if arena_bytes else None
-        self._base = backend.alloc_raw(arena_bytes) if arena_bytes else None
+        self._lock = BookkeepingLock()  # released from finalizers: see pygpukit._locks
+        self._base: np.ndarray[Any, Any] | None = (
+            backend.alloc_raw(arena_bytes) if arena_bytes else None
+        )
 
     def malloc(self, nbytes: int) -> np.ndarray[Any, Any]:
         size = -(-nbytes // _ALIGN) * _ALIGN if nbytes else 0
@@ -335,7 +318,7 @@ class HostPool(RawPool):
                 buf = owner = self._backend.take(size)
                 offset = -1
             else:
-                offset = self._carve(size)
+                offset = self._arena.carve(size)
                 # A ctypes view of the range owns it: NumPy collapses chains of array views
                 # down to the first non-array base, so every array made from ``buf`` keeps
                 # this object (and its charge) alive, and no longer.
@@ -349,29 +332,17 @@ class HostPool(RawPool):
         weakref.finalize(owner, give_back, self._release, size, offset)
         return buf
 
-    def _carve(self, size: int) -> int:
-        assert self._arena is not None
-        offset = self._arena.take(size)
-        if offset is None:
-            raise _fragmented(self._label, size, self._arena)
-        return offset
-
     def _release(self, size: int, offset: int) -> None:
         with self._lock:
             self._used -= size
         if offset < 0:
             self._backend.release(size)
+            self._shrink(size)
         else:
-            assert self._arena is not None
-            self._arena.give(offset, size)
-        self._shrink(size)
+            self._give(offset, size)
 
     def used_bytes(self) -> int:
         return self._used
-
-    def close(self) -> None:
-        self.release_cached()
-        self._base = None  # live allocations keep it alive until they die
 
     def release_cached(self) -> None:
         """Nothing is cached on the host: freed arrays return their bytes at once."""
@@ -396,7 +367,7 @@ class HostBackend(Backend):
         capacity = os.environ.get("PYGPUKIT_HOST_VRAM")
         self._capacity = parse_size(capacity, what="PYGPUKIT_HOST_VRAM") if capacity else 16 * GB
         self._allocated = 0
-        self._lock = BookkeepingLock()  # given back from finalizers: see _locks
+        self._lock = BookkeepingLock()  # given back from finalizers: see pygpukit._locks
         self._ex = _Executor(self._units)
         self._xp = HostXP()
         self._closed = False
