@@ -350,10 +350,8 @@ class Dispatcher:
 
 
 def _expired(task: Task, now: float) -> DeadlineExceeded:
-    late = now - (task.deadline or now)
     return DeadlineExceeded(
         f"task {getattr(task.fn, '__qualname__', task.fn)!r} of context "
-        f"{getattr(task.context, 'name', '?')!r} could not launch before its deadline "
-        f"({late * 1e3:.1f} ms late); it did not run — give it a later deadline, a higher "
-        "priority or tier, or submit less work ahead of it"
+        f"{getattr(task.context, 'name', '?')!r}",
+        late_s=now - (task.deadline or now),
     )
