@@ -9,6 +9,11 @@ from ._context import ContextUsage as ContextUsage
 from ._context import ExecutionContext as ExecutionContext
 from ._graph import Graph as Graph
 from ._graph import capture_graph as capture_graph
+from ._lru_pool import Block as Block
+from ._lru_pool import MemoryPool as MemoryPool
+from ._lru_pool import PoolStats as PoolStats
+from ._reservation import ReservationVerdict as ReservationVerdict
+from ._reservation import check_reservation as check_reservation
 from ._runtime import Runtime as Runtime
 from ._session import context_session as context_session
 from ._session import current_context as current_context
@@ -20,6 +25,7 @@ from ._stream import Stream as Stream
 from ._tiers import QoSPolicy as QoSPolicy
 
 __all__ = (
+    "Block",
     "BridgeStats",
     "CompletionBridge",
     "ContextState",
@@ -29,10 +35,14 @@ __all__ = (
     "ExecutionContext",
     "Graph",
     "HandleState",
+    "MemoryPool",
+    "PoolStats",
     "QoSPolicy",
+    "ReservationVerdict",
     "Runtime",
     "Stream",
     "capture_graph",
+    "check_reservation",
     "context_session",
     "current_context",
     "current_stream",

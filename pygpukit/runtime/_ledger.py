@@ -17,8 +17,9 @@ import gc
 from collections.abc import Callable
 from typing import Any
 
-from .._exceptions import AdmissionRejected, ContextClosed, VRAMBudgetExceeded, _fmt_bytes
+from .._exceptions import AdmissionRejected, ContextClosed, VRAMBudgetExceeded
 from ._locks import BookkeepingLock
+from ._reservation import check_reservation
 from ._tiers import QoSPolicy
 
 __all__ = ("Account", "Ledger", "PressureHandler")
@@ -136,15 +137,12 @@ class Ledger:
             self._drop_caches()
             self._make_room(tier, short)
         with self._lock:
-            free = self._shared_free()
-            if reserve > free:
-                raise AdmissionRejected(
-                    f"context {name!r}",
-                    f"it must reserve {_fmt_bytes(reserve)} ({tier.name}) but only "
-                    f"{_fmt_bytes(free)} of the device is unreserved; lower its "
-                    f"{'max_vram' if tier is QoSPolicy.GUARANTEED else 'base_vram'}, use "
-                    "a lower tier, or destroy contexts that hold reservations",
-                )
+            knob = "max_vram" if tier is QoSPolicy.GUARANTEED else "base_vram"
+            verdict = check_reservation(
+                reserve, self._shared_free(), self.capacity, tier=tier, knob=knob
+            )
+            if not verdict.fits:
+                raise AdmissionRejected(f"context {name!r}", verdict.reason)
             account = Account(name, tier, max_vram, reserve)
             self._accounts.append(account)
             return account
