@@ -60,6 +60,21 @@ def _fmt_bytes(n: int) -> str:
 class PygpukitError(Exception):
     """Root of every error pygpukit raises on purpose."""
 
+    # What __init__ was called with, for the errors that build their message from fields.
+    _init: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
+    def __reduce__(self) -> Any:
+        # Such an error's args hold only the finished message, which its __init__ does not
+        # take: rebuild it from its fields instead (pickling to another process, copy).
+        if self._init is None:
+            return super().__reduce__()
+        args, kwargs = self._init
+        return (_rebuild, (type(self), args, kwargs))
+
+
+def _rebuild(cls: type[PygpukitError], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return cls(*args, **kwargs)
+
 
 class InvalidArgument(PygpukitError, ValueError):
     """An argument's value breaks a documented rule; the message states the rule and the fix."""
@@ -81,6 +96,7 @@ class CudaError(PygpukitError):
 
     def __init__(self, message: str, status: int | None = None) -> None:
         self.status = status
+        self._init = (message, status), {}
         super().__init__(message)
 
 
@@ -93,6 +109,7 @@ class ContextClosed(ContextError):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._init = (name,), {}
         super().__init__(
             f"context {name!r} was destroyed; create a new context with "
             "create_context() instead of reusing a destroyed one"
@@ -104,6 +121,7 @@ class DuplicateContextName(ContextError, ValueError):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._init = (name,), {}
         super().__init__(
             f"a context named {name!r} already exists; pick another name or "
             f"destroy_context() the existing one first"
@@ -128,6 +146,8 @@ class BudgetReason(enum.StrEnum):
 
 
 def _callable_name(fn: object) -> str:
+    if isinstance(fn, str):  # a name already (an error rebuilt from its fields)
+        return fn
     return str(getattr(fn, "__qualname__", None) or repr(fn))
 
 
@@ -175,6 +195,10 @@ class VRAMBudgetExceeded(PygpukitError, MemoryError):
         self.tier: str | None = None if tier is None else str(getattr(tier, "name", tier))
         self.handler: str | None = None if handler is None else _callable_name(handler)
         self.partition = partition
+        self._init = (
+            (context, requested, available, budget, reason),
+            {"tier": self.tier, "handler": self.handler, "partition": partition},
+        )
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -248,6 +272,7 @@ class AdmissionRejected(PygpukitError):
     def __init__(self, what: str, reason: str) -> None:
         self.what = what
         self.reason = reason
+        self._init = (what, reason), {}
         super().__init__(f"{what} was not admitted: {reason}")
 
 
@@ -268,6 +293,7 @@ class DeadlineExceeded(PygpukitError, TimeoutError):
         self.what = what
         self.late_s = max(0.0, late_s)
         self.cancelled = None if cancelled is None else tuple(cancelled)
+        self._init = (what, late_s, self.cancelled), {}
         if self.cancelled is None:
             phase = "before it started (nothing ran)"
         else:

@@ -13,8 +13,10 @@ import pygpukit
 from pygpukit import (
     GB,
     MB,
+    AdmissionRejected,
     BudgetReason,
     ContextClosed,
+    CudaError,
     DeadlineExceeded,
     DuplicateContextName,
     InvalidArgument,
@@ -220,6 +222,29 @@ def test_a_wrong_type_and_a_wrong_value_keep_pythons_categories() -> None:
     for name in ("InvalidArgumentType", "BudgetReason"):
         assert getattr(pygpukit, name).__module__ == "pygpukit"
     assert pickle.loads(pickle.dumps(BudgetReason.HANDLER)) is BudgetReason.HANDLER
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        VRAMBudgetExceeded("tts", 3 * GB, GB, 4 * GB, BudgetReason.HANDLER, handler=lambda: 0),
+        VRAMBudgetExceeded(None, MB, 0, GB, BudgetReason.UNRESERVED, tier=QoSPolicy.BURSTABLE),
+        VRAMBudgetExceeded("c", 1, 0, 1, "a custom limit"),
+        DeadlineExceeded("pipeline 'p'", 0.5, ["a"]),
+        AdmissionRejected("context 'c'", "it must reserve 1 B"),
+        ContextClosed("gone"),
+        DuplicateContextName("llm"),
+        CudaError("the device faulted", status=700),
+        InvalidArgumentType("x must be a str"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_errors_survive_pickling_with_their_fields(error: PygpukitError) -> None:
+    # e.g. raised in a worker process: rebuilt from its fields, the same message
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    fields = {k: v for k, v in vars(error).items() if k != "_init"}
+    assert {k: v for k, v in vars(copy).items() if k != "_init"} == fields
 
 
 # -- byte counts and the other shared checks -----------------------------------------------
