@@ -9,12 +9,14 @@ from typing import Any
 
 from ._exceptions import AdmissionRejected as AdmissionRejected
 from ._exceptions import BackendUnavailable as BackendUnavailable
+from ._exceptions import BudgetReason as BudgetReason
 from ._exceptions import ContextClosed as ContextClosed
 from ._exceptions import ContextError as ContextError
 from ._exceptions import CudaError as CudaError
 from ._exceptions import DeadlineExceeded as DeadlineExceeded
 from ._exceptions import DuplicateContextName as DuplicateContextName
 from ._exceptions import InvalidArgument as InvalidArgument
+from ._exceptions import InvalidArgumentType as InvalidArgumentType
 from ._exceptions import PipelineValidationError as PipelineValidationError
 from ._exceptions import PygpukitError as PygpukitError
 from ._exceptions import QueueFull as QueueFull
@@ -43,6 +45,7 @@ __all__ = (
     "MB",
     "AdmissionRejected",
     "BackendUnavailable",
+    "BudgetReason",
     "ContextClosed",
     "ContextError",
     "ContextUsage",
@@ -53,6 +56,7 @@ __all__ = (
     "ExecutionContext",
     "Graph",
     "InvalidArgument",
+    "InvalidArgumentType",
     "PipelineValidationError",
     "PygpukitError",
     "QoSPolicy",

@@ -1,21 +1,27 @@
-"""The seed's low-level objects (``import pygpukit.lowlevel as rust``).
+"""The seed's low-level objects (``import _pygpukit_rust as rust``, or this module).
 
 The same classes the runtime uses: a runtime's admission is a :class:`QosPolicyEvaluator`
 (``rt.scheduler.admission``), and ``rt.scheduler.use_partitions(manager)`` makes a
 :class:`PartitionManager`'s limits govern contexts created with ``partition=``.
+:class:`MemoryPool` is :class:`pygpukit.runtime.MemoryPool` drawing, unless told otherwise,
+from the process-wide default runtime (:func:`pygpukit.scheduler.get_runtime`).
 """
 
-from .qos._admission import AdmissionAction as AdmissionAction
-from .qos._admission import QosEvaluation as QosEvaluation
-from .qos._admission import QosPolicyEvaluator as QosPolicyEvaluator
-from .qos._admission import QosTaskMeta as QosTaskMeta
-from .qos._partitions import PartitionConfig as PartitionConfig
-from .qos._partitions import PartitionInfo as PartitionInfo
-from .qos._partitions import PartitionLimits as PartitionLimits
-from .qos._partitions import PartitionManager as PartitionManager
-from .runtime._lru_pool import Block as Block
-from .runtime._lru_pool import MemoryPool as MemoryPool
-from .runtime._lru_pool import PoolStats as PoolStats
+from __future__ import annotations
+
+from .qos import AdmissionAction as AdmissionAction
+from .qos import PartitionConfig as PartitionConfig
+from .qos import PartitionInfo as PartitionInfo
+from .qos import PartitionLimits as PartitionLimits
+from .qos import PartitionManager as PartitionManager
+from .qos import QosEvaluation as QosEvaluation
+from .qos import QosPolicyEvaluator as QosPolicyEvaluator
+from .qos import QosTaskMeta as QosTaskMeta
+from .runtime import Block as Block
+from .runtime import MemoryPool as _RuntimeMemoryPool
+from .runtime import PoolStats as PoolStats
+from .runtime import Runtime as _Runtime
+from .scheduler import get_runtime as _get_runtime
 
 __all__ = (
     "AdmissionAction",
@@ -30,3 +36,22 @@ __all__ = (
     "QosPolicyEvaluator",
     "QosTaskMeta",
 )
+
+
+class MemoryPool(_RuntimeMemoryPool):
+    """A quota of device memory handing out :class:`Block` objects, with optional LRU
+    eviction to host memory: ``MemoryPool(quota=100 * MB, enable_eviction=True)``.
+
+    :param quota: device bytes the pool may hold (live blocks plus cached free ones)
+    :param enable_eviction: spill LRU blocks to host memory instead of failing
+    :param runtime: whose device (the default runtime, started if need be, if omitted)
+    :raises InvalidArgumentType: ``quota`` is not an integer
+    :raises InvalidArgument: ``quota`` is not positive
+    """
+
+    def __init__(
+        self, quota: int, enable_eviction: bool = False, *, runtime: _Runtime | None = None
+    ) -> None:
+        super().__init__(
+            quota, enable_eviction, runtime=_get_runtime() if runtime is None else runtime
+        )

@@ -11,6 +11,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from ._exceptions import InvalidArgument as _InvalidArgument
+from ._exceptions import InvalidArgumentType as _InvalidArgumentType
 from ._units import GB, KB, MB
 from .runtime import ExecutionContext as _ExecutionContext
 from .runtime import QoSPolicy, context_session
@@ -109,7 +110,7 @@ def create_context(
 
 def _runtime_of(ctx: object, what: str) -> Runtime:
     if not isinstance(ctx, _ExecutionContext):
-        raise _InvalidArgument(
+        raise _InvalidArgumentType(
             f"{what}() takes an ExecutionContext, not {type(ctx).__name__}; "
             "create one with create_context(name, max_vram=...)"
         )

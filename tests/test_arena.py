@@ -65,8 +65,9 @@ def test_carving_from_a_fragmented_region_names_the_context_and_the_largest_hole
         arena.give(offset, 512 << 10)  # four 512 KiB holes, none adjacent
     with pytest.raises(
         VRAMBudgetExceeded,
-        match=r"^context 'g' asked for 1 MiB but only 512 KiB is available within its budget "
-        r"of 4 MiB \(its reserved memory is fragmented\)",
+        match=r"^context 'g' asked for 1 MiB but only 512 KiB is available in one piece of "
+        r"its 4 MiB reservation \(its reserved memory is fragmented\); free neighbouring "
+        r"arrays, allocate smaller pieces, or create the context with a larger max_vram$",
     ) as caught:
         arena.carve(1 << 20)
     assert (caught.value.requested, caught.value.available) == (1 << 20, 512 << 10)

@@ -62,7 +62,10 @@ def test_a_handler_saying_no_rejects_at_once(rt: Runtime) -> None:
     rt.on_memory_pressure(lambda c, r, a: False)
     be = rt.create_context("be", max_vram=rt.ledger.capacity, qos=QoSPolicy.BEST_EFFORT)
     rt.create_context("g", max_vram=rt.ledger.capacity - 8 * MB, qos=QoSPolicy.GUARANTEED)
-    with context_session(be), pytest.raises(VRAMBudgetExceeded, match="handler refused"):
+    with (
+        context_session(be),
+        pytest.raises(VRAMBudgetExceeded, match="refused to let the runtime make room"),
+    ):
         rt.xp.empty(16 * MB, dtype="uint8")
     assert be.usage().held == 0
 
@@ -97,14 +100,25 @@ def test_unreservable_guaranteed_context_is_rejected_and_leaves_nothing(rt: Runt
     reserved = rt.ledger.reserved_total()
     with pytest.raises(
         AdmissionRejected,
-        match=r"^context 'huge' was not admitted: needs 513 MiB reserved but only 512 MiB of "
-        r"1 GiB is unreserved; release other reservations or ask for less$",
+        match=r"^context 'huge' was not admitted: it must reserve 513 MiB \(GUARANTEED\) but "
+        r"only 512 MiB of 1 GiB is unreserved; lower its ",  # the knob: see the test below
     ):
         rt.create_context("huge", max_vram=before + MB, qos=QoSPolicy.GUARANTEED)
     assert [c.name for c in rt.contexts] == ["half"]
     assert rt.available_vram() == before
     assert rt.ledger.reserved_total() == reserved
     rt.create_context("huge", max_vram=before // 2, qos="guaranteed")  # the name is free
+
+
+def test_an_unreservable_context_is_told_to_lower_its_max_vram(host_rt: Runtime) -> None:
+    host_rt.create_context("half", max_vram=512 * MB, qos=QoSPolicy.GUARANTEED)
+    with pytest.raises(
+        AdmissionRejected,
+        match=r"^context 'huge' was not admitted: it must reserve 513 MiB \(GUARANTEED\) but "
+        r"only 512 MiB of 1 GiB is unreserved; lower its max_vram, use a lower tier, or release "
+        r"reservations held by others$",
+    ):
+        host_rt.create_context("huge", max_vram=513 * MB, qos=QoSPolicy.GUARANTEED)
 
 
 def test_stream_priorities_follow_the_tier(rt: Runtime) -> None:

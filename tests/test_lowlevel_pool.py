@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
-from pygpukit import VRAMBudgetExceeded
-from pygpukit.lowlevel import MemoryPool
+from pygpukit import (
+    BudgetReason,
+    InvalidArgument,
+    InvalidArgumentType,
+    VRAMBudgetExceeded,
+    scheduler,
+)
+from pygpukit.lowlevel import Block, MemoryPool
+from pygpukit.runtime import MemoryPool as RuntimeMemoryPool
 from pygpukit.runtime import Runtime
 
 BLOCK = 4096
@@ -64,8 +72,14 @@ def test_without_eviction_the_quota_is_a_hard_limit(rt: Runtime) -> None:
     pool.allocate(BLOCK)
     pool.allocate(BLOCK)
     before = pool.stats()
-    with pytest.raises(VRAMBudgetExceeded, match="enable_eviction=True"):
+    with pytest.raises(
+        VRAMBudgetExceeded,
+        match=r"^a MemoryPool allocation asked for 4 KiB but only 0 B is available within its "
+        r"MemoryPool quota of 8 KiB; free blocks, or create the pool with a larger quota or with "
+        r"enable_eviction=True to spill to the host$",
+    ) as info:
         pool.allocate(BLOCK)
+    assert info.value.reason is BudgetReason.QUOTA
     assert pool.stats() == before
 
 
@@ -77,3 +91,55 @@ def test_pool_memory_is_charged_to_the_device_ledger(rt: Runtime) -> None:
     pool.free(blk)
     pool.allocate(2 * BLOCK)  # drops the cached block to stay in quota? no: fits
     assert rt.ledger.unscoped.held == held + 3 * BLOCK
+
+
+def test_the_seed_spelling_draws_from_the_default_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYGPUKIT_BACKEND", "host")
+    pool = MemoryPool(quota=100 * 1024 * 1024, enable_eviction=True)
+    rt = scheduler.get_runtime()
+    held = rt.ledger.unscoped.held
+    block = pool.allocate(4096)
+    assert rt.ledger.unscoped.held == held + 4096  # charged to the default runtime's ledger
+    pool.free(block)
+    assert isinstance(pool, RuntimeMemoryPool)
+
+
+def test_the_runtime_pool_is_handed_its_runtime(rt: Runtime) -> None:
+    with pytest.raises(TypeError, match="runtime"):
+        RuntimeMemoryPool(BLOCK)  # type: ignore[call-arg]
+    with pytest.raises(
+        InvalidArgumentType,
+        match=r"^runtime must be a Runtime, not None; pass the Runtime to draw from$",
+    ):
+        RuntimeMemoryPool(BLOCK, runtime=None)  # type: ignore[arg-type]
+    pool = RuntimeMemoryPool(np.int64(2 * BLOCK), runtime=rt)  # any integer type
+    assert pool.quota == 2 * BLOCK and type(pool.quota) is int
+    assert pool.allocate(np.int32(BLOCK)).size == BLOCK
+
+
+def test_bad_arguments(rt: Runtime) -> None:
+    with pytest.raises(
+        InvalidArgumentType,
+        match=r"^quota must be an integer number of bytes \(e\.g\. 4 \* GB\), not 1\.5$",
+    ):
+        MemoryPool(quota=1.5, runtime=rt)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match=r"^quota must be positive, got 0; e\.g\. "):
+        MemoryPool(quota=0, runtime=rt)
+    pool = MemoryPool(quota=2 * BLOCK, runtime=rt)
+    with pytest.raises(InvalidArgument, match=r"^size must be positive, got -1; "):
+        pool.allocate(-1)
+    with pytest.raises(InvalidArgumentType, match=r"^size must be an integer number of bytes "):
+        pool.allocate("4096")  # type: ignore[arg-type]
+    with pytest.raises(
+        InvalidArgumentType,
+        match=r"^block must be a Block, not 3; pass a Block from this pool's allocate\(\)$",
+    ):
+        pool.free(3)  # type: ignore[arg-type]
+    mine = pool.allocate(BLOCK)
+    other = MemoryPool(quota=2 * BLOCK, runtime=rt).allocate(BLOCK)
+    assert isinstance(other, Block) and other.id == mine.id  # ids count from 1 in each pool
+    with pytest.raises(
+        InvalidArgument,
+        match=rf"^block {other.id} belongs to another pool; use it with the pool that allocated",
+    ):
+        pool.touch(other)

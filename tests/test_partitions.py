@@ -5,11 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pygpukit._exceptions import AdmissionRejected, InvalidArgument, VRAMBudgetExceeded
+from pygpukit._exceptions import (
+    AdmissionRejected,
+    BudgetReason,
+    InvalidArgument,
+    InvalidArgumentType,
+    PygpukitError,
+    VRAMBudgetExceeded,
+)
 from pygpukit.qos._partitions import (
     PartitionConfig,
     PartitionInfo,
@@ -73,28 +81,23 @@ def test_limits_builder_is_immutable() -> None:
     [
         (
             lambda: PartitionLimits().memory(0),
-            r"^memory limit must be an int number of bytes > 0, got 0; pass e\.g\. 4 \* GB$",
-        ),
-        (
-            lambda: PartitionLimits().memory(1.0),  # type: ignore[arg-type]
-            r"^memory limit must be an int number of bytes > 0, got 1\.0; ",
+            r"^memory must be positive, got 0; e\.g\. memory=2 \* GB$",
         ),
         (
             lambda: PartitionLimits().compute(0),
-            r"^compute limit must be a share of the device in \(0\.0, 1\.0\], got 0; "
-            r"pass e\.g\. 0\.5$",
+            r"^compute must be in \(0, 1\], got 0; a share of the device, e\.g\. 0\.5$",
         ),
         (
             lambda: PartitionLimits().compute(1.5),
-            r"^compute limit must be a share of the device in \(0\.0, 1\.0\], got 1\.5; ",
+            r"^compute must be in \(0, 1\], got 1\.5; a share of the device, e\.g\. 0\.5$",
         ),
         (
             lambda: PartitionConfig(total_memory=-1),
-            r"^total_memory must be an int number of bytes > 0, got -1; ",
+            r"^total_memory must be positive, got -1; e\.g\. total_memory=2 \* GB$",
         ),
         (
             lambda: PartitionConfig(total_memory=GiB, total_compute=2.0),
-            r"^total_compute must be a share of the device in \(0\.0, 1\.0\], got 2\.0; ",
+            r"^total_compute must be in \(0, 1\], got 2\.0; a share of the device, e\.g\. 0\.5$",
         ),
         (
             lambda: PartitionManager(PartitionConfig(GiB), window_s=0),
@@ -105,6 +108,54 @@ def test_limits_builder_is_immutable() -> None:
 def test_validation(make: Callable[[], object], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: PartitionLimits().memory(1.0),  # type: ignore[arg-type]
+            r"^memory must be an integer number of bytes \(e\.g\. 4 \* GB\), not 1\.0$",
+        ),
+        (
+            lambda: PartitionLimits().compute("half"),  # type: ignore[arg-type]
+            r"^compute must be a number, not 'half'; a share of the device, e\.g\. 0\.5$",
+        ),
+        (
+            lambda: PartitionManager({"total_memory": GiB}),  # type: ignore[arg-type]
+            r"^config must be a PartitionConfig, not \{'total_memory': 1073741824\}; pass "
+            r"PartitionConfig\(total_memory=\.\.\.\)$",
+        ),
+        (
+            lambda: seed_manager().create_partition("p", 7, PartitionLimits()),  # type: ignore[arg-type]
+            r"^partition name must be a non-empty str, not 7; pass a name$",
+        ),
+        (
+            lambda: seed_manager().create_partition("p", "p", 0.5),  # type: ignore[arg-type]
+            r"^limits must be a PartitionLimits, not 0\.5; build one with "
+            r"PartitionLimits\(\)\.memory\(n\)\.compute\(share\)$",
+        ),
+        (
+            lambda: seed_manager().charge("inference", "llm", "1"),  # type: ignore[arg-type]
+            r"^nbytes must be an integer number of bytes \(e\.g\. 4 \* GB\), not '1'$",
+        ),
+    ],
+)
+def test_wrong_types_are_type_errors(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(InvalidArgumentType, match=message) as info:
+        make()
+    assert isinstance(info.value, TypeError) and isinstance(info.value, PygpukitError)
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers() -> None:
+    limits = PartitionLimits().memory(np.int64(2 * GiB)).compute(np.float32(0.5))
+    assert (limits.memory_limit, limits.compute_limit) == (2 * GiB, 0.5)
+    assert type(limits.memory_limit) is int and type(limits.compute_limit) is float
+    manager = PartitionManager(PartitionConfig(np.uint64(8 * GiB)), clock=FakeClock())
+    manager.create_partition("p", "p", limits)
+    manager.attach("p", "ctx")
+    manager.charge("p", "ctx", np.int32(4096))
+    assert manager.get_partition("p").memory_used == 4096
 
 
 def test_overcommit_rejected() -> None:
@@ -173,13 +224,14 @@ def test_charge_release_and_limit() -> None:
     manager.charge("inference", "llm", 3 * GiB)
     with pytest.raises(
         VRAMBudgetExceeded,
-        match=r"^context 'llm' asked for 2 GiB but only 1 GiB is available within its budget "
-        r"of 4 GiB \(partition 'inference' memory limit\); free arrays, allocate less, or "
-        r"create the context with a larger max_vram$",
+        match=r"^context 'llm' asked for 2 GiB but only 1 GiB is available within the 4 GiB "
+        r"memory limit of partition 'inference'; free memory in the partition's contexts, or "
+        r"give the partition a larger memory limit$",
     ) as info:
         manager.charge("inference", "llm", 2 * GiB)
     exc = info.value
     assert (exc.context, exc.requested, exc.available, exc.budget) == ("llm", 2 * GiB, GiB, 4 * GiB)
+    assert (exc.reason, exc.partition) == (BudgetReason.PARTITION, "inference")
     assert manager.get_partition("inference").memory_used == 3 * GiB  # nothing recorded
     manager.charge("inference", "llm", GiB)  # exactly to the limit
     with pytest.raises(VRAMBudgetExceeded, match=r"^context 'llm' asked for 1 B but only 0 B "):
@@ -263,9 +315,14 @@ def test_over_share_only_when_contending() -> None:
 
 def test_record_gpu_time_validation() -> None:
     manager = seed_manager()
-    for bad in (-1.0, math.inf, math.nan, True):
-        with pytest.raises(InvalidArgument, match=r"^seconds must be a finite number >= 0, got "):
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(
+            InvalidArgument, match=rf"^seconds must be a finite number >= 0, got {bad!r}$"
+        ):
             manager.record_gpu_time("inference", bad)
+    for wrong in (True, "1", None):
+        with pytest.raises(InvalidArgumentType, match=r"^seconds must be a number, not "):
+            manager.record_gpu_time("inference", wrong)  # type: ignore[arg-type]
 
 
 def test_repr_shows_state() -> None:

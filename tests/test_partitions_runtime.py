@@ -40,7 +40,7 @@ def test_a_partition_memory_limit_holds_over_all_its_contexts(rt: Runtime) -> No
     with context_session(a):
         x = rt.xp.empty(20 * MB, dtype="uint8")
     with context_session(b):
-        with pytest.raises(VRAMBudgetExceeded, match="partition 'inference' memory limit"):
+        with pytest.raises(VRAMBudgetExceeded, match="memory limit of partition 'inference'"):
             rt.xp.empty(20 * MB, dtype="uint8")  # b's own budget allows it; the partition not
         y = rt.xp.empty(8 * MB, dtype="uint8")
     assert manager.get_partition("inference").memory_used == 28 * MB

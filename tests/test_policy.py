@@ -14,7 +14,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from pygpukit import MB, InvalidArgument, QoSPolicy
+from pygpukit import MB, InvalidArgument, InvalidArgumentType, QoSPolicy
 from pygpukit.runtime import (
     Dispatcher,
     Runtime,
@@ -151,7 +151,7 @@ async def test_destroyed_contexts_are_not_kept_by_the_policy(host_rt: Runtime) -
 
 
 def test_use_partitions_takes_a_partition_policy(host_rt: Runtime) -> None:
-    with pytest.raises(InvalidArgument, match=r"^use_partitions\(\) takes a PartitionManager"):
+    with pytest.raises(TypeError, match=r"^use_partitions\(\) takes a PartitionManager"):
         host_rt.use_partitions(object())  # type: ignore[arg-type]
     assert host_rt.partitions is None
 
@@ -164,7 +164,7 @@ async def test_task_listeners_see_every_finished_task(host_rt: Runtime) -> None:
     with pytest.raises(ZeroDivisionError):
         await ctx.submit(lambda: 1 / 0)
     assert seen == [("m", TaskState.DONE), ("m", TaskState.FAILED)]
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgumentType):
         host_rt.on_task_done("not callable")  # type: ignore[arg-type]
 
 

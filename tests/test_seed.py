@@ -1,38 +1,54 @@
 """Every snippet of the seed document runs as written and does what its comments say.
 
 The snippets run in order in one namespace, like a notebook (later ones use names earlier
-ones imported), with ``import _pygpukit_rust as rust`` read as
-``import pygpukit.lowlevel as rust``. Snippets that start a new scenario get a fresh default
-runtime, since they reuse context names.
+ones imported), exactly as the document writes them: ``import _pygpukit_rust as rust``
+imports the alias module that the distribution installs next to ``pygpukit``. Snippets that
+start a new scenario get a fresh default runtime, since they reuse context names. The
+functions the seed leaves to the user are stand-ins in ``seed_models.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import seed_models
 
-from pygpukit import GB, MB, VRAMBudgetExceeded, scheduler
+import pygpukit.lowlevel
+from pygpukit import GB, MB, AdmissionRejected, QoSPolicy, VRAMBudgetExceeded, scheduler
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "seed" / "scheduler.md"
+ROOT = Path(__file__).resolve().parents[1]
+
+DOC = ROOT / "docs" / "seed" / "scheduler.md"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "scheduler.md"
 
 # Which snippets begin a new scenario (fresh default runtime).
 FRESH = {3, 4, 5, 6, 7, 10}
-LATER: set[int] = set()  # snippets not delivered yet (0-based); none now
+
+
+# The snippets that reach the low-level objects through the seed's Rust module name.
+RUST = {8, 9, 10}
+# Snippet 5 gets a default runtime of this size, so its checks can fill it.
+PRESSURE_VRAM = 256 * MB
 
 
 def snippets() -> list[str]:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    return [
-        b.replace("import _pygpukit_rust as rust", "import pygpukit.lowlevel as rust")
-        for b in blocks
-    ]
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def _garbage_cycle(xp: Any, nbytes: int) -> None:
+    """An array kept alive only by a reference cycle: freed by a collection, not before."""
+    holder: dict[str, Any] = {"array": xp.empty(nbytes, dtype="uint8")}
+    holder["self"] = holder
 
 
 def test_vendored_seed_matches_the_shared_one() -> None:
@@ -68,24 +84,68 @@ def _check(index: int, ns: dict[str, Any], buf: io.StringIO) -> None:
                 rt.xp.empty(1024 * MB, dtype="uint8")
             del burst
     elif index == 4:
-        assert "Available VRAM:" in out and "Used: 0.0 GB" in out and "Max: 4.0 GB" in out
+        available = ns["available"]
+        assert available == scheduler.get_available_vram()  # "model" reserves nothing
+        assert f"Available VRAM: {available / GB:.1f} GB" in out
+        assert "Used: 0.0 GB" in out and "Max: 4.0 GB" in out
+        assert ns["usage"].max == 4 * GB
     elif index == 5:
+        assert rt.ledger.handlers == [ns["handle_pressure"]]  # "Register handler"
         ctx = scheduler.create_context("pressured", max_vram=8 * MB)
         with scheduler.context_session(ctx), pytest.raises(VRAMBudgetExceeded):
-            rt.xp.empty(12 * MB, dtype="uint8")
+            rt.xp.empty(12 * MB, dtype="uint8")  # past max_vram: no handler lifts that
         assert "Context pressured: requested 12582912, available 8388608" in buf.getvalue()
+        # "Return True to allow allocation, False to reject": the handler's answer decides
+        # whether the runtime makes room (here, by collecting a garbage cycle) or refuses.
+        spare = rt.available_vram()
+        assert spare == PRESSURE_VRAM
+        bg = scheduler.create_context("bg", max_vram=spare, qos=QoSPolicy.BEST_EFFORT)
+        litter = scheduler.create_context("litter", max_vram=spare, qos=QoSPolicy.BEST_EFFORT)
+        gc.disable()
+        try:
+            with scheduler.context_session(litter):
+                _garbage_cycle(rt.xp, 128 * MB)
+            with scheduler.context_session(bg):  # 128 MiB left: 128 > 192 * 0.5 -> True
+                allowed = rt.xp.empty(192 * MB, dtype="uint8")
+                del allowed
+            with scheduler.context_session(litter):
+                _garbage_cycle(rt.xp, 208 * MB)
+            with scheduler.context_session(bg):  # 48 MiB left: 48 > 128 * 0.5 is False
+                with pytest.raises(VRAMBudgetExceeded, match="handler"):
+                    rt.xp.empty(128 * MB, dtype="uint8")
+                assert litter.usage().used == 208 * MB  # no room was made
+        finally:
+            gc.enable()
+            gc.collect()
+        assert bg.usage().used == 0 and litter.usage().used == 0
+        out = buf.getvalue()
+        assert f"Context bg: requested {192 * MB}, available {128 * MB}" in out
+        assert f"Context bg: requested {128 * MB}, available {48 * MB}" in out
     elif index == 6:
         assert f"Stream ID: {ns['stream'].id}" in out
     elif index == 7:
         assert ("consumed", "consumer") in calls
     elif index == 8:
-        stats = ns["stats"]
-        assert stats.allocated_bytes == 0 and stats.free_blocks == 1
-        assert "Allocated: 0" in out
+        pool, stats = ns["pool"], ns["stats"]
+        assert isinstance(pool, pygpukit.lowlevel.MemoryPool)
+        assert stats.allocated_bytes == 0 and stats.free_blocks == 1  # "Allocate and free"
+        assert "Allocated: 0" in out and "Free blocks: 1" in out
+        assert rt.ledger.unscoped.held >= 4096  # its cached block is the default runtime's
+        # "with LRU eviction": past the 100 MB quota the least recently used block spills
+        blocks = [pool.allocate(40 * MB) for _ in range(3)]
+        assert [b.on_device for b in blocks] == [False, True, True]
+        assert pool.stats().evictions == 1
+        for b in blocks:
+            pool.free(b)
     elif index == 9:
+        evaluator, result = ns["evaluator"], ns["result"]
         assert "Task admitted with priority 0" in out
-        assert ns["result"].reserved_memory == 256 * MB  # what admit() would reserve
-        assert ns["evaluator"].reserved_memory == 0  # evaluate() only decides
+        assert result.reserved_memory == 256 * MB  # what committing it reserves
+        assert evaluator.reserved_memory == 0  # evaluate() only decides
+        assert evaluator.reserve(result).admitted  # the public project's commit step
+        assert evaluator.reserved_memory == 256 * MB
+        with pytest.raises(AdmissionRejected):  # committing twice cannot over-commit
+            evaluator.reserve(result)
     elif index == 10:
         assert "Memory limit: 4294967296" in out and "Compute limit: 0.5" in out
         assert ns["manager"].get_partition("training").memory_limit == 4 * GB
@@ -102,15 +162,48 @@ def test_every_seed_snippet_runs_and_does_what_it_says(
     monkeypatch.setenv("PYGPUKIT_HOST_VRAM", "16GiB")
     blocks = snippets()
     assert len(blocks) == 12
+    assert {i for i, b in enumerate(blocks) if "import _pygpukit_rust as rust" in b} == RUST
     ns: dict[str, Any] = {k: getattr(seed_models, k) for k in dir(seed_models) if k[0] != "_"}
     ns.update(__name__="seed", prompt="Hello", text="Welcome")  # the user's own variables
     seed_models.CALLS.clear()
     for index, code in enumerate(blocks):
-        if index in LATER:
-            continue
         if index in FRESH:
             scheduler.shutdown()
+        if index == 5:
+            scheduler.initialize(vram_limit=PRESSURE_VRAM)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(compile(code, f"<seed snippet {index + 1}>", "exec"), ns)
             _check(index, ns, out)
+        if index in RUST:  # the seed's module name is the alias, not a look-alike
+            assert ns["rust"].__name__ == "_pygpukit_rust"
+            assert all(
+                getattr(ns["rust"], name) is getattr(pygpukit.lowlevel, name)
+                for name in pygpukit.lowlevel.__all__
+            )
+
+
+@pytest.mark.slow
+def test_the_distribution_installs_the_alias_next_to_the_package(tmp_path: Path) -> None:
+    """``pip install .`` must ship ``_pygpukit_rust.py``, or the seed's import fails."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler to build the distribution with")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "_pygpukit_rust.py"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(
+        ROOT / "pygpukit", src / "pygpukit", ignore=shutil.ignore_patterns("__pycache__", "*.so")
+    )
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run(
+        [*pip, "-w", str(tmp_path / "dist"), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("pygpukit-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "_pygpukit_rust.py" in names  # top level, next to the package
+    assert "pygpukit/lowlevel.py" in names
+    assert "pygpukit/_validate.py" in names

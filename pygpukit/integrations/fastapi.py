@@ -13,8 +13,9 @@ Needs ``pip install 'pygpukit[server]'``. Usage::
 
 Errors map to HTTP as clients need them: ``QueueFull`` → 429 (with ``Retry-After``),
 ``DeadlineExceeded`` → 504, ``VRAMBudgetExceeded`` / ``AdmissionRejected`` /
-``ContextClosed`` → 503, ``PipelineValidationError`` and pydantic validation errors → 422,
-``CudaError`` → 500; every body is ``{"error": <type>, "detail": <message>}``.
+``ContextClosed`` → 503, ``PipelineValidationError``, ``InvalidArgument``,
+``InvalidArgumentType`` and pydantic validation errors → 422, ``CudaError`` → 500; every
+body is ``{"error": <type>, "detail": <message>}``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .._exceptions import (
     CudaError,
     DeadlineExceeded,
     InvalidArgument,
+    InvalidArgumentType,
     PipelineValidationError,
     PygpukitError,
     QueueFull,
@@ -58,6 +60,7 @@ STATUS: dict[type[BaseException], int] = {
     ContextClosed: 503,
     PipelineValidationError: 422,
     InvalidArgument: 422,
+    InvalidArgumentType: 422,
     CudaError: 500,
 }
 

@@ -16,7 +16,7 @@ import numpy
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic_core import core_schema
 
-from .._exceptions import InvalidArgument
+from .._exceptions import InvalidArgument, InvalidArgumentType
 
 __all__ = ("Array", "ArraySpec")
 
@@ -103,13 +103,16 @@ def _shape(shape: object) -> Shape | None:
         return None
     if isinstance(shape, int) and not isinstance(shape, bool):
         shape = (shape,)
+    rule = (
+        f"Array shape must be a tuple of non-negative ints or None (any length), "
+        f"such as (None, 80), not {shape!r}"
+    )
     if not isinstance(shape, tuple) or not all(
-        d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 0) for d in shape
+        d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in shape
     ):
-        raise InvalidArgument(
-            f"Array shape must be a tuple of non-negative ints or None (any length), "
-            f"such as (None, 80), not {shape!r}"
-        )
+        raise InvalidArgumentType(rule)
+    if any(d is not None and d < 0 for d in shape):
+        raise InvalidArgument(rule)
     return shape
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .._exceptions import InvalidArgument, PipelineValidationError
+from .._exceptions import InvalidArgumentType, PipelineValidationError
+from .._validate import check_name
 from ..runtime import ExecutionContext, QoSPolicy, Runtime
 from ._plan import INPUT, Entry, Plan, compile_plan
 from ._result import PipelineResult, PipelineStream, RequestInfo
@@ -18,7 +19,11 @@ __all__ = ("Pipeline",)
 
 
 def _check_id(stage_id: object) -> str:
-    if not isinstance(stage_id, str) or not stage_id.isidentifier():
+    if not isinstance(stage_id, str):
+        raise InvalidArgumentType(
+            f"stage id must be a str, not {stage_id!r}; pass an identifier such as 'tts'"
+        )
+    if not stage_id.isidentifier():
         raise PipelineValidationError(
             f"stage id {stage_id!r} must be a Python identifier (letters, digits, '_'), "
             "because sources are written '<stage_id>.<field>'"
@@ -38,10 +43,9 @@ class Pipeline:
     """
 
     def __init__(self, name: str, runtime: Runtime | None = None) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument(f"pipeline name must be a non-empty str, not {name!r}")
+        check_name(name, "pipeline name")
         if runtime is not None and not isinstance(runtime, Runtime):
-            raise InvalidArgument(f"runtime must be a Runtime or None, not {runtime!r}")
+            raise InvalidArgumentType(f"runtime must be a Runtime or None, not {runtime!r}")
         self.name = name
         self.runtime = runtime
         self._entries: list[Entry] = []
@@ -76,7 +80,7 @@ class Pipeline:
         if isinstance(stage, str):
             stage = registry.get(stage)
         if not isinstance(stage, Stage):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"add() takes a Stage (an @stage function) or a registered stage name, "
                 f"not {type(stage).__name__}"
             )
@@ -97,11 +101,11 @@ class Pipeline:
         elif isinstance(inputs, Mapping):
             mapping = dict(inputs)
         else:
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"inputs must be a mapping of input field to source, not {inputs!r}"
             )
         if context is not None and not isinstance(context, str | ExecutionContext):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"context must be a context name or an ExecutionContext, not {context!r}"
             )
         self._entries.append(Entry(stage_id, stage, mapping, context or stage.context))
@@ -158,11 +162,13 @@ class Pipeline:
         else:
             req = model.model_validate(request, from_attributes=True)
         if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidArgument(f"priority must be an int (lower runs first), not {priority!r}")
+            raise InvalidArgumentType(
+                f"priority must be an int (lower runs first), not {priority!r}"
+            )
         if deadline is not None and (
             not isinstance(deadline, int | float) or isinstance(deadline, bool)
         ):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"deadline must be a time.monotonic() time or None, not {deadline!r}"
             )
         info = RequestInfo(

@@ -321,10 +321,11 @@ class _Run:
         await self.sink(message)
 
     def _late(self) -> DeadlineExceeded:
-        cut = ", ".join(repr(i) for i in self.plan.nodes if i in self.running) or "none"
+        deadline = self.info.deadline
         return DeadlineExceeded(
-            f"pipeline {self.plan.name!r} missed its deadline after {self.now() * 1e3:.1f} ms; "
-            f"stages cancelled: {cut} — give the request a later deadline or a higher tier"
+            f"pipeline {self.plan.name!r}",
+            late_s=0.0 if deadline is None else time.monotonic() - deadline,
+            cancelled=[i for i in self.plan.nodes if i in self.running],
         )
 
     def release(self) -> None:
@@ -347,11 +348,7 @@ class _Run:
 
 def _check_deadline(plan: Plan, info: RequestInfo) -> None:
     if info.deadline is not None and info.deadline <= time.monotonic():
-        late = (time.monotonic() - info.deadline) * 1e3
-        raise DeadlineExceeded(
-            f"pipeline {plan.name!r} missed its deadline before it started ({late:.1f} ms "
-            "late); no stage ran — give the request a later deadline"
-        )
+        raise DeadlineExceeded(f"pipeline {plan.name!r}", late_s=time.monotonic() - info.deadline)
 
 
 async def collect(plan: Plan, request: BaseModel, info: RequestInfo) -> PipelineResult:

@@ -16,7 +16,8 @@ from typing import Any, get_args, get_origin, overload
 
 from pydantic import BaseModel
 
-from .._exceptions import InvalidArgument, PipelineValidationError
+from .._exceptions import InvalidArgumentType, PipelineValidationError
+from .._validate import check_name
 from ..runtime import ExecutionContext
 
 __all__ = ("Stage", "StageRegistry", "registry", "stage")
@@ -88,7 +89,7 @@ class StageRegistry:
         :raises PipelineValidationError: another function already has that name
         """
         if not isinstance(stage, Stage):
-            raise InvalidArgument(f"register() takes a Stage, not {type(stage).__name__}")
+            raise InvalidArgumentType(f"register() takes a Stage, not {type(stage).__name__}")
         with self._lock:
             old = self._stages.get(stage.name)
             if old is not None and old is not stage and old.qualname != stage.qualname:
@@ -218,7 +219,7 @@ def stage(
         one stage model out (the message names the function); the name is taken
     """
     if context is not None and not isinstance(context, str | ExecutionContext):
-        raise InvalidArgument(
+        raise InvalidArgumentType(
             f"stage context must be a context name or an ExecutionContext, not {context!r}"
         )
     frame = sys._getframe(1)
@@ -226,8 +227,8 @@ def stage(
     del frame
 
     def decorate(fn: Callable[..., Any], stage_name: str | None) -> Stage:
-        if stage_name is not None and (not isinstance(stage_name, str) or not stage_name):
-            raise InvalidArgument(f"stage name must be a non-empty str, not {stage_name!r}")
+        if stage_name is not None:
+            check_name(stage_name, "stage name")
         s = _inspect(fn, localns)
         s.name = stage_name or s.name
         s.context = context

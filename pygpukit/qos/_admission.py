@@ -4,6 +4,13 @@
 memory and bandwidth; Burstable tasks reserve their base and burst into whatever is left
 unreserved; BestEffort tasks reserve nothing and only start when spare memory is there.
 The sum of reservations never exceeds the device's totals.
+
+Deciding and committing are two steps, as in the project the seed describes:
+:meth:`~QosPolicyEvaluator.evaluate` decides and **reserves nothing**;
+:meth:`~QosPolicyEvaluator.reserve` commits an evaluation, checking it again against the
+reservations made since (a stale evaluation is refused, never over-committed);
+:meth:`~QosPolicyEvaluator.admit` does both at once. The memory rule is the runtime's
+:func:`~pygpukit.runtime.check_reservation`, the same one the ledger applies to contexts.
 """
 
 from __future__ import annotations
@@ -13,13 +20,16 @@ import math
 import threading
 from dataclasses import dataclass
 
-from .._exceptions import InvalidArgument, _fmt_bytes
-from ..runtime._tiers import QoSPolicy
+from .._exceptions import AdmissionRejected, InvalidArgument, _fmt_bytes
+from .._validate import check_bytes, check_instance, check_name, check_number
+from ..runtime import QoSPolicy, check_reservation
 
 __all__ = ("AdmissionAction", "QosEvaluation", "QosPolicyEvaluator", "QosTaskMeta")
 
 #: Dispatch rank per tier: lower runs first, as with CUDA stream priorities.
 _PRIORITY = {QoSPolicy.GUARANTEED: 0, QoSPolicy.BURSTABLE: 1, QoSPolicy.BEST_EFFORT: 2}
+
+_BUILD_TASK = "build one with QosTaskMeta.guaranteed/burstable/best_effort()"
 
 
 class AdmissionAction(enum.Enum):
@@ -31,26 +41,6 @@ class AdmissionAction(enum.Enum):
     REJECT = "reject"  #: it cannot be granted as asked
 
 
-def _check_id(value: object, what: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(f"{what} must be a non-empty str, got {value!r}; pass a name")
-
-
-def _check_bytes(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(
-            f"{what} must be an int number of bytes >= 0, got {value!r}; pass e.g. 256 * MB"
-        )
-
-
-def _check_fraction(value: object, what: str) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-    if not ok:
-        raise InvalidArgument(
-            f"{what} must be a fraction of the device between 0.0 and 1.0, got {value!r}"
-        )
-
-
 @dataclass(frozen=True)
 class QosTaskMeta:
     """What a task asks for. Build one with :meth:`guaranteed`, :meth:`burstable` or
@@ -60,7 +50,8 @@ class QosTaskMeta:
         it will use from spare capacity (BestEffort)
     :ivar burst_memory: Burstable only: extra bytes it may use beyond its base when spare
     :ivar bandwidth: fraction of the device's bandwidth reserved (0.0 to 1.0)
-    :raises InvalidArgument: a field breaks its rule
+    :raises InvalidArgumentType: a field has the wrong type
+    :raises InvalidArgument: a field's value breaks its rule
     """
 
     id: str
@@ -71,18 +62,22 @@ class QosTaskMeta:
     bandwidth: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_id(self.id, "task id")
-        _check_id(self.name, "task name")
-        if not isinstance(self.tier, QoSPolicy):
-            raise InvalidArgument(f"tier must be a QoSPolicy, got {self.tier!r}")
-        _check_bytes(self.memory, "memory")
-        _check_bytes(self.burst_memory, "burst_memory")
+        check_name(self.id, "task id")
+        check_name(self.name, "task name")
+        check_instance(self.tier, QoSPolicy, "tier", "pass e.g. QoSPolicy.GUARANTEED")
+        # frozen: store the checked values in their canonical types (np.int64 -> int)
+        object.__setattr__(self, "memory", check_bytes(self.memory, "memory", allow_zero=True))
+        burst = check_bytes(self.burst_memory, "burst_memory", allow_zero=True)
+        object.__setattr__(self, "burst_memory", burst)
         if self.burst_memory and self.tier is not QoSPolicy.BURSTABLE:
             raise InvalidArgument(
                 f"burst_memory is only for Burstable tasks, got {self.burst_memory!r} on a "
                 f"{self.tier.value} task; use QosTaskMeta.burstable()"
             )
-        _check_fraction(self.bandwidth, "bandwidth")
+        bandwidth = check_number(
+            self.bandwidth, "bandwidth", low=0.0, high=1.0, hint="a fraction of the device"
+        )
+        object.__setattr__(self, "bandwidth", bandwidth)
 
     @classmethod
     def guaranteed(cls, id: str, name: str, memory: int, bandwidth: float = 0.0) -> QosTaskMeta:
@@ -104,14 +99,16 @@ class QosTaskMeta:
 
 @dataclass(frozen=True)
 class QosEvaluation:
-    """The decision on one task.
+    """The decision on one task. Evaluating reserves nothing: pass an admitted evaluation
+    to :meth:`QosPolicyEvaluator.reserve` to commit it.
 
     :ivar admitted: whether the task may start now (``True`` for ADMIT and THROTTLE)
     :ivar priority: dispatch rank of its tier: 0 Guaranteed, 1 Burstable, 2 BestEffort;
         lower runs first, like CUDA stream priorities. Set whatever the decision.
     :ivar reason: a sentence saying why
-    :ivar reserved_memory: bytes admitting it reserves (0 when not admitted or BestEffort)
-    :ivar reserved_bandwidth: bandwidth admitting it reserves (same rule)
+    :ivar reserved_memory: bytes committing it reserves (0 when not admitted or BestEffort)
+    :ivar reserved_bandwidth: bandwidth committing it reserves (same rule)
+    :ivar task: the task decided on (what :meth:`QosPolicyEvaluator.reserve` commits)
     """
 
     admitted: bool
@@ -120,35 +117,33 @@ class QosEvaluation:
     reason: str
     reserved_memory: int
     reserved_bandwidth: float
+    task: QosTaskMeta
 
 
 class QosPolicyEvaluator:
     """Admission control against a device's memory and bandwidth. Thread-safe.
 
+    :meth:`evaluate` only decides; :meth:`reserve` commits a decision (re-checking it);
+    :meth:`admit` decides and commits atomically; :meth:`release` gives a commitment back.
+
     BestEffort tasks reserve nothing, so Guaranteed and Burstable admission ignores the
     memory they use: under pressure they are the ones evicted (DESIGN §6).
 
-    :param total_memory: device bytes that can be reserved
+    :param total_memory: device bytes that can be reserved (any integer type)
     :param total_bandwidth: bandwidth that can be reserved (1.0 = the whole device)
-    :raises InvalidArgument: a total breaks its rule
+    :raises InvalidArgumentType: a total is not a number
+    :raises InvalidArgument: a total is not > 0
     """
 
     def __init__(self, total_memory: int, total_bandwidth: float = 1.0) -> None:
-        if isinstance(total_memory, bool) or not isinstance(total_memory, int) or total_memory <= 0:
-            raise InvalidArgument(
-                f"total_memory must be an int number of bytes > 0, got {total_memory!r}"
-            )
-        if (
-            isinstance(total_bandwidth, bool)
-            or not isinstance(total_bandwidth, int | float)
-            or not 0.0 < total_bandwidth < math.inf
-        ):
-            raise InvalidArgument(
-                f"total_bandwidth must be a finite number > 0 (1.0 = the whole device), "
-                f"got {total_bandwidth!r}"
-            )
-        self.total_memory = total_memory
-        self.total_bandwidth = float(total_bandwidth)
+        self.total_memory = check_bytes(total_memory, "total_memory")
+        self.total_bandwidth = check_number(
+            total_bandwidth,
+            "total_bandwidth",
+            low=0.0,
+            low_open=True,
+            hint="1.0 = the whole device",
+        )
         self._lock = threading.Lock()
         self._tasks: dict[str, QosTaskMeta] = {}
         self._reserved_memory = 0
@@ -162,15 +157,12 @@ class QosPolicyEvaluator:
         return math.fsum([*parts, extra])
 
     def _evaluate(self, task: QosTaskMeta) -> QosEvaluation:
-        if not isinstance(task, QosTaskMeta):
-            raise InvalidArgument(
-                f"expected a QosTaskMeta, got {task!r}; build one with "
-                "QosTaskMeta.guaranteed/burstable/best_effort()"
-            )
+        # Callers hold the lock.
+        check_instance(task, QosTaskMeta, "the task", _BUILD_TASK)
         prio = _PRIORITY[task.tier]
 
         def no(action: AdmissionAction, reason: str) -> QosEvaluation:
-            return QosEvaluation(False, action, prio, reason, 0, 0.0)
+            return QosEvaluation(False, action, prio, reason, 0, 0.0, task)
 
         if task.id in self._tasks:
             return no(
@@ -178,7 +170,7 @@ class QosPolicyEvaluator:
                 f"task id {task.id!r} is already admitted; "
                 f"release({task.id!r}) it first or use a unique id",
             )
-        total, free = self.total_memory, self.total_memory - self._reserved_memory
+        free = self.total_memory - self._reserved_memory
         if task.tier is QoSPolicy.BEST_EFFORT:
             spare = free - self._best_effort_memory
             if task.memory <= spare:
@@ -190,6 +182,7 @@ class QosPolicyEvaluator:
                     f"{_fmt_bytes(spare)} spare; nothing reserved",
                     0,
                     0.0,
+                    task,
                 )
             return no(
                 AdmissionAction.QUEUE,
@@ -198,58 +191,97 @@ class QosPolicyEvaluator:
                 f"{_fmt_bytes(self._best_effort_memory)} in use by best-effort tasks); "
                 "try again after a release",
             )
-        what = "reserved" if task.tier is QoSPolicy.GUARANTEED else "reserved as its base"
-        free_bw = self.total_bandwidth - self._reserved_bandwidth
-        missing = []
-        if task.memory > free:
-            missing.append(
-                f"{_fmt_bytes(task.memory)} {what} but only {_fmt_bytes(free)} "
-                f"of {_fmt_bytes(total)} is unreserved"
-            )
-        if self._bandwidth_sum(task.bandwidth) > self.total_bandwidth:
-            missing.append(
-                f"bandwidth {task.bandwidth:g} {what} but only {max(free_bw, 0):g} "
-                f"of {self.total_bandwidth:g} is unreserved"
-            )
-        if missing:
+        memory = check_reservation(
+            task.memory, free, self.total_memory, tier=task.tier, knob="memory"
+        )
+        free_bw = max(self.total_bandwidth - self._reserved_bandwidth, 0.0)
+        # fsum of the reservations, not `bandwidth <= free_bw`: 0.7 + 0.3 fits 1.0
+        bandwidth_fits = self._bandwidth_sum(task.bandwidth) <= self.total_bandwidth
+        if not memory.fits:
+            reason = memory.reason
+            if not bandwidth_fits:
+                reason += (
+                    f"; its bandwidth {task.bandwidth:g} does not fit the {free_bw:g} of "
+                    f"{self.total_bandwidth:g} unreserved either"
+                )
+            return no(AdmissionAction.REJECT, reason)
+        if not bandwidth_fits:
             return no(
                 AdmissionAction.REJECT,
-                "needs " + " and ".join(missing) + "; release other reservations or ask for less",
+                f"it must reserve bandwidth {task.bandwidth:g} ({task.tier.name}) but only "
+                f"{free_bw:g} of {self.total_bandwidth:g} is unreserved; lower its bandwidth, "
+                "use a lower tier, or release reservations held by others",
             )
-        action, reason = (
-            AdmissionAction.ADMIT,
-            (f"{_fmt_bytes(task.memory)} and bandwidth {task.bandwidth:g} {what}"),
-        )
+        action = AdmissionAction.ADMIT
+        reason = f"{memory.reason}, and bandwidth {task.bandwidth:g} of the {free_bw:g} unreserved"
         if task.tier is QoSPolicy.BURSTABLE and task.memory + task.burst_memory > free:
             action = AdmissionAction.THROTTLE
             reason += (
                 f"; its burst to {_fmt_bytes(task.memory + task.burst_memory)} exceeds "
                 f"the {_fmt_bytes(free)} unreserved, so its bursts will be throttled"
             )
-        return QosEvaluation(True, action, prio, reason, task.memory, float(task.bandwidth))
+        return QosEvaluation(True, action, prio, reason, task.memory, task.bandwidth, task)
+
+    def _commit(self, task: QosTaskMeta) -> None:
+        # Callers hold the lock and have just evaluated ``task`` as admitted.
+        self._tasks[task.id] = task
+        if task.tier is QoSPolicy.BEST_EFFORT:
+            self._best_effort_memory += task.memory
+        else:
+            self._reserved_memory += task.memory
+            self._reserved_bandwidth = self._bandwidth_sum()
 
     def evaluate(self, task: QosTaskMeta) -> QosEvaluation:
-        """Decide on ``task`` against the current reservations, reserving nothing.
+        """Decide on ``task`` against the current reservations. **Reserves nothing**: the
+        decision holds only until someone else reserves; commit it with :meth:`reserve`, or
+        use :meth:`admit` to decide and commit at once.
 
-        :raises InvalidArgument: ``task`` is not a :class:`QosTaskMeta`
+        :raises InvalidArgumentType: ``task`` is not a :class:`QosTaskMeta`
         """
         with self._lock:
             return self._evaluate(task)
 
-    def admit(self, task: QosTaskMeta) -> QosEvaluation:
-        """Decide on ``task`` and, if admitted, record it until :meth:`release`. Atomic.
+    def reserve(self, result: QosEvaluation) -> QosEvaluation:
+        """Commit an admitted evaluation: record its task until :meth:`release`.
 
-        :raises InvalidArgument: ``task`` is not a :class:`QosTaskMeta`
+        The task is evaluated again, atomically, against the reservations as they are now,
+        so an evaluation made stale by reservations committed since it was made is refused
+        instead of over-committing the device.
+
+        :param result: what :meth:`evaluate` returned, with ``admitted`` true
+        :returns: the evaluation the commitment was made on (its action may differ from
+            ``result``'s, e.g. THROTTLE where the burst room has shrunk since)
+        :raises AdmissionRejected: the task no longer fits (or is committed already);
+            nothing was reserved
+        :raises InvalidArgument: ``result`` did not admit its task
+        :raises InvalidArgumentType: ``result`` is not a :class:`QosEvaluation`
+        """
+        check_instance(
+            result, QosEvaluation, "reserve()'s argument", "pass what evaluate() returned"
+        )
+        task = result.task
+        if not result.admitted:
+            raise InvalidArgument(
+                f"reserve() commits admitted evaluations only, and task {task.id!r} was not "
+                f"admitted ({result.reason}); evaluate() it again later, or call admit()"
+            )
+        with self._lock:
+            now = self._evaluate(task)
+            if not now.admitted:
+                raise AdmissionRejected(f"task {task.id!r} (its evaluation is stale)", now.reason)
+            self._commit(task)
+            return now
+
+    def admit(self, task: QosTaskMeta) -> QosEvaluation:
+        """Decide on ``task`` and, if admitted, record it until :meth:`release`. Atomic:
+        :meth:`evaluate` and :meth:`reserve` in one step, with nothing between them.
+
+        :raises InvalidArgumentType: ``task`` is not a :class:`QosTaskMeta`
         """
         with self._lock:
             result = self._evaluate(task)
             if result.admitted:
-                self._tasks[task.id] = task
-                if task.tier is QoSPolicy.BEST_EFFORT:
-                    self._best_effort_memory += task.memory
-                else:
-                    self._reserved_memory += task.memory
-                    self._reserved_bandwidth = self._bandwidth_sum()
+                self._commit(task)
             return result
 
     def release(self, task_id: str) -> None:

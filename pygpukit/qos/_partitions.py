@@ -14,8 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .._exceptions import AdmissionRejected, InvalidArgument, VRAMBudgetExceeded, _fmt_bytes
+from .._exceptions import (
+    AdmissionRejected,
+    BudgetReason,
+    InvalidArgument,
+    VRAMBudgetExceeded,
+    _fmt_bytes,
+)
 from .._locks import BookkeepingLock
+from .._validate import check_bytes, check_instance, check_name, check_number
 
 __all__ = ("PartitionConfig", "PartitionInfo", "PartitionLimits", "PartitionManager")
 
@@ -23,23 +30,10 @@ __all__ = ("PartitionConfig", "PartitionInfo", "PartitionLimits", "PartitionMana
 _EPS = 1e-9
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_bytes(value: object, what: str, *, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        rule = ">= 0" if low == 0 else "> 0"
-        raise InvalidArgument(
-            f"{what} must be an int number of bytes {rule}, got {value!r}; pass e.g. 4 * GB"
-        )
-
-
-def _check_share(value: object, what: str) -> None:
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1):
-        raise InvalidArgument(
-            f"{what} must be a share of the device in (0.0, 1.0], got {value!r}; pass e.g. 0.5"
-        )
+def _check_share(value: object, what: str) -> float:
+    return check_number(
+        value, what, low=0.0, high=1.0, low_open=True, hint="a share of the device, e.g. 0.5"
+    )
 
 
 @dataclass(frozen=True)
@@ -50,17 +44,19 @@ class PartitionLimits:
     the partition is created, to what the other partitions left: all unallocated memory,
     all the remaining compute share.
 
-    :raises InvalidArgument: memory is not an int > 0, or compute is not in (0, 1]
+    :raises InvalidArgumentType: memory is not an integer, or compute not a number
+    :raises InvalidArgument: memory is not > 0, or compute is not in (0, 1]
     """
 
     memory_limit: int | None = None
     compute_limit: float | None = None
 
     def __post_init__(self) -> None:
+        # frozen: store the checked values in their canonical types (np.int64 -> int)
         if self.memory_limit is not None:
-            _check_bytes(self.memory_limit, "memory limit")
+            object.__setattr__(self, "memory_limit", check_bytes(self.memory_limit, "memory"))
         if self.compute_limit is not None:
-            _check_share(self.compute_limit, "compute limit")
+            object.__setattr__(self, "compute_limit", _check_share(self.compute_limit, "compute"))
 
     def memory(self, nbytes: int) -> PartitionLimits:
         """These limits with the memory limit set to ``nbytes`` (int > 0)."""
@@ -75,16 +71,18 @@ class PartitionLimits:
 class PartitionConfig:
     """The device a :class:`PartitionManager` divides.
 
-    :raises InvalidArgument: ``total_memory`` is not an int > 0, or ``total_compute`` is
-        not in (0, 1]
+    :raises InvalidArgumentType: ``total_memory`` is not an integer, or ``total_compute``
+        not a number
+    :raises InvalidArgument: ``total_memory`` is not > 0, or ``total_compute`` is not in
+        (0, 1]
     """
 
     total_memory: int
     total_compute: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_bytes(self.total_memory, "total_memory")
-        _check_share(self.total_compute, "total_compute")
+        object.__setattr__(self, "total_memory", check_bytes(self.total_memory, "total_memory"))
+        object.__setattr__(self, "total_compute", _check_share(self.total_compute, "total_compute"))
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,9 @@ class PartitionManager:
     :param clock: the only source of time (seconds, monotonic); tests pass a fake one
     :param window_s: time constant of the exponential decay of recorded GPU time, and how
         recently another partition must have recorded time to count as contending
-    :raises InvalidArgument: ``config`` or ``window_s`` is invalid
+    :raises InvalidArgumentType: ``config`` is not a :class:`PartitionConfig`, or
+        ``window_s`` not a number
+    :raises InvalidArgument: ``window_s`` is not a finite number > 0
     """
 
     def __init__(
@@ -135,12 +135,10 @@ class PartitionManager:
         clock: Callable[[], float] = time.monotonic,
         window_s: float = 1.0,
     ) -> None:
-        if not isinstance(config, PartitionConfig):
-            raise InvalidArgument(f"config must be a PartitionConfig, got {config!r}")
-        if not (_is_real(window_s) and 0 < window_s < math.inf):
-            raise InvalidArgument(f"window_s must be a finite number > 0, got {window_s!r}")
-        self.config = config
-        self.window_s = float(window_s)
+        self.config = check_instance(
+            config, PartitionConfig, "config", "pass PartitionConfig(total_memory=...)"
+        )
+        self.window_s = check_number(window_s, "window_s", low=0.0, low_open=True)
         self._clock = clock
         self._lock = BookkeepingLock()  # released from memory finalizers: see runtime._locks
         self._parts: dict[str, _Partition] = {}
@@ -191,17 +189,18 @@ class PartitionManager:
     def create_partition(self, id: str, name: str, limits: PartitionLimits) -> PartitionInfo:
         """Create a partition; unset limits default to what is left unallocated.
 
-        :raises InvalidArgument: ``id`` is taken, or an argument has the wrong type
+        :raises InvalidArgument: ``id`` is taken, or a name is empty
+        :raises InvalidArgumentType: an argument has the wrong type
         :raises AdmissionRejected: the limits of all partitions would pass the config's totals
         """
-        for value, what in ((id, "partition id"), (name, "partition name")):
-            if not isinstance(value, str) or not value:
-                raise InvalidArgument(f"{what} must be a non-empty str, got {value!r}")
-        if not isinstance(limits, PartitionLimits):
-            raise InvalidArgument(
-                f"limits must be a PartitionLimits, got {limits!r}; build "
-                "one with PartitionLimits().memory(n).compute(share)"
-            )
+        check_name(id, "partition id")
+        check_name(name, "partition name")
+        check_instance(
+            limits,
+            PartitionLimits,
+            "limits",
+            "build one with PartitionLimits().memory(n).compute(share)",
+        )
         with self._lock:
             if id in self._parts:
                 raise InvalidArgument(
@@ -287,8 +286,9 @@ class PartitionManager:
         :raises VRAMBudgetExceeded: the partition's memory limit would be passed (nothing is
             recorded then)
         :raises InvalidArgument: unknown ``id``, context not attached, or bad ``nbytes``
+        :raises InvalidArgumentType: ``nbytes`` is not an integer
         """
-        _check_bytes(nbytes, "nbytes", low=0)
+        nbytes = check_bytes(nbytes, "nbytes", allow_zero=True)
         with self._lock:
             part = self._get(id, context_name)
             available = part.memory_limit - part.memory_used
@@ -298,7 +298,8 @@ class PartitionManager:
                     nbytes,
                     available,
                     part.memory_limit,
-                    reason=f"partition {id!r} memory limit",
+                    BudgetReason.PARTITION,
+                    partition=id,
                 )
             part.memory_used += nbytes
 
@@ -306,8 +307,9 @@ class PartitionManager:
         """Give back ``nbytes`` charged to partition ``id``.
 
         :raises InvalidArgument: unknown ``id``, or more bytes than are charged
+        :raises InvalidArgumentType: ``nbytes`` is not an integer
         """
-        _check_bytes(nbytes, "nbytes", low=0)
+        nbytes = check_bytes(nbytes, "nbytes", allow_zero=True)
         with self._lock:
             part = self._get(id)
             if nbytes > part.memory_used:
@@ -321,9 +323,9 @@ class PartitionManager:
         """Add ``seconds`` of GPU time used by partition ``id`` (measured with events).
 
         :raises InvalidArgument: unknown ``id``, or ``seconds`` not a finite number >= 0
+        :raises InvalidArgumentType: ``seconds`` is not a number
         """
-        if not (_is_real(seconds) and 0 <= seconds < math.inf):
-            raise InvalidArgument(f"seconds must be a finite number >= 0, got {seconds!r}")
+        seconds = check_number(seconds, "seconds", low=0.0)
         with self._lock:
             now = self._decay()
             part = self._get(id)

@@ -14,6 +14,11 @@ from ._graph import Graph as Graph
 from ._graph import capture_graph as capture_graph
 from ._launcher import LauncherConfig as LauncherConfig
 from ._ledger import PressureHandler as PressureHandler
+from ._lru_pool import Block as Block
+from ._lru_pool import MemoryPool as MemoryPool
+from ._lru_pool import PoolStats as PoolStats
+from ._reservation import ReservationVerdict as ReservationVerdict
+from ._reservation import check_reservation as check_reservation
 from ._runtime import Runtime as Runtime
 from ._session import bind_each_step as bind_each_step
 from ._session import context_session as context_session
@@ -33,6 +38,7 @@ from ._tasks import TaskState as TaskState
 from ._tiers import QoSPolicy as QoSPolicy
 
 __all__ = (
+    "Block",
     "BridgeStats",
     "CompletionBridge",
     "ContextState",
@@ -46,9 +52,12 @@ __all__ = (
     "Graph",
     "HandleState",
     "LauncherConfig",
+    "MemoryPool",
     "PartitionPolicy",
+    "PoolStats",
     "PressureHandler",
     "QoSPolicy",
+    "ReservationVerdict",
     "Runtime",
     "SchedulingPolicy",
     "Stream",
@@ -56,6 +65,7 @@ __all__ = (
     "TaskState",
     "bind_each_step",
     "capture_graph",
+    "check_reservation",
     "context_session",
     "current_context",
     "current_stream",

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import DeadlineExceeded, InvalidArgument, QueueFull
+from .._exceptions import DeadlineExceeded, InvalidArgument, InvalidArgumentType, QueueFull
 from ._tasks import Task, TaskState
 from ._tiers import QoSPolicy
 
@@ -70,7 +70,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if config is not None and not isinstance(config, DispatcherConfig):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"Dispatcher() takes a DispatcherConfig, not {type(config).__name__}"
             )
         self.config = config or DispatcherConfig()
@@ -310,10 +310,8 @@ def _unbound(task: Task) -> None:
 
 
 def _expired(task: Task, now: float) -> DeadlineExceeded:
-    late = now - (task.deadline or now)
     return DeadlineExceeded(
         f"task {getattr(task.fn, '__qualname__', task.fn)!r} of context "
-        f"{getattr(task.context, 'name', '?')!r} could not launch before its deadline "
-        f"({late * 1e3:.1f} ms late); it did not run — give it a later deadline, a higher "
-        "priority or tier, or submit less work ahead of it"
+        f"{getattr(task.context, 'name', '?')!r}",
+        late_s=now - (task.deadline or now),
     )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import ContextClosed, InvalidArgument
+from .._exceptions import ContextClosed, InvalidArgument, InvalidArgumentType
 from ._tiers import QoSPolicy
 
 if TYPE_CHECKING:
@@ -183,7 +183,9 @@ class Eviction:
                 "as it is, or use a BURSTABLE or BEST_EFFORT context for spillable buffers"
             )
         if not hasattr(array, "nbytes") or not hasattr(array, "shape"):
-            raise InvalidArgument(f"evictable() takes a device array, not {type(array).__name__}")
+            raise InvalidArgumentType(
+                f"evictable() takes a device array, not {type(array).__name__}"
+            )
         handle = Evictable(self, array)
         with self._lock:
             self._evictables.add(handle)

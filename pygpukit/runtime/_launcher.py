@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._exceptions import ContextClosed, InvalidArgument
+from .._exceptions import ContextClosed, InvalidArgument, InvalidArgumentType
 from ._completion import checkpoint
 from ._context import ContextState, ExecutionContext, _current
 from ._oneshot import Oneshot, running_library
@@ -435,18 +435,20 @@ class TaskRunner:
         """Queue ``fn(*args, **kwargs)`` in ``ctx``; return its result once its GPU work ran
         (see :meth:`ExecutionContext.submit`)."""
         if not callable(fn):
-            raise InvalidArgument(f"submit() needs a callable, not {type(fn).__name__}")
+            raise InvalidArgumentType(f"submit() needs a callable, not {type(fn).__name__}")
         if inspect.iscoroutinefunction(fn):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 "submit() runs a plain function on the context's launcher thread; for a "
                 "coroutine function, await it inside 'async with context_session(ctx)'"
             )
         if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidArgument(f"priority must be an int (lower runs first), not {priority!r}")
+            raise InvalidArgumentType(
+                f"priority must be an int (lower runs first), not {priority!r}"
+            )
         if deadline is not None and (
             not isinstance(deadline, int | float) or isinstance(deadline, bool)
         ):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 "deadline must be a time on the runtime's clock (time.monotonic() by "
                 f"default) or None, not {deadline!r}"
             )

@@ -17,8 +17,9 @@ import gc
 from collections.abc import Callable
 from typing import Any
 
-from .._exceptions import AdmissionRejected, ContextClosed, VRAMBudgetExceeded, _fmt_bytes
+from .._exceptions import AdmissionRejected, BudgetReason, ContextClosed, VRAMBudgetExceeded
 from .._locks import BookkeepingLock
+from ._reservation import check_reservation
 from ._tiers import QoSPolicy
 
 __all__ = ("Account", "Ledger", "PressureHandler")
@@ -135,15 +136,12 @@ class Ledger:
             self._drop_caches()
             self._make_room(tier, short)
         with self._lock:
-            free = self._shared_free()
-            if reserve > free:
-                raise AdmissionRejected(
-                    f"context {name!r}",
-                    f"it must reserve {_fmt_bytes(reserve)} ({tier.name}) but only "
-                    f"{_fmt_bytes(free)} of the device is unreserved; lower its "
-                    f"{'max_vram' if tier is QoSPolicy.GUARANTEED else 'base_vram'}, use "
-                    "a lower tier, or destroy contexts that hold reservations",
-                )
+            knob = "max_vram" if tier is QoSPolicy.GUARANTEED else "base_vram"
+            verdict = check_reservation(
+                reserve, self._shared_free(), self.capacity, tier=tier, knob=knob
+            )
+            if not verdict.fits:
+                raise AdmissionRejected(f"context {name!r}", verdict.reason)
             account = Account(name, tier, max_vram, base_vram, reserve)
             self._accounts.append(account)
             return account
@@ -183,13 +181,12 @@ class Ledger:
         with self._lock:
             available = self._available(a)
             over_budget = a.held + n > a.max_vram
-        handlers = list(self.handlers)
-        approved = True  # with no handler, the tiers' own policy makes room
-        for handler in handlers:
+        refuser = None  # with no handler, the tiers' own policy makes room
+        for handler in list(self.handlers):
             if not handler(a.owner, n, available):
-                approved = False
+                refuser = handler
                 break
-        if approved and not over_budget:
+        if refuser is None and not over_budget:
             gc.collect()
             self._drop_caches()
             if self._try(a, n):
@@ -201,13 +198,14 @@ class Ledger:
             with self._lock:
                 available = self._available(a)
         if over_budget:
-            reason = "past max_vram"
-        elif handlers and not approved:
-            reason = "a memory-pressure handler refused"
-        else:
-            kind = a.tier.name if a.tier else "unscoped"
-            reason = f"not enough unreserved memory for a {kind} allocation"
-        raise VRAMBudgetExceeded(a.name, n, available, a.max_vram, reason)
+            raise VRAMBudgetExceeded(a.name, n, available, a.max_vram, BudgetReason.MAX_VRAM)
+        if refuser is not None:
+            raise VRAMBudgetExceeded(
+                a.name, n, available, a.max_vram, BudgetReason.HANDLER, handler=refuser
+            )
+        raise VRAMBudgetExceeded(
+            a.name, n, available, a.max_vram, BudgetReason.UNRESERVED, tier=a.tier
+        )
 
     def shrink(self, a: Account, n: int) -> None:
         with self._lock:

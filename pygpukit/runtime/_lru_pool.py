@@ -4,6 +4,9 @@ With eviction enabled, an allocation that would pass the quota spills the least 
 used blocks to host memory — their bytes really copied out — and brings them back, intact,
 the next time they are touched, read or written. Its device memory is charged to the
 runtime's ledger like any other allocation outside a session.
+
+The pool is handed its runtime; :class:`pygpukit.lowlevel.MemoryPool`, the seed's spelling,
+defaults it to the process-wide one.
 """
 
 from __future__ import annotations
@@ -12,12 +15,11 @@ import itertools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._exceptions import InvalidArgument, VRAMBudgetExceeded
-
-if TYPE_CHECKING:
-    from ._runtime import Runtime
+from .._exceptions import BudgetReason, InvalidArgument, VRAMBudgetExceeded
+from .._validate import check_bytes, check_instance
+from ._runtime import Runtime
 
 __all__ = ("Block", "MemoryPool", "PoolStats")
 
@@ -75,23 +77,18 @@ class Block:
 class MemoryPool:
     """A quota of device memory handing out :class:`Block` objects.
 
-    :param quota: device bytes the pool may hold (live blocks plus cached free ones)
+    :param quota: device bytes the pool may hold (live blocks plus cached free ones; any
+        integer type)
     :param enable_eviction: spill LRU blocks to host memory instead of failing
-    :param runtime: whose device (the default runtime if omitted)
+    :param runtime: whose device, and whose ledger its memory is charged to
+    :raises InvalidArgumentType: ``quota`` is not an integer, or ``runtime`` not a Runtime
+    :raises InvalidArgument: ``quota`` is not positive
     """
 
-    def __init__(
-        self, quota: int, enable_eviction: bool = False, *, runtime: Runtime | None = None
-    ) -> None:
-        if not isinstance(quota, int) or isinstance(quota, bool) or quota <= 0:
-            raise InvalidArgument(f"quota must be a positive int number of bytes, not {quota!r}")
-        if runtime is None:
-            from ..scheduler import get_runtime
-
-            runtime = get_runtime()
-        self._rt = runtime
+    def __init__(self, quota: int, enable_eviction: bool = False, *, runtime: Runtime) -> None:
+        self.quota = check_bytes(quota, "quota")
+        self._rt = check_instance(runtime, Runtime, "runtime", "pass the Runtime to draw from")
         self._backend = runtime.backend
-        self.quota = quota
         self.enable_eviction = bool(enable_eviction)
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
@@ -122,7 +119,7 @@ class MemoryPool:
                     rounded,
                     max(0, self.quota - self._device - self._cached),
                     self.quota,
-                    "MemoryPool quota; create it with enable_eviction=True to spill to host",
+                    BudgetReason.QUOTA,
                 )
             self._evict(victim)
         ledger = self._rt.ledger
@@ -170,9 +167,10 @@ class MemoryPool:
         """A new block of ``size`` bytes, most recently used.
 
         :raises VRAMBudgetExceeded: it does not fit the quota (and eviction is off)
+        :raises InvalidArgumentType: ``size`` is not an integer
+        :raises InvalidArgument: ``size`` is not positive, or more than the quota
         """
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise InvalidArgument(f"block size must be a positive int, not {size!r}")
+        size = check_bytes(size, "size")
         rounded = -(-size // _ALIGN) * _ALIGN
         if rounded > self.quota:
             raise InvalidArgument(
@@ -188,12 +186,14 @@ class MemoryPool:
             return block
 
     def _live(self, block: Block) -> Block:
-        if not isinstance(block, Block):
-            raise InvalidArgument(f"expected a Block from this pool, not {type(block).__name__}")
+        check_instance(block, Block, "block", "pass a Block from this pool's allocate()")
         if block.freed:
-            raise InvalidArgument(f"block {block.id} was already freed")
-        if block.id not in self._lru and block.id not in self._evicted:
-            raise InvalidArgument(f"block {block.id} belongs to another pool")
+            raise InvalidArgument(f"block {block.id} was already freed; free() each block once")
+        # by identity: ids count from 1 in every pool
+        if self._lru.get(block.id) is not block and self._evicted.get(block.id) is not block:
+            raise InvalidArgument(
+                f"block {block.id} belongs to another pool; use it with the pool that allocated it"
+            )
         return block
 
     def free(self, block: Block) -> None:
@@ -230,10 +230,12 @@ class MemoryPool:
 
     def write(self, block: Block, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at the start of the block (restoring it first if evicted)."""
+        check_instance(block, Block, "block", "pass a Block from this pool's allocate()")
         view = memoryview(data).cast("B")
         if view.nbytes > block.size:
             raise InvalidArgument(
-                f"{view.nbytes} bytes do not fit block {block.id} of {block.size} bytes"
+                f"{view.nbytes} bytes do not fit block {block.id} of {block.size} bytes; "
+                "write at most its size, or allocate a larger block"
             )
         with self._lock:
             self.touch(block)

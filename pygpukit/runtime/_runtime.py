@@ -13,9 +13,11 @@ from .._exceptions import (
     ContextClosed,
     DuplicateContextName,
     InvalidArgument,
+    InvalidArgumentType,
 )
 from .._locks import give_back
 from .._units import MB
+from .._validate import check_bytes, check_instance, check_name
 from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
 from ._completion import CompletionBridge, default_bridge
 from ._context import ContextState, ExecutionContext, _current
@@ -61,12 +63,12 @@ class Runtime:
         policy: SchedulingPolicy | None = None,
         launcher: LauncherConfig | None = None,
     ) -> None:
-        if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
-            raise InvalidArgument(f"device_id must be a non-negative int, not {device_id!r}")
-        if launcher is not None and not isinstance(launcher, LauncherConfig):
-            raise InvalidArgument(
-                f"launcher must be a LauncherConfig, not {type(launcher).__name__}"
-            )
+        if not isinstance(device_id, int) or isinstance(device_id, bool):
+            raise InvalidArgumentType(f"device_id must be an int, not {device_id!r}")
+        if device_id < 0:
+            raise InvalidArgument(f"device_id must not be negative, got {device_id}")
+        if launcher is not None:
+            check_instance(launcher, LauncherConfig, "launcher", "e.g. LauncherConfig(batch_us=0)")
         policy = Dispatcher() if policy is None else policy
         cls: Any = backend_class(resolve_backend_name(backend))
         self.backend: Backend = cls(device_id)
@@ -76,7 +78,7 @@ class Runtime:
         if vram_limit is None:
             capacity = free - CUDA_HEADROOM if self.backend.name == "cuda" else free
         else:
-            _check_bytes("vram_limit", vram_limit)
+            vram_limit = check_bytes(vram_limit, "vram_limit")
             capacity = min(vram_limit, free)
         self.ledger = Ledger(max(0, capacity))
         self._unscoped = self.backend.create_pool(
@@ -123,7 +125,9 @@ class Runtime:
         if priority is None:
             priority = least
         lo, hi = min(least, greatest), max(least, greatest)
-        if not isinstance(priority, int) or not lo <= priority <= hi:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidArgumentType(f"stream priority must be an int, not {priority!r}")
+        if not lo <= priority <= hi:
             raise InvalidArgument(
                 f"stream priority {priority!r} is outside this device's range "
                 f"{greatest} (greatest) to {least} (least)"
@@ -152,12 +156,11 @@ class Runtime:
         :raises AdmissionRejected: the tier's reservation does not fit
         """
         self._check_open()
-        if not isinstance(name, str) or not name.strip():
-            raise InvalidArgument(f"context name must be a non-empty str, not {name!r}")
-        _check_bytes("max_vram", max_vram)
+        check_name(name, "context name")
+        max_vram = check_bytes(max_vram, "max_vram")
         tier = QoSPolicy.coerce(qos)
         if base_vram is not None:
-            _check_bytes("base_vram", base_vram, allow_zero=True)
+            base_vram = check_bytes(base_vram, "base_vram", allow_zero=True)
             if tier is not QoSPolicy.BURSTABLE:
                 raise InvalidArgument(
                     f"base_vram applies to BURSTABLE contexts only; {tier.name} "
@@ -169,8 +172,8 @@ class Runtime:
                     f"base_vram ({base_vram}) must not exceed max_vram ({max_vram}); "
                     "raise max_vram or lower base_vram"
                 )
-        if partition is not None and not isinstance(partition, str):
-            raise InvalidArgument(f"partition must be a partition id (str), not {partition!r}")
+        if partition is not None:
+            check_name(partition, "partition")
         if max_vram > self.ledger.capacity:
             raise InvalidArgument(
                 f"max_vram ({max_vram}) exceeds what this runtime manages "
@@ -229,7 +232,7 @@ class Runtime:
         Arrays it allocated stay charged to it until they are freed. Idempotent.
         """
         if not isinstance(ctx, ExecutionContext):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"destroy_context() takes an ExecutionContext, not {type(ctx).__name__}"
             )
         if ctx._runtime is not self:
@@ -269,7 +272,7 @@ class Runtime:
     def on_memory_pressure(self, handler: PressureHandler) -> PressureHandler:
         """Register ``handler(ctx, requested, available) -> bool`` (usable as a decorator)."""
         if not callable(handler):
-            raise InvalidArgument("on_memory_pressure() takes a callable handler")
+            raise InvalidArgumentType("on_memory_pressure() takes a callable handler")
         self.ledger.handlers.append(handler)
         return handler
 
@@ -286,7 +289,7 @@ class Runtime:
         """
         needed = ("attach", "detach", "charge", "release", "over_share", "record_gpu_time")
         if not all(callable(getattr(manager, n, None)) for n in needed):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"use_partitions() takes a PartitionManager (or an object with its methods "
                 f"{', '.join(needed)}), not {type(manager).__name__}"
             )
@@ -308,7 +311,7 @@ class Runtime:
         is logged, not propagated. Usable as a decorator.
         """
         if not callable(listener):
-            raise InvalidArgument("on_task_done() takes a callable listener")
+            raise InvalidArgumentType("on_task_done() takes a callable listener")
         self.tasks.listeners.append(listener)
         return listener
 
@@ -356,14 +359,6 @@ def _releaser(partitions: PartitionPolicy, partition: str) -> Callable[[int], No
             pass
 
     return release
-
-
-def _check_bytes(what: str, value: object, *, allow_zero: bool = False) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be an int number of bytes (e.g. 4 * GB), not {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        rule = "must not be negative" if allow_zero else "must be positive"
-        raise InvalidArgument(f"{what} {rule}, got {value}; e.g. {what}=2 * GB")
 
 
 @atexit.register

@@ -30,7 +30,7 @@ from contextvars import Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import ContextError, InvalidArgument
+from .._exceptions import ContextError, InvalidArgumentType
 from .._locks import BookkeepingLock
 from ._context import ExecutionContext, _current
 
@@ -281,7 +281,7 @@ class context_session:
 
     def __init__(self, ctx: ExecutionContext) -> None:
         if not isinstance(ctx, ExecutionContext):
-            raise InvalidArgument(
+            raise InvalidArgumentType(
                 f"context_session() takes an ExecutionContext, not {type(ctx).__name__}; "
                 "create one with create_context(name, max_vram=...)"
             )

@@ -52,12 +52,18 @@ class QoSPolicy(enum.Enum):
     def coerce(cls, value: object) -> QoSPolicy:
         """Accept a member or its name/value (``"guaranteed"``, ``"BEST_EFFORT"``).
 
-        :raises InvalidArgument: anything else
+        :raises InvalidArgument: an unknown name
+        :raises InvalidArgumentType: neither a member nor a str
         """
-        from .._exceptions import InvalidArgument
+        from .._exceptions import InvalidArgument, InvalidArgumentType
 
         if isinstance(value, cls):
             return value
+        if not isinstance(value, str):
+            raise InvalidArgumentType(
+                f"qos must be a QoSPolicy or its name, not {value!r}; use QoSPolicy.GUARANTEED, "
+                "QoSPolicy.BURSTABLE or QoSPolicy.BEST_EFFORT"
+            )
         if isinstance(value, str):
             key = value.strip().lower().replace("-", "_")
             for member in cls:
