@@ -30,6 +30,7 @@ from pygpukit._validate import check_bytes, check_instance, check_name, check_nu
 from pygpukit.pipeline import Pipeline, stage
 from pygpukit.runtime import Runtime, Stream
 
+
 def _nothing_created(rt: Runtime, names: list[str], reserved: int) -> None:
     assert [c.name for c in rt.contexts] == names
     assert rt.ledger.reserved_total() == reserved
