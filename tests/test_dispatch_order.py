@@ -65,16 +65,18 @@ async def _queue_behind_blockers(
         assert gate.wait(30), "the test never released the blockers"
 
     async with anyio.create_task_group() as tg:
-        for ctx in blockers:
-            tg.start_soon(ctx.submit, block)
-            await anyio.wait_all_tasks_blocked()
-            assert ctx.usage().in_flight == 1
-        for i, (ctx, priority) in enumerate(tasks):
-            tg.start_soon(functools.partial(ctx.submit, ran.append, i, priority=priority))
-            await anyio.wait_all_tasks_blocked()  # task i is queued before i + 1 arrives
-            assert sum(c.usage().queued for c in contexts) == i + 1, "a task did not queue"
-        assert ran == []
-        gate.set()
+        try:
+            for ctx in blockers:
+                tg.start_soon(ctx.submit, block)
+                await anyio.wait_all_tasks_blocked()
+                assert ctx.usage().in_flight == 1
+            for i, (ctx, priority) in enumerate(tasks):
+                tg.start_soon(functools.partial(ctx.submit, ran.append, i, priority=priority))
+                await anyio.wait_all_tasks_blocked()  # task i is queued before i + 1 arrives
+                assert sum(c.usage().queued for c in contexts) == i + 1, "a task did not queue"
+            assert ran == []
+        finally:
+            gate.set()
     assert sum(c.usage().tasks for c in contexts) == len(blockers) + len(tasks)
 
 
