@@ -6,6 +6,7 @@ import importlib.util
 from collections.abc import Iterator
 
 import pytest
+from clocks import FakeClock
 
 from pygpukit import scheduler
 from pygpukit.runtime import Runtime
@@ -85,3 +86,9 @@ def _pool_keeps_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     tests that count the pool's or the driver's bytes across a slow step (a first kernel
     compile) do not depend on timing; the idle-trim tests set their own value."""
     monkeypatch.setenv("PYGPUKIT_POOL_IDLE_S", "inf")
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """A clock at 0.0 that only the test moves (``clock.advance(s)``, ``clock.now = t``)."""
+    return FakeClock()

@@ -260,21 +260,35 @@ async def test_cancelling_run_cancels_every_stage_and_frees_their_memory(
     host_rt: Runtime, ctxs: dict[str, ExecutionContext]
 ) -> None:
     before = _used(ctxs)
-    tasks_before = _asyncio_tasks()
+    tasks_before = _task_ids()
     p = _fan(host_rt)
-    with anyio.move_on_after(0.1) as scope:
-        await p.run({"n": 1 << 16, "delay": 30.0})
-    assert scope.cancelled_caught
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(p.run, {"n": 1 << 16, "delay": 30.0})
+        await anyio.wait_all_tasks_blocked()  # both branches are in their 30 s sleep
+        assert sorted(LOG) == ["enter tr_left", "enter tr_right"]
+        # the run's tasks are seen, on every backend: the checks below are not vacuous
+        assert _pipeline_tasks() == [  # the supervisor and a task per chain of stages
+            "pipeline fan",
+            "pipeline fan:tr_join",
+            "pipeline fan:tr_left",
+            "pipeline fan:tr_right",
+        ]
+        tg.cancel_scope.cancel()
     assert sorted(LOG) == ["enter tr_left", "enter tr_right", "exit tr_left", "exit tr_right"]
     assert _used(ctxs) == before  # the arrays each stage held were released
-    assert _asyncio_tasks() == tasks_before  # no stage task left behind
+    assert _pipeline_tasks() == []  # no stage task left behind
+    assert _task_ids() == tasks_before  # nor any other task
 
 
-def _asyncio_tasks() -> set[object]:
-    try:
-        return set(asyncio.all_tasks())
-    except RuntimeError:  # trio
-        return set()
+def _task_ids() -> set[int]:
+    """Every task running now (a trio run's tasks from its root down, system tasks too)."""
+    return {task.id for task in anyio.get_running_tasks()}
+
+
+def _pipeline_tasks() -> list[str]:
+    """The names of the tasks a pipeline run made, running now."""
+    names = (task.name or "" for task in anyio.get_running_tasks())
+    return sorted(name for name in names if name.startswith("pipeline "))
 
 
 async def test_cancelling_mid_stream_frees_items_in_flight(
@@ -542,15 +556,26 @@ async def test_cancelling_a_sequential_run_frees_its_memory_at_once(
     host_rt: Runtime, ctxs: dict[str, ExecutionContext], placement: str
 ) -> None:
     before = _used(ctxs)
-    tasks_before = _asyncio_tasks()
-    with anyio.move_on_after(0.1) as scope:
+    tasks_before = _task_ids()
+    caller: list[object] = []
+
+    async def run() -> None:
+        caller.append(anyio.get_current_task().id)
         await _chain(host_rt).run({"n": 1 << 16, "delay": 30.0})
-    assert scope.cancelled_caught
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, name="caller")
+        await anyio.wait_all_tasks_blocked()  # tr_hold is in its 30 s sleep
+        assert LOG == ["enter tr_make", "exit tr_make", "enter tr_hold"]
+        # inline, the run has no task of its own; else its task is seen, on every backend
+        assert _pipeline_tasks() == ([] if placement == "inline" else ["pipeline chain"])
+        tg.cancel_scope.cancel()
     assert LOG == ["enter tr_make", "exit tr_make", "enter tr_hold", "exit tr_hold"]
-    assert (TASKS[0] == anyio.get_current_task().id) == (placement == "inline")
+    assert (TASKS[0] == caller[0]) == (placement == "inline")
     # the first stage's output and the second's own array were both released
     assert _used(ctxs) == before
-    assert _asyncio_tasks() == tasks_before
+    assert _pipeline_tasks() == []
+    assert _task_ids() == tasks_before
 
 
 async def test_a_sequential_run_past_its_deadline_names_the_stage_it_cut(
