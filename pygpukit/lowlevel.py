@@ -1,8 +1,9 @@
 """The seed's low-level objects (``import _pygpukit_rust as rust``, or this module).
 
-The same classes the runtime uses: a runtime's admission is a :class:`QosPolicyEvaluator`
-(``rt.scheduler.admission``), and ``rt.scheduler.use_partitions(manager)`` makes a
-:class:`PartitionManager`'s limits govern contexts created with ``partition=``.
+A :class:`QosPolicyEvaluator` is a standalone admission book with the same reservation rule
+and wording as a runtime's ledger (:func:`pygpukit.runtime.check_reservation`);
+``rt.use_partitions(manager)`` makes a :class:`PartitionManager`'s limits govern the
+runtime's contexts created with ``partition=``.
 :class:`MemoryPool` is :class:`pygpukit.runtime.MemoryPool` drawing, unless told otherwise,
 from the process-wide default runtime (:func:`pygpukit.scheduler.get_runtime`).
 """
