@@ -118,3 +118,30 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
     if high is not None:
         return f"a finite number {'<' if high_open else '<='} {high:g}"
     return "a finite number"
+
+
+def check_priority(value: object) -> int:
+    """A task or request priority: an ``int`` (not ``bool``); lower runs first.
+
+    :raises InvalidArgumentType: anything else
+    """
+    if type(value) is not int:  # the common case, without the isinstance calls
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidArgumentType(f"priority must be an int (lower runs first), not {value!r}")
+    return value
+
+
+def check_deadline(value: object) -> float | None:
+    """A deadline: ``None`` or a time on the scheduling policy's clock
+    (``time.monotonic()`` by default).
+
+    :raises InvalidArgumentType: anything else
+    """
+    if value is None or type(value) is float:
+        return value
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidArgumentType(
+            "deadline must be a time on the runtime's clock (time.monotonic() by default) "
+            f"or None, not {value!r}"
+        )
+    return float(value)

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .._exceptions import InvalidArgumentType, PipelineValidationError
-from .._validate import check_name
+from .._validate import check_deadline, check_name, check_priority
 from ..runtime import ExecutionContext, QoSPolicy, Runtime
 from ._plan import INPUT, Entry, Plan, compile_plan
 from ._result import PipelineResult, PipelineStream, RequestInfo
@@ -161,16 +161,8 @@ class Pipeline:
             req = model.model_validate(dict(request))
         else:
             req = model.model_validate(request, from_attributes=True)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidArgumentType(
-                f"priority must be an int (lower runs first), not {priority!r}"
-            )
-        if deadline is not None and (
-            not isinstance(deadline, int | float) or isinstance(deadline, bool)
-        ):
-            raise InvalidArgumentType(
-                f"deadline must be a time.monotonic() time or None, not {deadline!r}"
-            )
+        priority = check_priority(priority)
+        deadline = check_deadline(deadline)
         info = RequestInfo(
             tier=None if tier is None else QoSPolicy.coerce(tier),
             priority=priority,

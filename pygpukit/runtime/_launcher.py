@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._exceptions import ContextClosed, InvalidArgument, InvalidArgumentType
+from .._validate import check_deadline, check_priority
 from ._completion import checkpoint
 from ._context import ContextState, ExecutionContext, _current
 from ._oneshot import Oneshot, running_library
@@ -441,17 +442,8 @@ class TaskRunner:
                 "submit() runs a plain function on the context's launcher thread; for a "
                 "coroutine function, await it inside 'async with context_session(ctx)'"
             )
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidArgumentType(
-                f"priority must be an int (lower runs first), not {priority!r}"
-            )
-        if deadline is not None and (
-            not isinstance(deadline, int | float) or isinstance(deadline, bool)
-        ):
-            raise InvalidArgumentType(
-                "deadline must be a time on the runtime's clock (time.monotonic() by "
-                f"default) or None, not {deadline!r}"
-            )
+        priority = check_priority(priority)
+        deadline = check_deadline(deadline)
         ctx._check_open()
         self.bridge.attach()
         policy = self.policy
