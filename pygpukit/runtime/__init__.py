@@ -1,6 +1,14 @@
-"""Devices, streams, events, completion, execution contexts, memory and sessions."""
+"""Devices, streams, events, completion, execution contexts, memory and sessions.
+
+Completion: a :class:`CompletionBridge` turns stream positions into awaitables; a runtime
+uses :func:`default_bridge` unless given one, built on a channel from :func:`make_channel`
+(``CompletionBridge(make_channel("python"))`` is the fallback without the C extension). At
+most :data:`COMPLETION_CAPACITY` completions are awaited on one bridge at once.
+"""
 
 from ._backends import DeviceInfo as DeviceInfo
+from ._channel import CAPACITY as COMPLETION_CAPACITY
+from ._channel import make_channel as make_channel
 from ._completion import BridgeStats as BridgeStats
 from ._completion import CompletionBridge as CompletionBridge
 from ._completion import default_bridge as default_bridge
@@ -20,6 +28,7 @@ from ._stream import Stream as Stream
 from ._tiers import QoSPolicy as QoSPolicy
 
 __all__ = (
+    "COMPLETION_CAPACITY",
     "BridgeStats",
     "CompletionBridge",
     "ContextState",
@@ -38,8 +47,10 @@ __all__ = (
     "current_stream",
     "default_bridge",
     "hook_event_loop",
+    "make_channel",
 )
 
 for _name in __all__:
-    globals()[_name].__module__ = __name__
+    if not isinstance(globals()[_name], int):  # a number has no __module__ to set
+        globals()[_name].__module__ = __name__
 del _name
