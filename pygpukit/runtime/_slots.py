@@ -1,9 +1,10 @@
 """The waiter table: a slot for each pending waiter, named by tokens that cannot go stale.
 
 A waiter takes a free slot and its completion signal carries a *token*: the slot's
-generation above ``GEN_SHIFT``, the slot below. A slot emptied before its signal came (its
-waiter failed by the watchdog, or its arming undone) moves to a new generation, so a late
-signal for it is recognised and ignored instead of resolving the slot's next waiter.
+generation in its high bits, the slot in its low ones. A slot emptied before its signal
+came (its waiter failed by the watchdog, or its arming undone) moves to a new generation,
+so a late signal for it is recognised and ignored instead of resolving the slot's next
+waiter.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ("Callback", "Probe", "SlotTable", "resolve_all")
 
-GEN_SHIFT = CAPACITY.bit_length() - 1  # a token: generation << GEN_SHIFT | slot
-SLOT = CAPACITY - 1
+_GEN_SHIFT = CAPACITY.bit_length() - 1  # a token: generation << _GEN_SHIFT | slot
+_SLOT = CAPACITY - 1
 
 #: what a waiter is resolved with: ``None`` once its work has run, else the error
 Callback = Callable[[BaseException | None], None]
@@ -92,7 +93,7 @@ class SlotTable:
             # The watchdog clears its wake-up flag under this lock once nothing is pending:
             # the first waiter after that sets it again.
             self._wake.set()
-        return self._gen[slot] << GEN_SHIFT | slot, probe
+        return self._gen[slot] << _GEN_SHIFT | slot, probe
 
     def _grow(self) -> None:
         """Double the table (call with the lock held).
@@ -117,11 +118,11 @@ class SlotTable:
         (call with the lock held): its signal resolves the others first, in their order.
         That token, or -1 when none is pending (the watchdog failed them meanwhile)."""
         gens = self._gen
-        live = [t for t in tokens if t >> GEN_SHIFT == gens[t & SLOT]]
+        live = [t for t in tokens if t >> _GEN_SHIFT == gens[t & _SLOT]]
         if not live:
             return -1
         lead = live.pop()
-        self._rest[lead & SLOT] = live or None
+        self._rest[lead & _SLOT] = live or None
         return lead
 
     def release(self, token: int) -> None:
@@ -134,8 +135,8 @@ class SlotTable:
     def retire(self, token: int) -> Callback | None:
         """Empty ``token``'s slot under a new generation, if it is still that waiter's (call
         with the lock held); its callback, or ``None``."""
-        slot = token & SLOT
-        if token >> GEN_SHIFT != self._gen[slot]:
+        slot = token & _SLOT
+        if token >> _GEN_SHIFT != self._gen[slot]:
             return None
         return self._empty(slot)
 
@@ -184,14 +185,14 @@ class SlotTable:
         with self.lock:
             size = len(gens)
             for token in tokens:
-                slot = token & SLOT
-                if slot >= size or token >> GEN_SHIFT != gens[slot]:
+                slot = token & _SLOT
+                if slot >= size or token >> _GEN_SHIFT != gens[slot]:
                     continue  # no waiter of ours, or one failed and its slot reused
                 rest = rests[slot]
                 if rest is not None:  # the members this signal was shared by, in order
                     for other in rest:
-                        if other >> GEN_SHIFT == gens[other & SLOT]:
-                            resolve = take(other & SLOT)
+                        if other >> _GEN_SHIFT == gens[other & _SLOT]:
+                            resolve = take(other & _SLOT)
                             if resolve is not None:
                                 done.append(resolve)
                 resolve = take(slot)  # the last member
