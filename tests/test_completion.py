@@ -13,8 +13,8 @@ import pytest
 
 from pygpukit import CudaError
 from pygpukit.benchmarks._common import busy_kernel
-from pygpukit.runtime import Runtime
-from pygpukit.runtime._completion import CAPACITY, CompletionBridge, make_channel
+from pygpukit.runtime import COMPLETION_CAPACITY as CAPACITY
+from pygpukit.runtime import CompletionBridge, Runtime, make_channel
 
 pytestmark = pytest.mark.anyio
 

@@ -477,7 +477,9 @@ async def test_a_request_with_a_priority_of_the_wrong_type_is_a_type_error(
     p = Pipeline("p", runtime=host_rt).add(_echo)
     with pytest.raises(InvalidArgumentType, match=r"^priority must be an int"):
         await p.run({"text": "hi"}, priority="high")
-    with pytest.raises(InvalidArgumentType, match=r"^deadline must be a time on the runtime.s clock"):
+    with pytest.raises(
+        InvalidArgumentType, match=r"^deadline must be a time on the runtime.s clock"
+    ):
         await p.run({"text": "hi"}, deadline="soon")
 
 

@@ -12,8 +12,7 @@ from typing import Any, NamedTuple
 import pytest
 
 from pygpukit import CudaError
-from pygpukit.runtime import Runtime
-from pygpukit.runtime._completion import CompletionBridge, make_channel
+from pygpukit.runtime import CompletionBridge, Runtime, make_channel
 
 
 class Held(NamedTuple):
@@ -105,9 +104,9 @@ def test_a_batch_its_holder_never_sends_is_sent_at_the_watchdogs_second_look(hel
     batch = _hold(held, None, 0)
     _hold(held, batch, 1)
     before = held.bridge.stats().signals
-    held.bridge._send_stranded()  # first look: seen open
+    held.bridge._watchdog.send_stranded()  # first look: seen open
     assert held.bridge.stats().signals == before
-    held.bridge._send_stranded()  # second look: still open, so sent
+    held.bridge._watchdog.send_stranded()  # second look: still open, so sent
     assert held.bridge.stats().signals == before + 1 and not batch.open
     _drain(held)
     assert [member for member, _, _ in held.got] == [0, 1]
@@ -147,8 +146,8 @@ def test_a_fault_fails_held_members_and_their_batch_then_sends_nothing(held: Hel
 
 def test_a_hold_after_the_watchdog_sent_the_batch_opens_another(held: Held) -> None:
     batch = _hold(held, None, 0)
-    held.bridge._send_stranded()
-    held.bridge._send_stranded()  # sent by the watchdog
+    held.bridge._watchdog.send_stranded()
+    held.bridge._watchdog.send_stranded()  # sent by the watchdog
     assert not batch.open
     after = _hold(held, batch, 1)
     assert after is not batch and after.open
@@ -195,9 +194,9 @@ def test_one_batch_whose_send_raises_does_not_strand_the_others(held: Held) -> N
     held.bridge.hold(None, _Refusing(CudaError("refused")), held.rt.backend, exits, 32)  # type: ignore[arg-type]
     _hold(held, None, 0)
     before = held.bridge.stats().signals
-    held.bridge._send_stranded()  # first look: both seen
+    held.bridge._watchdog.send_stranded()  # first look: both seen
     with pytest.raises(SystemExit):
-        held.bridge._send_stranded()  # second: both sent, the refused one first
+        held.bridge._watchdog.send_stranded()  # second: both sent, the refused one first
     assert held.bridge.stats().signals - before == 2
     _drain(held)
     assert [member for member, _, _ in held.got] == [0]

@@ -15,8 +15,7 @@ import pytest
 
 from pygpukit import CudaError, InvalidArgument
 from pygpukit.benchmarks._common import busy_kernel
-from pygpukit.runtime import Runtime
-from pygpukit.runtime._completion import CompletionBridge, make_channel
+from pygpukit.runtime import CompletionBridge, Runtime, make_channel
 
 pytestmark = pytest.mark.anyio
 
@@ -259,7 +258,7 @@ def test_a_batch_left_by_a_stopped_loop_is_sent_by_the_watchdog(stranded: Strand
     those waiters; the watchdog sends a stopped loop's batches."""
     bridge = stranded.bridge
     assert bridge.stats().signals == 1
-    bridge._send_stranded()  # one look: the loop is not running
+    bridge._watchdog.send_stranded()  # one look: the loop is not running
     assert bridge.stats().signals == 2
     stranded.stream.synchronize()
     bridge._on_readable()
@@ -298,10 +297,10 @@ def test_the_watchdog_sends_no_batch_into_a_stream_being_captured(stranded: Stra
     bridge, raw = stranded.bridge, stranded.stream.raw
     raw.capturing = True  # as CUDA's capture sets it
     for _ in range(3):
-        bridge._send_stranded()
+        bridge._watchdog.send_stranded()
     assert bridge.stats().signals == 1, "a signal was sent into the capture"
     raw.capturing = False
-    bridge._send_stranded()
+    bridge._watchdog.send_stranded()
     assert bridge.stats().signals == 2
     stranded.stream.synchronize()
     bridge._on_readable()

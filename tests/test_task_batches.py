@@ -218,7 +218,7 @@ async def test_a_function_that_waits_for_an_earlier_tasks_caller_does_not_hang(
 def no_watchdog(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     """The completion watchdog sends no held batch during the test (it still checks for
     faults): what is sent, the launcher thread sent."""
-    monkeypatch.setattr(rt.bridge, "_send_stranded", lambda: None)
+    monkeypatch.setattr(rt.bridge._watchdog, "send_stranded", lambda: None)
 
 
 @pytest.mark.parametrize("slow_on", ["host", "gpu"])

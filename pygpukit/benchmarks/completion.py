@@ -29,8 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..runtime import CompletionBridge, Runtime, Stream
-from ..runtime._completion import make_channel
+from ..runtime import CompletionBridge, Runtime, Stream, make_channel
 from ._common import Row, bench_main, busy_kernel, noop_kernel, pct
 
 Method = Callable[[Stream], Awaitable[None]]

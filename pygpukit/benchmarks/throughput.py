@@ -100,7 +100,7 @@ async def _python_hostfn(rt: Runtime, n: int, streams: list[Any]) -> float:
 
 
 async def _enqueue_only(rt: Runtime, n: int, streams: list[Any]) -> float:
-    from ..runtime._completion import CAPACITY
+    from ..runtime import COMPLETION_CAPACITY as CAPACITY
 
     launch, bridge = noop_kernel(rt), rt.bridge
     token = CAPACITY * UNMATCHED

@@ -1,6 +1,16 @@
-"""Devices, streams, events, completion, execution contexts, memory and sessions."""
+"""Devices, streams, events, completion, execution contexts, memory and sessions.
+
+Completion: a :class:`CompletionBridge` turns stream positions into awaitables; a runtime
+uses :func:`default_bridge` unless given one, built on a channel from :func:`make_channel`
+(``CompletionBridge(make_channel("python"))`` is the fallback without the C extension). At
+most :data:`COMPLETION_CAPACITY` completions are awaited on one bridge at once.
+"""
+
+import types
 
 from ._backends import DeviceInfo as DeviceInfo
+from ._channel import CAPACITY as COMPLETION_CAPACITY
+from ._channel import make_channel as make_channel
 from ._completion import BridgeStats as BridgeStats
 from ._completion import CompletionBridge as CompletionBridge
 from ._completion import default_bridge as default_bridge
@@ -38,6 +48,7 @@ from ._tasks import TaskState as TaskState
 from ._tiers import QoSPolicy as QoSPolicy
 
 __all__ = (
+    "COMPLETION_CAPACITY",
     "Block",
     "BridgeStats",
     "CompletionBridge",
@@ -73,14 +84,12 @@ __all__ = (
     "hook_event_loop",
     "hook_future_loops",
     "hook_running_loop",
+    "make_channel",
     "steps_are_bound",
 )
 
 for _name in __all__:
     _obj = globals()[_name]
-    if hasattr(_obj, "__module__"):  # not type aliases such as PressureHandler
-        try:
-            _obj.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
+    if isinstance(_obj, type | types.FunctionType):  # not numbers or type aliases
+        _obj.__module__ = __name__
 del _name, _obj

@@ -31,7 +31,8 @@ from ._tasks import Task
 
 if TYPE_CHECKING:
     from ._backends import Backend
-    from ._completion import CompletionBridge, _Batch
+    from ._batches import Batch
+    from ._completion import CompletionBridge
     from ._tasks import PartitionPolicy, SchedulingPolicy
 
 __all__ = ("LauncherConfig", "TaskRunner")
@@ -171,7 +172,7 @@ class _Launcher:
         self.batching = runner.batch_s > 0 and not runner.backend.tasks_on_streams
         # Tasks that ran on the thread and whose completion signal waits for the tasks
         # after them (DispatcherConfig.batch_us): the bridge's batch they are members of.
-        self._batch: _Batch | None = None
+        self._batch: Batch | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"pygpukit-launcher-{ctx.name}", daemon=True
         )
