@@ -22,11 +22,14 @@ from pygpukit.benchmarks.report import git_commit, render
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    # from the directory holding the package this process imported, so that ``-m`` runs the
+    # same pygpukit (the installed one in CI, not the source tree CI runs in)
     return subprocess.run(
         [sys.executable, "-m", "pygpukit.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=Path(pygpukit.__file__).resolve().parent.parent,
     )
 
 
