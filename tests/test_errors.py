@@ -26,9 +26,9 @@ from pygpukit import (
     VRAMBudgetExceeded,
     context_session,
 )
-from pygpukit._validate import check_bytes, check_instance, check_name, check_number
 from pygpukit.pipeline import Pipeline, stage
 from pygpukit.runtime import Runtime, Stream
+from pygpukit.runtime.checks import check_bytes, check_instance, check_name, check_number
 
 
 def _nothing_created(rt: Runtime, names: list[str], reserved: int) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from .._exceptions import InvalidArgumentType, PipelineValidationError
-from .._validate import check_deadline, check_name, check_priority
 from ..runtime import ExecutionContext, QoSPolicy, Runtime
+from ..runtime.checks import check_deadline, check_name, check_priority
 from ._plan import INPUT, Entry, Plan, compile_plan
 from ._result import PipelineResult, PipelineStream, RequestInfo
 from ._run import collect, drive

@@ -17,8 +17,8 @@ from typing import Any, get_args, get_origin, overload
 from pydantic import BaseModel
 
 from .._exceptions import InvalidArgumentType, PipelineValidationError
-from .._validate import check_name
 from ..runtime import ExecutionContext
+from ..runtime.checks import check_name
 
 __all__ = ("Stage", "StageRegistry", "registry", "stage")
 

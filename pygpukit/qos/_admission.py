@@ -21,8 +21,8 @@ import threading
 from dataclasses import dataclass
 
 from .._exceptions import AdmissionRejected, InvalidArgument, _fmt_bytes
-from .._validate import check_bytes, check_instance, check_name, check_number
 from ..runtime import QoSPolicy, check_reservation
+from ..runtime.checks import check_bytes, check_instance, check_name, check_number
 
 __all__ = ("AdmissionAction", "QosEvaluation", "QosPolicyEvaluator", "QosTaskMeta")
 

@@ -22,7 +22,7 @@ from .._exceptions import (
     _fmt_bytes,
 )
 from .._locks import BookkeepingLock
-from .._validate import check_bytes, check_instance, check_name, check_number
+from ..runtime.checks import check_bytes, check_instance, check_name, check_number
 
 __all__ = ("PartitionConfig", "PartitionInfo", "PartitionLimits", "PartitionManager")
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._exceptions import ContextClosed, InvalidArgument, InvalidArgumentType
-from .._validate import check_deadline, check_priority
 from ._completion import checkpoint
 from ._context import ContextState, ExecutionContext, _current
 from ._oneshot import Oneshot, running_library
 from ._tasks import Task
+from .checks import check_deadline, check_priority
 
 if TYPE_CHECKING:
     from ._backends import Backend

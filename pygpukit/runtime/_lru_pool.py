@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import BudgetReason, InvalidArgument, VRAMBudgetExceeded
-from .._validate import check_bytes, check_instance
 from ._runtime import Runtime
+from .checks import check_bytes, check_instance
 
 __all__ = ("Block", "MemoryPool", "PoolStats")
 

@@ -17,7 +17,6 @@ from .._exceptions import (
 )
 from .._locks import give_back
 from .._units import MB
-from .._validate import check_bytes, check_instance, check_name
 from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
 from ._completion import CompletionBridge, default_bridge
 from ._context import ContextState, ExecutionContext, _current
@@ -28,6 +27,7 @@ from ._session import hook_running_loop, register_binder, unregister_binder
 from ._stream import Event, Stream
 from ._tasks import PartitionPolicy, SchedulingPolicy, Task
 from ._tiers import QoSPolicy
+from .checks import check_bytes, check_instance, check_name
 
 __all__ = ("Runtime",)
 

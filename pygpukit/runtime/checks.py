@@ -1,4 +1,4 @@
-"""Argument checks shared by every layer, each rule written once.
+"""Argument checks shared by the runtime and every layer above it, each rule written once.
 
 A wrong type raises :class:`~pygpukit.InvalidArgumentType` (a ``TypeError``); a wrong value
 raises :class:`~pygpukit.InvalidArgument` (a ``ValueError``). Messages state the rule and
@@ -13,9 +13,16 @@ import numbers
 import operator
 from typing import TypeVar
 
-from ._exceptions import InvalidArgument, InvalidArgumentType
+from .._exceptions import InvalidArgument, InvalidArgumentType
 
-__all__ = ("check_bytes", "check_instance", "check_name", "check_number")
+__all__ = (
+    "check_bytes",
+    "check_deadline",
+    "check_instance",
+    "check_name",
+    "check_number",
+    "check_priority",
+)
 
 T = TypeVar("T")
 
