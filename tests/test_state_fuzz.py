@@ -134,15 +134,23 @@ class RuntimeMachine(RuleBasedStateMachine):
         self.live.append(ctx)
         self.reserved[ctx] = reserve
 
-    def _shared_held(self) -> int:
-        """Bytes held beyond reservations (bursts, BestEffort, unscoped), model-side."""
+    def _held(self) -> dict[ExecutionContext | None, int]:
+        """What each context (``None``: outside any session) should be charged, by the
+        model: its arrays, and its evictables while they are on the device."""
         held: dict[ExecutionContext | None, int] = {}
         for arr, owner in self.arrays:
             held[owner] = held.get(owner, 0) + _charged(arr.nbytes)
         for handle, owner in self.evictables:
             if handle.on_device:
                 held[owner] = held.get(owner, 0) + _charged(handle.nbytes)
-        return sum(max(0, n - self.reserved.get(c, 0)) for c, n in held.items())  # type: ignore[arg-type]
+        return held
+
+    def _shared_held(self) -> int:
+        """Bytes held beyond reservations (bursts, BestEffort, unscoped), model-side."""
+        return sum(
+            n - min(n, self.reserved[c]) if c in self.reserved else n
+            for c, n in self._held().items()
+        )
 
     @precondition(lambda self: self.live)
     @rule(i=PICK)
@@ -332,12 +340,7 @@ class RuntimeMachine(RuleBasedStateMachine):
     def charges_match_live_arrays(self) -> None:
         if any(not h.on_device for h, _ in self.evictables):
             event("an evictable is evicted")
-        expected: dict[ExecutionContext | None, int] = {}
-        for arr, owner in self.arrays:
-            expected[owner] = expected.get(owner, 0) + _charged(arr.nbytes)
-        for handle, owner in self.evictables:
-            if handle.on_device:
-                expected[owner] = expected.get(owner, 0) + _charged(handle.nbytes)
+        expected = self._held()
         for ctx in self.live + self.dead:
             usage = ctx.usage()
             want = expected.get(ctx, 0)
