@@ -5,7 +5,8 @@ context to the runtime. When a higher tier needs the room, the runtime copies it
 (pinned, on CUDA) host memory and frees the device memory; the next session or task of the
 context copies them back, bit for bit. A context that is in a session or has a task in
 flight is never evicted from, and a buffer someone else still references is skipped (it
-would free nothing).
+would free nothing). The runtime holds the handles weakly: dropping the last reference to a
+handle frees its buffer, as dropping an array does (``release()`` frees it at once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import enum
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +40,7 @@ class Evictable:
     """A context's spillable device array; read it through :attr:`array` each time."""
 
     __slots__ = (
+        "__weakref__",
         "_array",
         "_host",
         "_last_used",
@@ -171,7 +174,10 @@ class Eviction:
         self._pool = pool
         self._activate = activate
         self._lock = threading.RLock()
-        self._evictables: set[Evictable] = set()
+        # Weak: a handle nobody holds can never be read again, so its buffer (and host
+        # copy) go with it, as an array's do — in a destroyed context too, where a strong
+        # set would keep the buffers, their charge and so the context alive for good.
+        self._evictables: weakref.WeakSet[Evictable] = weakref.WeakSet()
         self._busy = 0  # sessions and tasks running: nothing may be evicted meanwhile
         self.closed = False
 

@@ -16,8 +16,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -89,6 +90,8 @@ def _cost_key(fn: Any) -> Any:
     by (a builtin, say, or an object whose attributes raise); such a function always goes
     to the launcher thread and never shares a completion signal.
     """
+    if type(fn) is FunctionType:  # the common case, read off its code's flags
+        return bool(fn.__code__.co_flags & _ASYNC_FLAGS)
     try:
         while isinstance(fn, functools.partial):
             fn = fn.func
@@ -99,6 +102,26 @@ def _cost_key(fn: Any) -> Any:
     except Exception:
         return None
     return code
+
+
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def _is_async(fn: Any) -> bool:
+    """Whether calling ``fn`` makes a coroutine or an async generator, as far as its
+    definition tells: a coroutine or async generator function, a partial or bound method
+    of one, or an object whose ``__call__`` is one. (A plain function that returns a
+    coroutine is caught when it returns: :meth:`_Outcome.run`.)"""
+    if type(fn) is FunctionType:  # the common case, read off its code's flags
+        return bool(fn.__code__.co_flags & _ASYNC_FLAGS)
+    try:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        if not inspect.isroutine(fn) and not isinstance(fn, type):
+            fn = type(fn).__call__  # a callable object: its class's __call__ tells
+        return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+    except Exception:  # an object whose attributes raise: let the call itself tell
+        return False
 
 
 def _note(table: dict[Any, float], key: Any, value: float) -> None:
@@ -134,7 +157,21 @@ class _Outcome:
     def run(self, task: Task, ctx: ExecutionContext | None = None) -> None:
         token = _current.set(ctx) if ctx is not None else None  # on an executor unit
         try:
-            self.value = task.fn(*task.args, **task.kwargs)
+            value = task.fn(*task.args, **task.kwargs)
+            if isinstance(value, Coroutine):
+                # Work that never ran, not a result: fail the task rather than hand back a
+                # coroutine nobody awaits. Closed here, it warns of nothing. (Futures, events
+                # and other awaitables stand for work already under way: they are results.)
+                value.close()
+                fn = getattr(task.fn, "__qualname__", None) or repr(task.fn)
+                coro = getattr(value, "__qualname__", None) or type(value).__name__
+                raise InvalidArgumentType(
+                    f"{fn}, submitted to context {task.context.name!r}, returned the coroutine "
+                    f"{coro}() instead of a result: submit() runs plain functions on the "
+                    "context's launcher thread, where nothing awaits; await async code inside "
+                    "'async with context_session(ctx)' instead"
+                )
+            self.value = value
         except BaseException as exc:
             self.error = exc
         finally:
@@ -438,10 +475,11 @@ class TaskRunner:
         (see :meth:`ExecutionContext.submit`)."""
         if not callable(fn):
             raise InvalidArgumentType(f"submit() needs a callable, not {type(fn).__name__}")
-        if inspect.iscoroutinefunction(fn):
+        if _is_async(fn):
+            name = getattr(fn, "__qualname__", None) or f"a {type(fn).__name__} object"
             raise InvalidArgumentType(
-                "submit() runs a plain function on the context's launcher thread; for a "
-                "coroutine function, await it inside 'async with context_session(ctx)'"
+                f"submit() runs a plain function on the context's launcher thread, and {name} "
+                "is async; await it inside 'async with context_session(ctx)' instead"
             )
         priority = check_priority(priority)
         deadline = check_deadline(deadline)

@@ -9,15 +9,25 @@ Burstable bursts, BestEffort contexts and allocations made outside any session a
 A request that does not fit first drops cached free blocks (ours and everyone's: cached
 blocks are not usage), then asks the memory-pressure handlers; when they all agree the
 runtime collects garbage and tries once more. Nothing lifts a context past ``max_vram``.
+Handlers are never re-entered: what a handler allocates is decided without them. A handler
+that raises refuses, and its exception is the cause of the ``VRAMBudgetExceeded`` raised:
+the caller always learns that the budget was exceeded, and why the handler could not help.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from .._exceptions import AdmissionRejected, BudgetReason, ContextClosed, VRAMBudgetExceeded
+from .._exceptions import (
+    AdmissionRejected,
+    BudgetReason,
+    ContextClosed,
+    InvalidArgument,
+    VRAMBudgetExceeded,
+)
 from .._locks import BookkeepingLock
 from ._reservation import check_reservation
 from ._tiers import QoSPolicy
@@ -82,6 +92,10 @@ def _none_freed(want: int) -> int:
     return 0
 
 
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
+
+
 class Ledger:
     """Thread-safe accounting of one device's memory (see the module docstring)."""
 
@@ -93,6 +107,8 @@ class Ledger:
         self.unscoped = Account(None, None, capacity)
         self._accounts.append(self.unscoped)
         self.handlers: list[PressureHandler] = []
+        # whether this thread is running handlers now: their own allocations skip them
+        self._consulting = threading.local()
 
     # -- derived totals (call with the lock held) -----------------------------------
     def _reserved_total(self) -> int:
@@ -170,9 +186,18 @@ class Ledger:
     def grow(self, a: Account, n: int) -> None:
         """Charge ``n`` new bytes to ``a`` or raise.
 
+        The memory-pressure handlers are consulted at most once per request and never
+        re-entered: an allocation a handler makes (on its thread, while handlers run) is
+        decided by the tiers' own policy, without asking the handlers again. A handler that
+        raises counts as a refusal; the error raised then is the budget error, with the
+        handler's exception as its ``__cause__`` and a note naming the handler.
+
         :raises VRAMBudgetExceeded: the bytes do not fit, after making room
         :raises ContextClosed: the account's context was destroyed
+        :raises InvalidArgument: ``n`` is negative
         """
+        if n < 0:  # a negative charge would credit the account: refuse it before any change
+            raise InvalidArgument(f"cannot charge a negative number of bytes ({n})")
         if self._try(a, n):
             return
         self._drop_caches()
@@ -181,11 +206,7 @@ class Ledger:
         with self._lock:
             available = self._available(a)
             over_budget = a.held + n > a.max_vram
-        refuser = None  # with no handler, the tiers' own policy makes room
-        for handler in list(self.handlers):
-            if not handler(a.owner, n, available):
-                refuser = handler
-                break
+        refuser, failure = self._consult(a, n, available)
         if refuser is None and not over_budget:
             gc.collect()
             self._drop_caches()
@@ -198,14 +219,44 @@ class Ledger:
             with self._lock:
                 available = self._available(a)
         if over_budget:
-            raise VRAMBudgetExceeded(a.name, n, available, a.max_vram, BudgetReason.MAX_VRAM)
-        if refuser is not None:
-            raise VRAMBudgetExceeded(
+            error = VRAMBudgetExceeded(a.name, n, available, a.max_vram, BudgetReason.MAX_VRAM)
+        elif refuser is not None:
+            error = VRAMBudgetExceeded(
                 a.name, n, available, a.max_vram, BudgetReason.HANDLER, handler=refuser
             )
-        raise VRAMBudgetExceeded(
-            a.name, n, available, a.max_vram, BudgetReason.UNRESERVED, tier=a.tier
+        else:
+            error = VRAMBudgetExceeded(
+                a.name, n, available, a.max_vram, BudgetReason.UNRESERVED, tier=a.tier
+            )
+        if failure is None:
+            raise error
+        error.add_note(
+            f"the memory-pressure handler {_name(refuser)} raised "
+            f"{failure!r}; it counts as a refusal (see the exception's cause)"
         )
+        raise error from failure
+
+    def _consult(
+        self, a: Account, n: int, available: int
+    ) -> tuple[PressureHandler | None, Exception | None]:
+        """Ask the handlers in turn; ``(the one that refused or raised, what it raised)``.
+
+        ``(None, None)`` when all agree, when there are none, and for a request made while
+        this thread is already running handlers (no handler is re-entered)."""
+        if getattr(self._consulting, "active", False) or not self.handlers:
+            return None, None
+        self._consulting.active = True
+        try:
+            for handler in list(self.handlers):
+                try:
+                    agreed = handler(a.owner, n, available)
+                except Exception as exc:
+                    return handler, exc
+                if not agreed:
+                    return handler, None
+            return None, None
+        finally:
+            self._consulting.active = False
 
     def shrink(self, a: Account, n: int) -> None:
         with self._lock:

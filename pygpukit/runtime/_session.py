@@ -26,7 +26,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Coroutine
-from contextvars import Token
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -270,14 +270,23 @@ def _current_task_is_hooked() -> tuple[bool, object | None]:
     return isinstance(task.get_coro(), _BoundCoroutine), task
 
 
+# The innermost session entered and not yet exited in this task or thread; each session
+# links to the one it was entered inside, so an exit can tell whether it is the innermost.
+_innermost: ContextVar[context_session | None] = ContextVar("pygpukit_session", default=None)
+
+
 class context_session:
     """Run the enclosed code in ``ctx``: its stream is current, its budget is charged.
 
     Works as ``with`` (a thread) and ``async with`` (the calling task only). Sessions
-    nest; the innermost wins.
+    nest; the innermost wins. They end in the reverse order they began, as ``with``
+    blocks do: exiting a session while one entered inside it is still open raises
+    :class:`~pygpukit.ContextError` — after ending both, so that the context bound
+    afterwards is the one bound before the outer session began (and the inner session's
+    own exit, when it comes, does nothing), as trio ends a misnested cancel scope.
     """
 
-    __slots__ = ("_ctx", "_held_thread", "_token", "_tokens")
+    __slots__ = ("_abandoned", "_ctx", "_held_thread", "_outer", "_token", "_tokens", "_top")
 
     def __init__(self, ctx: ExecutionContext) -> None:
         if not isinstance(ctx, ExecutionContext):
@@ -287,15 +296,21 @@ class context_session:
             )
         self._ctx = ctx
         self._token: Token[ExecutionContext | None] | None = None
+        self._top: Token[context_session | None] | None = None
+        self._outer: context_session | None = None
         self._tokens: list[tuple[Backend, object]] | None = None
         self._held_thread = False
+        self._abandoned = False
 
     def __enter__(self) -> ExecutionContext:
         if self._token is not None:
             raise ContextError("this context_session() is already entered; make a new one")
         self._ctx._check_open()
         self._ctx._eviction.enter()  # pins its evictable buffers, restores evicted ones
+        self._abandoned = False
         self._token = _current.set(self._ctx)
+        self._outer = _innermost.get()
+        self._top = _innermost.set(self)
         self._tokens = _bind(self._ctx)
         self._ctx._stats.sessions += 1
         return self._ctx
@@ -306,10 +321,51 @@ class context_session:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._token is None:
+            if self._abandoned:  # ended by its outer session's exit, which raised for it
+                self._abandoned = False
+                return
+            raise ContextError("this context_session() is not entered; exit it only once")
+        inner: list[context_session] = []  # still open inside this one, innermost first
+        session = _innermost.get()
+        while session is not None and session is not self:
+            inner.append(session)
+            session = session._outer
+        if session is not None:
+            try:
+                # The context bound before this session began, whatever was entered since.
+                _current.reset(self._token)
+            except ValueError:  # a token of another task's context (that task's copy)
+                session = None
+        if session is None:  # not open here: entered in another task or thread
+            raise ContextError(
+                f"context_session({self._ctx.name!r}) was entered in another task or thread; "
+                "exit it in the task or thread that entered it"
+            )
+        for session in inner:
+            session._end(abandoned=True)
+        self._end(abandoned=False)
+        if inner:
+            names = ", ".join(repr(s._ctx.name) for s in inner)
+            raise ContextError(
+                f"context_session({self._ctx.name!r}) exited while sessions entered inside it "
+                f"were still open ({names}): sessions must end in the reverse order they began "
+                "(nest the with blocks; close ExitStacks innermost first). All of them are "
+                "ended now. An async generator that yields inside a session keeps it open in "
+                "the consumer between items: iterate such generators one at a time, or each in "
+                "a task of its own"
+            )
+
+    def _end(self, *, abandoned: bool) -> None:
+        """Everything but the context variable's reset: the stream binding, the
+        innermost-session link, the eviction pin, the hold on an unhooked thread."""
         _unbind(self._tokens)
-        assert self._token is not None
-        _current.reset(self._token)
-        self._token = None
+        self._tokens = None
+        if not abandoned:
+            assert self._top is not None
+            _innermost.reset(self._top)
+        self._token = self._top = self._outer = None
+        self._abandoned = abandoned
         self._ctx._eviction.leave()
         if self._held_thread:
             _unhooked.task = None

@@ -140,15 +140,25 @@ def check_priority(value: object) -> int:
 
 def check_deadline(value: object) -> float | None:
     """A deadline: ``None`` or a time on the scheduling policy's clock
-    (``time.monotonic()`` by default).
+    (``time.monotonic()`` by default). Infinities are times too (``inf`` is never reached,
+    ``-inf`` has always passed), as trio's deadlines take them; NaN is no time at all.
 
-    :raises InvalidArgumentType: anything else
+    :returns: the deadline as a ``float``, or ``None``
+    :raises InvalidArgumentType: not a real number (``bool`` included) and not ``None``
+    :raises InvalidArgument: NaN
     """
-    if value is None or type(value) is float:
-        return value
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise InvalidArgumentType(
+    if value is None:
+        return None
+    if type(value) is not float and type(value) is not int:  # those two: no ABC check
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidArgumentType(
+                "deadline must be a time on the runtime's clock (time.monotonic() by "
+                f"default) or None, not {value!r}"
+            )
+    x = float(value)
+    if math.isnan(x):
+        raise InvalidArgument(
             "deadline must be a time on the runtime's clock (time.monotonic() by default) "
-            f"or None, not {value!r}"
+            "or None, not NaN; e.g. deadline=time.monotonic() + 0.5"
         )
-    return float(value)
+    return x

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from ..._exceptions import VRAMBudgetExceeded
+from ..._exceptions import InvalidArgument, VRAMBudgetExceeded
 from ..._locks import BookkeepingLock
 from ._base import Grower, RawPool, Shrinker
 
@@ -34,7 +34,13 @@ class Arena:
         self.used = 0
 
     def take(self, n: int) -> int | None:
-        """The offset of ``n`` free bytes (smallest fitting range), or ``None``."""
+        """The offset of ``n`` free bytes (smallest fitting range), or ``None``.
+
+        :raises InvalidArgument: ``n`` is not positive (a range of no bytes or fewer would
+            corrupt the free list)
+        """
+        if n <= 0:
+            raise InvalidArgument(f"an arena range must be at least one byte long, not {n}")
         with self._lock:
             best = None
             for start in self._starts:

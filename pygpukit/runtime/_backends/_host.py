@@ -310,13 +310,15 @@ class HostPool(ArenaPool):
         )
 
     def malloc(self, nbytes: int) -> np.ndarray[Any, Any]:
+        if nbytes < 0:  # before the charge: a negative size would credit the budget
+            raise InvalidArgument(f"cannot allocate a negative number of bytes ({nbytes})")
         size = -(-nbytes // _ALIGN) * _ALIGN if nbytes else 0
         self._grow(size)
+        offset = -1
         try:
             owner: Any
             if self._arena is None or self._base is None or size == 0:
                 buf = owner = self._backend.take(size)
-                offset = -1
             else:
                 offset = self._arena.carve(size)
                 # A ctypes view of the range owns it: NumPy collapses chains of array views
@@ -324,7 +326,10 @@ class HostPool(ArenaPool):
                 # this object (and its charge) alive, and no longer.
                 owner = (ctypes.c_uint8 * size).from_buffer(self._base, offset)  # type: ignore[arg-type]
                 buf = np.frombuffer(owner, dtype=np.uint8)
-        except BaseException:
+        except BaseException:  # nothing half-taken: the range back, then the charge
+            if offset >= 0:
+                assert self._arena is not None
+                self._arena.give(offset, size)
             self._shrink(size)
             raise
         with self._lock:

@@ -10,12 +10,45 @@ backend; docs/adr/0007 records this difference.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from ..._exceptions import InvalidArgument, InvalidArgumentType
+
 __all__ = ("HostXP",)
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    """``shape`` as NumPy reads it: one integer or a sequence of them, none negative.
+
+    :raises InvalidArgumentType: not an integer or a sequence of integers (``2.5``, ``True``)
+    :raises InvalidArgument: a negative dimension
+    """
+    try:
+        if isinstance(shape, bool):  # an int to Python, never a dimension to NumPy
+            raise TypeError
+        try:
+            dims: tuple[int, ...] = (operator.index(shape),)
+        except TypeError:
+            dims = tuple(_dim(s) for s in shape)
+    except TypeError:
+        raise InvalidArgumentType(
+            f"shape must be an integer or a sequence of integers (as NumPy takes it), not {shape!r}"
+        ) from None
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(
+            f"negative dimensions are not allowed, got shape {dims}; pass sizes >= 0"
+        )
+    return dims
+
+
+def _dim(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError
+    return operator.index(value)
 
 
 class HostXP:
@@ -34,7 +67,7 @@ class HostXP:
 
     def _take(self, shape: Any, dtype: Any) -> np.ndarray[Any, Any]:
         dt = np.dtype(dtype)
-        shape_t = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+        shape_t = _shape(shape)  # before any charge: a bad shape takes nothing
         nbytes = math.prod(shape_t) * dt.itemsize
         if self._router is None:
             return np.empty(shape_t, dtype=dt)
