@@ -277,7 +277,8 @@ class ExecutionContext:
         Under pressure from a higher tier its bytes are copied to host memory and its device
         memory freed; the context's next session or task copies them back. Drop your own
         references to it and read it through the returned handle's ``.array``: a buffer
-        referenced elsewhere cannot be evicted.
+        referenced elsewhere cannot be evicted. The runtime holds the handle weakly: dropping
+        the last reference to it frees the buffer.
 
         :raises InvalidArgument: a Guaranteed context (never evicted) or not an array
         """

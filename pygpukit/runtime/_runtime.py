@@ -270,7 +270,13 @@ class Runtime:
         return self.ledger.available()
 
     def on_memory_pressure(self, handler: PressureHandler) -> PressureHandler:
-        """Register ``handler(ctx, requested, available) -> bool`` (usable as a decorator)."""
+        """Register ``handler(ctx, requested, available) -> bool`` (usable as a decorator).
+
+        It is called when an allocation does not fit: ``False`` rejects it, ``True`` lets the
+        runtime make room. An allocation the handler makes itself is decided without asking
+        the handlers again; a handler that raises counts as a refusal, and the caller gets
+        :class:`~pygpukit.VRAMBudgetExceeded` with the handler's exception as its cause.
+        """
         if not callable(handler):
             raise InvalidArgumentType("on_memory_pressure() takes a callable handler")
         self.ledger.handlers.append(handler)
