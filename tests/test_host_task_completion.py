@@ -10,61 +10,15 @@ happen if that await resolves before the next task's work is done.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Iterator
 
 import anyio
 import pytest
 
 from pygpukit import MB, QoSPolicy
-from pygpukit.runtime import Event, Runtime
+from pygpukit.runtime import Runtime
 
 N = 20  # more than a context's in-flight cap (16)
 PATIENCE_S = 5.0  # how long a task waits for the previous await (only a failure waits)
-
-
-@pytest.fixture
-def one_unit(monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    monkeypatch.setenv("PYGPUKIT_HOST_WORKERS", "1")
-    with Runtime(backend="host") as rt:
-        yield rt
-
-
-def test_work_an_item_enqueues_on_its_stream_runs_right_behind_it(one_unit: Runtime) -> None:
-    stream = one_unit.create_stream()
-    gate = threading.Event()
-    order: list[str] = []
-
-    def first() -> None:
-        gate.wait(5)
-        order.append("first")
-        stream.launch_host_func(lambda: order.append("nested-1"))
-        stream.launch_host_func(lambda: order.append("nested-2"))
-
-    stream.launch_host_func(first)
-    stream.launch_host_func(lambda: order.append("queued-behind"))  # before first() runs
-    gate.set()
-    stream.synchronize()
-    assert order == ["first", "nested-1", "nested-2", "queued-behind"]
-
-
-def test_an_event_recorded_by_an_item_completes_before_the_items_behind_it(
-    one_unit: Runtime,
-) -> None:
-    stream = one_unit.create_stream()
-    gate = threading.Event()
-    recorded: list[Event] = []
-    seen_done: list[bool] = []
-
-    def first() -> None:
-        gate.wait(5)
-        recorded.append(stream.record())
-
-    stream.launch_host_func(first)
-    stream.launch_host_func(lambda: seen_done.append(recorded[0].done))
-    gate.set()
-    stream.synchronize()
-    assert seen_done == [True]
 
 
 @pytest.mark.anyio
@@ -103,30 +57,3 @@ async def test_each_await_resolves_before_the_next_task_finishes(
     assert ran == list(range(N))
     assert waited == [True] * (N - 1), "an await waited for the tasks launched after it"
     assert resolved == list(range(N))
-
-
-@pytest.mark.anyio
-async def test_tasks_launched_before_destroy_may_still_use_their_stream(host_rt: Runtime) -> None:
-    # Launched tasks run as stream items after the work ahead of them: destroying the
-    # context meanwhile must not close the stream under them (it finishes their work).
-    ctx = host_rt.create_context("m", max_vram=MB)
-    started = threading.Event()
-    results: list[int] = []
-
-    def work(i: int) -> int:
-        if i == 0:
-            started.set()
-            time.sleep(0.05)  # still running when the context is destroyed
-        ctx.stream.launch_host_func(lambda: None)
-        return i
-
-    async def one(i: int) -> None:
-        results.append(await ctx.submit(work, i))
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            for i in range(3):
-                tg.start_soon(one, i)
-            await anyio.to_thread.run_sync(started.wait, 5)
-            await anyio.to_thread.run_sync(host_rt.destroy_context, ctx)
-    assert sorted(results) == [0, 1, 2]
