@@ -1,4 +1,4 @@
-"""``pygpukit info``, ``pygpukit demo`` and ``pygpukit bench``."""
+"""``pygpukit info``, ``pygpukit demo``, ``pygpukit bench`` and ``pygpukit soak``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    from .benchmarks.soak import from_arguments
+
+    return 0 if from_arguments(args)["ok"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pygpukit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench.add_argument("-o", "--output", help="write the --report page here (default: stdout)")
     bench.set_defaults(func=_bench)
+    soak = sub.add_parser(
+        "soak", help="churn contexts under many submits; check that nothing grows or leaks"
+    )
+    from .benchmarks.soak import add_arguments
+
+    add_arguments(soak)
+    soak.set_defaults(func=_soak)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pygpukit.runtime import Runtime
+from pygpukit.runtime import Event, Runtime
 
 
 @pytest.fixture
@@ -136,3 +136,40 @@ def test_streams_and_events_are_made_by_the_runtime_and_closed_once(host_rt: Run
     with pytest.raises(InvalidArgument, match=r"^<Stream id=.* state=closed> is closed; use an "):
         stream.launch_host_func(lambda: None)
     assert stream.query()  # its work has run: a closed stream still answers that
+
+
+def test_work_an_item_enqueues_on_its_stream_runs_right_behind_it(one_unit: Runtime) -> None:
+    stream = one_unit.create_stream()
+    gate = threading.Event()
+    order: list[str] = []
+
+    def first() -> None:
+        gate.wait(5)
+        order.append("first")
+        stream.launch_host_func(lambda: order.append("nested-1"))
+        stream.launch_host_func(lambda: order.append("nested-2"))
+
+    stream.launch_host_func(first)
+    stream.launch_host_func(lambda: order.append("queued-behind"))  # before first() runs
+    gate.set()
+    stream.synchronize()
+    assert order == ["first", "nested-1", "nested-2", "queued-behind"]
+
+
+def test_an_event_recorded_by_an_item_completes_before_the_items_behind_it(
+    one_unit: Runtime,
+) -> None:
+    stream = one_unit.create_stream()
+    gate = threading.Event()
+    recorded: list[Event] = []
+    seen_done: list[bool] = []
+
+    def first() -> None:
+        gate.wait(5)
+        recorded.append(stream.record())
+
+    stream.launch_host_func(first)
+    stream.launch_host_func(lambda: seen_done.append(recorded[0].done))
+    gate.set()
+    stream.synchronize()
+    assert seen_done == [True]

@@ -264,6 +264,8 @@ async def test_destroying_a_context_lets_running_tasks_deliver(host_rt: Runtime)
     results: list[object] = []
 
     def work(i: int) -> int:
+        if i == 0:  # still running when the context is destroyed, the others launched
+            time.sleep(0.02)
         ctx.stream.launch_host_func(lambda: time.sleep(0.02))
         return i
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -260,6 +261,7 @@ class TinyLM(Model):
         spares = self._spare_steps
         try:  # one generation per step; a concurrent one makes its own
             step = spares.pop()  # atomic: two threads never get the same step
+            step._lm = self
         except IndexError:
             step = FixedStep(self)
         try:
@@ -274,8 +276,10 @@ class TinyLM(Model):
                 yield tok
         finally:
             step.drain()  # nothing of this generation left running on the buffers
-            if len(spares) < self.SPARE_STEPS:
-                spares.append(step)  # kept with its graphs for the next generation
+            if len(spares) < self.SPARE_STEPS:  # kept with its graphs for the next one
+                step._lm = None  # owned by the model meanwhile, not owning it back
+                spares.append(step)
+            # else dropped: freed right here (its graphs hold it weakly), cache included
 
     def sentences(
         self,
@@ -341,7 +345,9 @@ class FixedStep:
 
     def __init__(self, lm: TinyLM) -> None:
         xp, c = lm.xp, lm.config
-        self.lm = lm
+        # None while the step is a spare of its model (TinyLM.generate): the model owns it
+        # then, and a reference back would make a cycle that only the collector frees
+        self._lm: TinyLM | None = lm
         self.cache = lm.new_cache()
         self.token = xp.zeros((1,), dtype=xp.int64)
         self.pos = xp.zeros((1,), dtype=xp.int64)
@@ -360,6 +366,14 @@ class FixedStep:
         self._at = 0  # the host's copy of pos
         self._graphs: dict[int, Any] = {}  # bucket -> Graph
         self._runs = 0
+
+    @property
+    def lm(self) -> TinyLM:
+        """The model whose weights the steps use."""
+        lm = self._lm
+        if lm is None:
+            raise ValueError("this step is parked as a spare of its model; it has no model now")
+        return lm
 
     def prefill(self, tokens: Sequence[int]) -> Any:
         """Run the prompt into the cache (variable shape, not captured); its last logits."""
@@ -483,7 +497,8 @@ class FixedStep:
         if current_context() is not None:  # else set() wrote on a stream graphs don't use
             graph = self._graphs.get(rows)
             if graph is None and self._runs >= 1:
-                graph = self._graphs[rows] = capture_graph(self.run, rows)
+                # the step owns its graphs: they hold it weakly, so dropping it frees it
+                graph = self._graphs[rows] = capture_graph(_replay, weakref.ref(self), rows)
             if graph is not None:
                 graph.launch()  # on the current context's stream, where set() wrote
                 return
@@ -531,6 +546,15 @@ class FixedStep:
             self.tokens,
             BOS,
         )
+
+
+def _replay(step: weakref.ref[FixedStep], rows: int) -> None:
+    """The work a step's graph captures (and, on the host backend, runs on every launch):
+    :meth:`FixedStep.run` of ``step``, which owns the graph and so is alive when launching
+    it."""
+    live = step()
+    if live is not None:
+        live.run(rows)
 
 
 def _device_writable(xp: Any, n: int, cuda: bool) -> Any:

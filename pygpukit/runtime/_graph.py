@@ -66,6 +66,12 @@ def capture_graph(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Graph
     compile kernels or create library handles, which a capture cannot record. On the host
     backend array work is done on the calling thread, so a launch simply calls ``fn`` again.
 
+    The graph holds ``fn`` (and its arguments) for as long as it lives. An object that keeps
+    its graphs should not capture its own bound method: the graph would hold the object
+    and the object its graph, a cycle that only the garbage collector frees — with every
+    buffer the object holds still charged to the context until then. Capture a function
+    that holds it weakly instead (``pygpukit.models.lm.FixedStep`` does).
+
     :raises InvalidArgument: no context is current, or ``fn`` is not callable
     """
     if not callable(fn):

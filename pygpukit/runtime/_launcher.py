@@ -410,6 +410,18 @@ class _Launcher:
     def stop(self) -> None:
         self.queue.put(None)
 
+    def finish_launched(self) -> None:
+        """Wait (after :meth:`stop`) until every launched task has run, where tasks run as
+        stream items: a task launched before its context closed runs after the work queued
+        ahead of it, and the stream it may enqueue on must still be open then. The thread
+        only enqueues here (no task code runs on it), so joining it cannot wait long."""
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+        try:
+            self.ctx.stream.raw.synchronize()
+        except Exception:  # a faulted device: its waiters hear it from the watchdog
+            pass
+
 
 class TaskRunner:
     """A runtime's task execution: ``submit`` hands tasks to the scheduling policy, and
@@ -518,6 +530,8 @@ class TaskRunner:
             launcher = self._launchers.pop(ctx, None)
         if launcher is not None:
             launcher.stop()
+            if self.backend.tasks_on_streams:
+                launcher.finish_launched()
         self.policy.forget(ctx)
 
     def close(self) -> None:

@@ -4,9 +4,14 @@ Each stream is an in-order queue of items (host functions, event records, event 
 completion signals). A fixed number of execution units (``PYGPUKIT_HOST_WORKERS``) run
 those items; whenever a unit is free it takes the head of the *highest-priority* stream
 that has runnable work (lower number = higher priority, as in CUDA), oldest-ready first
-among equals. An item that raises faults the device the way a bad kernel faults a CUDA
-context: nothing more runs, events never complete, and every query reports a
-:class:`~pygpukit.CudaError` — which is what the completion watchdog is tested against.
+among equals. What an item enqueues on its own stream while it runs goes right behind it,
+ahead of what others queued there meanwhile, as on CUDA, where a task's function enqueues
+its kernels before the next task is launched: a task runs as a stream item here (the
+launcher), and the event marking the end of its work must complete right after it, not
+after every task queued behind it. An item that raises faults the device the way a bad
+kernel faults a CUDA context: nothing more runs, events never complete, and every query
+reports a :class:`~pygpukit.CudaError` — which is what the completion watchdog is tested
+against.
 
 "Device memory" is NumPy memory charged against ``PYGPUKIT_HOST_VRAM`` (default 16 GiB).
 Array work through :mod:`pygpukit.xp` runs synchronously on the calling thread, so it is
@@ -131,6 +136,8 @@ class HostStream(RawStream):
         self.items: deque[_Item] = deque()
         self.busy = False
         self.ready_seq = 0
+        self.runner = 0  # the unit running the current item (thread ident), 0 if none
+        self.nested = 0  # items that item enqueued here so far: they go first, in order
         self._closing = False
         self._closed = False
 
@@ -220,10 +227,15 @@ class _Executor:
                 self.streams.remove(stream)
 
     def enqueue(self, stream: HostStream, item: _Item) -> None:
+        me = threading.get_ident()
         with self.cv:
-            if not stream.items and not stream.busy:
-                stream.ready_seq = next(self._seq)
-            stream.items.append(item)
+            if stream.busy and stream.runner == me:  # by the stream's own running item
+                stream.items.insert(stream.nested, item)
+                stream.nested += 1
+            else:
+                if not stream.items and not stream.busy:
+                    stream.ready_seq = next(self._seq)
+                stream.items.append(item)
             self.cv.notify_all()  # workers and synchronize() callers share this condition
 
     def _runnable(self, stream: HostStream) -> bool:
@@ -246,6 +258,7 @@ class _Executor:
 
     def _run(self) -> None:
         cv = self.cv
+        me = threading.get_ident()
         while True:
             with cv:
                 while True:
@@ -257,6 +270,7 @@ class _Executor:
                     cv.wait()
                 item = stream.items.popleft()
                 stream.busy = True
+                stream.runner, stream.nested = me, 0
                 if item.kind == "record":
                     event, generation = item.arg
                     signals = event._complete(generation)
@@ -281,6 +295,7 @@ class _Executor:
             del item, signals  # hold nothing of it while waiting for the next item
             with cv:
                 stream.busy = False
+                stream.runner = 0
                 stream.ready_seq = next(self._seq)
                 cv.notify_all()
 
