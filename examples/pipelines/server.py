@@ -1,7 +1,8 @@
 """A FastAPI server for the example pipelines (models with random weights).
 
-    pip install 'pygpukit[server]'
-    uvicorn --app-dir examples/pipelines server:app --port 8000
+    pip install '.[server]'                     # from a checkout; or 'pygpukit-async[server]'
+    python examples/pipelines/server.py         # http://127.0.0.1:8000, --help for options
+    uvicorn --app-dir examples/pipelines server:app --port 8000   # the same app, by uvicorn
 
 - ``POST /assistant/{service}`` — ``service`` is ``interactive`` (Guaranteed contexts),
   ``standard`` (Burstable) or ``batch`` (BestEffort); body
@@ -11,13 +12,19 @@
   sentence as soon as its audio is ready (16-bit PCM, base64).
 - ``POST /describe`` — the seed's LLM + vision → TTS pipeline.
 - ``GET /usage`` — every context's memory and task counters.
+- ``GET /admission`` — each pipeline's admission: its limit, running, waiting, refused.
 
-Overload answers 429 (queue full), an expired deadline 504, memory exhaustion 503.
+Each pipeline admits as many requests at once as it serves within their timeout; the excess
+waits, or is refused at once (429 with ``Retry-After``) when it could not finish in time.
+A full queue answers 429 too, an expired deadline 504, memory exhaustion 503, a malformed
+request 422; every error body is ``{"error": ..., "detail": ...}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import dataclasses
 import time
 from typing import Any
 
@@ -26,7 +33,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from pydantic import BaseModel
 
 from pygpukit.examples import Audio, Prompt, build_assistant, build_describe
-from pygpukit.integrations.fastapi import Pygpukit, ndjson
+from pygpukit.integrations.fastapi import AdmissionConfig, Pygpukit, ndjson
 from pygpukit.runtime import Dispatcher, DispatcherConfig, QoSPolicy, Runtime
 
 SERVICES = {
@@ -58,9 +65,18 @@ def _chunk(audio: Audio) -> AudioChunk:
 
 
 def create_app(
-    *, backend: str = "auto", dispatcher: DispatcherConfig | None = None, timeout_s: float = 30.0
+    *,
+    backend: str = "auto",
+    dispatcher: DispatcherConfig | None = None,
+    timeout_s: float = 30.0,
+    admission: AdmissionConfig | None = AdmissionConfig(),
 ) -> FastAPI:
-    """The app; ``dispatcher`` overrides the runtime's caps and queue bounds."""
+    """The app.
+
+    :param dispatcher: overrides the runtime's caps and queue bounds
+    :param timeout_s: each request's deadline, from when its route starts
+    :param admission: how much of each pipeline runs at once (``None``: all of it)
+    """
 
     def setup(rt: Runtime) -> dict[str, Any]:
         if dispatcher is not None:
@@ -70,14 +86,14 @@ def create_app(
         pipes["describe"] = build_describe(rt)
         return pipes
 
-    gpu = Pygpukit(setup, backend=backend)
+    gpu = Pygpukit(setup, backend=backend, admission=admission)
     app = FastAPI(title="pygpukit example pipelines", lifespan=gpu.lifespan)
     gpu.install(app)
 
     def assistant(service: str) -> Any:
         if service not in SERVICES:
             raise HTTPException(404, f"unknown service {service!r}; use one of {list(SERVICES)}")
-        return gpu.pipelines[service]
+        return gpu.get_pipeline(service)
 
     @app.post("/assistant/{service}")
     async def ask(req: Prompt, pipeline: Any = Depends(assistant)) -> Reply:
@@ -116,6 +132,10 @@ def create_app(
     async def usage() -> dict[str, Any]:
         return {ctx.name: ctx.usage().__dict__ for ctx in gpu.runtime.contexts}
 
+    @app.get("/admission")
+    async def admission_state() -> dict[str, Any]:
+        return {name: dataclasses.asdict(a.statistics()) for name, a in gpu.admissions.items()}
+
     return app
 
 
@@ -124,4 +144,15 @@ app = create_app()
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    p = argparse.ArgumentParser(description="Serve the example pipelines over HTTP.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default="auto", help="auto, cuda or host")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take")
+    a = p.parse_args()
+    uvicorn.run(
+        create_app(backend=a.backend, timeout_s=a.timeout),
+        host=a.host,
+        port=a.port,
+        log_level="warning",
+    )
