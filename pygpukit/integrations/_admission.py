@@ -132,7 +132,7 @@ class AdmissionConfig:
     max_in_flight: int = 32
     initial_in_flight: int = 2
     max_waiting: int = 64
-    headroom: float = 0.5
+    headroom: float = 0.25
 
     def __post_init__(self) -> None:
         _count(self.max_in_flight, "max_in_flight", 1)

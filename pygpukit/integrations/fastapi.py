@@ -381,3 +381,16 @@ class Pygpukit:
         if admission is None:
             admission = self.admissions[name] = Admission(name, self.admission)
         return AdmittedPipeline(pipeline, admission)
+
+
+for _cls in (
+    Admission,
+    AdmissionConfig,
+    AdmissionStatistics,
+    AdmittedPipeline,
+    AdmittedStream,
+    Overloaded,
+    Slot,
+):
+    _cls.__module__ = __name__  # tracebacks and reprs name the public module
+del _cls
