@@ -423,3 +423,21 @@ async def test_overload_is_refused_early_so_admitted_requests_finish(
                     assert "pipeline 'interactive' is overloaded" in body["detail"]
         stats = (await client.get("/admission")).json()["interactive"]
     assert stats["refused"] >= 8 and stats["running"] == 0 and stats["waiting"] == 0
+
+
+async def test_a_reply_without_sentences_is_a_200_with_null_timings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Random weights may say only whitespace: the TTS stage never runs, and its missing
+    times made the reply a 500 (found by the load script)."""
+    monkeypatch.setenv("PYGPUKIT_BACKEND", "host")
+    app = _server_module().create_app()
+    silent = {"prompt": "Tell me about GPUs, request 12.", "max_new_tokens": 36}
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        r = await client.post("/assistant/interactive", json=silent)
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["sentences"] == [] and reply["audio_seconds"] == 0
+    assert reply["timings_ms"]["interactive_tts"] is None
+    start, end = reply["timings_ms"]["interactive_llm"]
+    assert 0 <= start <= end

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from pygpukit.examples import Audio, Prompt, build_assistant, build_describe
 from pygpukit.integrations.fastapi import AdmissionConfig, Pygpukit, ndjson
+from pygpukit.pipeline import PipelineResult
 from pygpukit.runtime import Dispatcher, DispatcherConfig, QoSPolicy, Runtime
 
 SERVICES = {
@@ -47,13 +48,22 @@ class Reply(BaseModel):
     sentences: list[str]
     audio_seconds: float
     first_audio_ms: float
-    timings_ms: dict[str, tuple[float, float]]
+    #: per stage, (start, end) in ms since the run began; null for a stage that never ran
+    timings_ms: dict[str, tuple[float, float] | None]
 
 
 class AudioChunk(BaseModel):
     text: str
     sample_rate: int
     pcm16_b64: str
+
+
+def _timings_ms(result: PipelineResult) -> dict[str, tuple[float, float] | None]:
+    # a stage that never ran (TTS when the LLM said no sentence) has no times
+    return {
+        stage_id: None if t.start is None or t.end is None else (t.start * 1e3, t.end * 1e3)
+        for stage_id, t in result.timings.items()
+    }
 
 
 def _chunk(audio: Audio) -> AudioChunk:
@@ -102,7 +112,7 @@ def create_app(
             sentences=[a.text for a in result.output],
             audio_seconds=sum(len(a.samples) / a.sample_rate for a in result.output),
             first_audio_ms=(result.first_output_s or 0.0) * 1e3,
-            timings_ms={k: (t.start * 1e3, t.end * 1e3) for k, t in result.timings.items()},
+            timings_ms=_timings_ms(result),
         )
 
     @app.post("/assistant/{service}/stream")
@@ -125,7 +135,7 @@ def create_app(
             sentences=[audio.text],
             audio_seconds=len(audio.samples) / audio.sample_rate,
             first_audio_ms=(result.first_output_s or 0.0) * 1e3,
-            timings_ms={k: (t.start * 1e3, t.end * 1e3) for k, t in result.timings.items()},
+            timings_ms=_timings_ms(result),
         )
 
     @app.get("/usage")
