@@ -441,3 +441,29 @@ async def test_a_reply_without_sentences_is_a_200_with_null_timings(
     assert reply["timings_ms"]["interactive_tts"] is None
     start, end = reply["timings_ms"]["interactive_llm"]
     assert 0 <= start <= end
+
+
+async def test_an_overloaded_stream_is_refused_with_a_429_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A streamed reply's status is sent with its first line: a refusal found later could
+    only be an error line in a 200 (found by the load script)."""
+    monkeypatch.setenv("PYGPUKIT_BACKEND", "host")
+    module = _server_module()
+    app = module.create_app(timeout_s=8 * await _service_time(module))
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        replies: list[tuple[int, str]] = []
+
+        async def one() -> None:
+            r = await client.post("/assistant/interactive/stream", json=_ADMISSION_BODY)
+            replies.append((r.status_code, r.text))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(24):
+                    tg.start_soon(one)
+    refused = [json.loads(text) for code, text in replies if code == 429]
+    assert refused and all(body["error"] == "Overloaded" for body in refused)
+    for code, text in replies:
+        if code == 200:
+            assert '"error"' not in text, text[:200]

@@ -97,7 +97,7 @@ async def test_the_limit_bounds_how_many_run_and_the_rest_wait_in_order() -> Non
         s = admission.statistics()
         assert (s.limit, s.running, s.waiting, s.admitted) == (2, 2, 3, 2)
         release.set()
-    assert order == [0, 1, 2]
+    assert sorted(order[:2]) == [0, 1] and order[2] == 2  # in line (0 and 1 got in together)
     s = admission.statistics()
     assert (s.running, s.waiting, s.admitted, s.refused) == (0, 0, 5, 0)
 

@@ -117,8 +117,11 @@ def create_app(
 
     @app.post("/assistant/{service}/stream")
     async def ask_streaming(req: Prompt, pipeline: Any = Depends(assistant)) -> Any:
+        # admitted before the response starts: a refusal is a 429, not an error line
+        items = await pipeline.stream(req, deadline=time.monotonic() + timeout_s).admit()
+
         async def chunks() -> Any:
-            async with pipeline.stream(req, deadline=time.monotonic() + timeout_s) as items:
+            async with items:
                 async for audio in items:
                     yield _chunk(audio)
 

@@ -429,9 +429,9 @@ class Slot:
 class AdmittedPipeline:
     """A :class:`~pygpukit.pipeline.Pipeline` behind its :class:`Admission`: :meth:`run` and
     :meth:`stream` take a slot first (and may raise :class:`Overloaded`); everything else is
-    the pipeline's own."""
+    the pipeline's own. With ``admission=None`` every request runs at once."""
 
-    def __init__(self, pipeline: Pipeline, admission: Admission) -> None:
+    def __init__(self, pipeline: Pipeline, admission: Admission | None) -> None:
         self.pipeline = pipeline
         self.admission = admission
 
@@ -447,6 +447,8 @@ class AdmittedPipeline:
 
         :raises Overloaded: it could not finish before ``deadline``, or too many wait
         """
+        if self.admission is None:
+            return await self.pipeline.run(request, tier=tier, priority=priority, deadline=deadline)
         async with self.admission.slot(deadline):
             return await self.pipeline.run(request, tier=tier, priority=priority, deadline=deadline)
 
@@ -460,7 +462,7 @@ class AdmittedPipeline:
     ) -> AdmittedStream:
         """:meth:`Pipeline.stream <pygpukit.pipeline.Pipeline.stream>` once admitted; the
         slot is held until the stream ends or is closed."""
-        slot = self.admission.slot(deadline)
+        slot = None if self.admission is None else self.admission.slot(deadline)
         return AdmittedStream(
             slot,
             lambda: self.pipeline.stream(request, tier=tier, priority=priority, deadline=deadline),
@@ -475,10 +477,10 @@ class AdmittedPipeline:
 
 class AdmittedStream:
     """A :class:`~pygpukit.pipeline.PipelineStream` that takes its slot when first used
-    (``async with`` or the first ``async for`` step) and frees it when it ends or closes.
-    Leave it through ``async with`` (or :meth:`aclose`) when stopping early."""
+    (:meth:`admit`, ``async with`` or the first ``async for`` step) and frees it when it ends
+    or closes. Leave it through ``async with`` (or :meth:`aclose`) when stopping early."""
 
-    def __init__(self, slot: Slot, start: Callable[[], PipelineStream]) -> None:
+    def __init__(self, slot: Slot | None, start: Callable[[], PipelineStream]) -> None:
         self._slot = slot
         self._start = start
         self._stream: PipelineStream | None = None
@@ -490,9 +492,19 @@ class AdmittedStream:
 
     async def _open(self) -> PipelineStream:
         if self._stream is None:
-            await self._slot.__aenter__()
+            if self._slot is not None:
+                await self._slot.__aenter__()
             self._stream = self._start()
         return self._stream
+
+    async def admit(self) -> AdmittedStream:
+        """Take the slot now (idempotent). A server calls it before its response starts, so
+        that a refusal is still answered with a status code (429), not an error line.
+
+        :raises Overloaded: it could not finish before its deadline, or too many wait
+        """
+        await self._open()
+        return self
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -518,15 +530,15 @@ class AdmittedStream:
             if self._stream is not None:
                 await self._stream.aclose()
         finally:
-            self._slot.release(error, early=early)
+            if self._slot is not None:
+                self._slot.release(error, early=early)
 
     async def aclose(self) -> None:
         """Stop the run and free its slot; idempotent."""
         await self._end(None, early=True)
 
     async def __aenter__(self) -> AdmittedStream:
-        await self._open()
-        return self
+        return await self.admit()
 
     async def __aexit__(
         self,

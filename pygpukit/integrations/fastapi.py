@@ -354,7 +354,8 @@ class Pygpukit:
 
     def pipeline(self, name: str) -> Callable[[], Any]:
         """A dependency giving the pipeline ``setup`` registered as ``name``, behind its
-        admission (an :class:`AdmittedPipeline`, unless ``admission=None``)."""
+        admission: an :class:`AdmittedPipeline` (with ``admission=None``, one that admits
+        every request at once)."""
         self._want("pipeline", name)
 
         def dependency() -> Any:
@@ -375,10 +376,10 @@ class Pygpukit:
             raise LookupError(
                 f"no pipeline named {name!r}; setup() returned {sorted(self.pipelines)}"
             ) from None
-        if self.admission is None or not isinstance(pipeline, Pipeline):
+        if not isinstance(pipeline, Pipeline):
             return pipeline
         admission = self.admissions.get(name)
-        if admission is None:
+        if admission is None and self.admission is not None:
             admission = self.admissions[name] = Admission(name, self.admission)
         return AdmittedPipeline(pipeline, admission)
 
