@@ -15,20 +15,20 @@ How:
   ``max_in_flight`` as TCP's congestion window does: a request that misses its deadline (or
   is refused by a full queue further down) halves it, once a round (requests admitted
   before a cut do not cut it again); one that ends within ``headroom`` of the time it had,
-  while others were waiting, raises it by ``1 / limit`` (additive increase). It starts at
-  ``initial_in_flight`` and, until the first request is late, each such success raises it
-  by 1 (slow start: it doubles per round), so that short requests soon run as many at once
-  as their deadlines allow. Past the concurrency the device serves side by side, more at
-  once only take longer each; a ``headroom`` of half the time keeps the limit below where
-  serving would eat the time that waiting needs.
+  while others were waiting, raises it by ``1 / limit``: by one a round. It starts at
+  ``initial_in_flight``. Past the concurrency the device serves side by side, more at once
+  only take longer each; a ``headroom`` of a quarter of the time keeps serving from eating
+  the time that waiting needs. (Doubling per round, as TCP's slow start, overshot: the
+  requests let in by one raise ran slower than the estimate they were let in by.)
 - ``service`` is how long a request held its slot lately (an exponentially weighted
   mean), and ``pace`` how long passed between slots freeing while requests waited (over
-  the last 16; before it was measured, ``service / limit``). The ``n``-th in line expects
-  a slot after ``n * pace`` seconds; a request whose expected finish, that wait plus
-  ``service``, is past its deadline is refused with :class:`Overloaded`. The pace is the
-  device's, whatever the limit, so a cut needs no time to take effect. Those waiting are
-  judged again whenever a slot frees, and one that reaches the last moment it could start
-  and still finish gives up the same way.
+  a round of every slot at least, 64 at most). The ``n``-th in line expects a slot after
+  ``n * pace`` seconds; a request whose expected finish, that wait plus ``service``, is
+  past its deadline is refused with :class:`Overloaded`. The pace is the device's,
+  whatever the limit, so a cut needs no time to take effect; until it was measured, no
+  one is refused for the wait alone. Those waiting are judged again whenever a slot frees,
+  and one that reaches the last moment it could start and still finish (its deadline less
+  ``service``) gives up the same way.
 - A free slot admits a request without judging it, so a wrong estimate cannot shut the
   pipeline out: each admitted request measures ``service`` afresh.
 - At most ``max_waiting`` requests wait; more are refused at once.
@@ -64,8 +64,9 @@ __all__ = (
 
 #: weight of the newest hold time in the running mean of ``service``
 _ALPHA = 0.2
-#: the pace is measured over this many slots freed in a row
-_PACE_WINDOW = 16
+#: the pace is measured over at most this many slots freed in a row (and at least over
+#: ``limit + 2``: slots taken together tend to free together)
+_PACE_WINDOW = 64
 
 
 def _mean(mean: float | None, sample: float) -> float:
@@ -202,12 +203,12 @@ class Admission:
         self.name = name
         self.config = config or AdmissionConfig()
         self._limit = float(self.config.initial_in_flight)
-        self._probing = True  # until the first sign of too many: +1 per success, not 1/limit
         self._running = 0
         self._waiters: deque[_Waiter] = deque()
         self._service: float | None = None  # how long a request holds its slot lately
         # when slots freed lately, while requests were waiting all along
         self._frees: deque[float] = deque(maxlen=_PACE_WINDOW)
+        self._pace: float | None = None  # seconds between them, once measured
         self._cut_at = -math.inf  # when the limit was last cut
         # slots whose holder was collected without releasing them; appended by finalizers
         # (on any thread), taken back on the loop at the next acquire
@@ -246,17 +247,10 @@ class Admission:
         )
 
     # -- the mechanism ----------------------------------------------------------------------
-    def _pace(self) -> float | None:
-        """Seconds between slots freeing while requests wait: measured, or before it was,
-        what the hold time and the limit imply."""
-        frees = self._frees
-        if len(frees) > 2:
-            return (frees[-1] - frees[0]) / (len(frees) - 1)
-        return None if self._service is None else self._service / self.limit
-
     def _refusal(self, ahead: int, deadline: float | None, now: float) -> Overloaded | None:
-        """Why a request with ``ahead`` others before it cannot finish in time, if it can't."""
-        pace = self._pace()
+        """Why a request with ``ahead`` others before it cannot finish in time, if it can't
+        (``None`` until the pace was measured: a guess refuses no one)."""
+        pace = self._pace
         if deadline is None or pace is None or self._service is None:
             return None
         wait = (ahead + 1) * pace
@@ -280,7 +274,8 @@ class Admission:
             self._admitted += 1
             return now
         if len(self._waiters) >= self.config.max_waiting:
-            raise self._overloaded(None, None, len(self._waiters) * (self._pace() or 1.0))
+            pace = self._pace or (self._service or 1.0) / self.limit
+            raise self._overloaded(None, None, len(self._waiters) * pace)
         refusal = self._refusal(len(self._waiters), deadline, now)
         if refusal is not None:
             raise refusal
@@ -313,7 +308,10 @@ class Admission:
         held = now - start
         waiting = bool(self._waiters)
         if waiting:  # the pace at which slots free, measured while nobody is idle
-            self._frees.append(now)
+            frees = self._frees
+            frees.append(now)
+            if len(frees) > self.limit + 1:  # a round of every slot, at least
+                self._pace = (frees[-1] - frees[0]) / (len(frees) - 1)
         else:
             self._frees.clear()
         crowded = waiting or self._running >= self.limit
@@ -325,12 +323,10 @@ class Admission:
             if start >= self._cut_at:  # admitted since the last cut: one cut per round
                 self._limit = max(1.0, self._limit / 2)
                 self._cut_at = now
-                self._probing = False
         elif outcome == "ok" and crowded:
             budget = None if deadline is None else deadline - start
             if budget is None or held <= self.config.headroom * budget:
-                step = 1.0 if self._probing else 1 / self._limit
-                self._limit = min(float(self.config.max_in_flight), self._limit + step)
+                self._limit = min(float(self.config.max_in_flight), self._limit + 1 / self._limit)
         self._free()
 
     def _free(self) -> None:
