@@ -35,6 +35,11 @@ async def _hold(admission: Admission, release: anyio.Event, deadline: float | No
         await release.wait()
 
 
+async def _take(admission: Admission, got: list[str], name: str) -> None:
+    async with admission.slot():
+        got.append(name)
+
+
 async def _serve(admission: Admission, seconds: float) -> None:
     async with admission.slot(time.monotonic() + 30):
         await anyio.sleep(seconds)
@@ -81,23 +86,18 @@ def test_overloaded_is_a_queue_full_with_its_facts_in_the_message() -> None:
 async def test_the_limit_bounds_how_many_run_and_the_rest_wait_in_order() -> None:
     admission = Admission("p", AdmissionConfig(max_in_flight=2, initial_in_flight=2))
     release = anyio.Event()
-    order: list[int] = []
-
-    async def later(i: int) -> None:
-        async with admission.slot():
-            order.append(i)
-
+    order: list[str] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_hold, admission, release)
         tg.start_soon(_hold, admission, release)
         await _settle()
-        for i in range(3):
-            tg.start_soon(later, i)
+        for name in "abc":
+            tg.start_soon(_take, admission, order, name)
             await _settle()
         s = admission.statistics()
         assert (s.limit, s.running, s.waiting, s.admitted) == (2, 2, 3, 2)
         release.set()
-    assert sorted(order[:2]) == [0, 1] and order[2] == 2  # in line (0 and 1 got in together)
+    assert sorted(order[:2]) == ["a", "b"] and order[2] == "c"  # in line; a, b got in at once
     s = admission.statistics()
     assert (s.running, s.waiting, s.admitted, s.refused) == (0, 0, 5, 0)
 
@@ -211,53 +211,25 @@ async def test_requests_finishing_in_time_while_others_wait_raise_the_limit() ->
     assert s.limit == 4 and s.admitted == 12 and s.refused == 0
 
 
-async def test_a_cancelled_waiter_leaves_the_line() -> None:
+@pytest.mark.parametrize("granted", [False, True], ids=["while-waiting", "just-granted"])
+async def test_a_cancelled_waiter_gives_its_place_to_the_next(granted: bool) -> None:
     admission = Admission("p", AdmissionConfig(max_in_flight=1, initial_in_flight=1))
     release = anyio.Event()
     got: list[str] = []
-
-    async def wait(name: str) -> None:
-        async with admission.slot():
-            got.append(name)
-
     async with anyio.create_task_group() as tg:
         tg.start_soon(_hold, admission, release)
         await _settle()
         async with anyio.create_task_group() as doomed:
-            doomed.start_soon(wait, "gone")
+            doomed.start_soon(_take, admission, got, "doomed")
             await _settle()
-            assert admission.statistics().waiting == 1
+            tg.start_soon(_take, admission, got, "next")
+            await _settle()
+            assert admission.statistics().waiting == 2
+            if granted:  # in one step: the slot is handed to "doomed", then it is cancelled
+                release.set()
             doomed.cancel_scope.cancel()
-        assert admission.statistics().waiting == 0
-        tg.start_soon(wait, "next")
-        await _settle()
+        assert admission.statistics().waiting == (0 if granted else 1)
         release.set()
-    assert got == ["next"]
-    s = admission.statistics()
-    assert (s.running, s.waiting) == (0, 0)
-
-
-async def test_a_slot_granted_to_a_waiter_cancelled_meanwhile_goes_on() -> None:
-    admission = Admission("p", AdmissionConfig(max_in_flight=1, initial_in_flight=1))
-    release = anyio.Event()
-    got: list[str] = []
-
-    async def wait(name: str) -> None:
-        async with admission.slot():
-            got.append(name)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_hold, admission, release)
-        await _settle()
-        async with anyio.create_task_group() as doomed:
-            doomed.start_soon(wait, "doomed")
-            await _settle()
-            tg.start_soon(wait, "next")
-            await _settle()
-            # in one step: the holder frees its slot and hands it to "doomed", which is
-            # cancelled before it runs again
-            release.set()
-            doomed.cancel_scope.cancel()
     assert got == ["next"]
     s = admission.statistics()
     assert (s.running, s.waiting) == (0, 0)

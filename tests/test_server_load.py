@@ -46,7 +46,7 @@ def test_load_and_chaos_leave_the_server_healthy(tmp_path: Path) -> None:
         served = [a for a in answers if a["kind"] != "malformed" and a["status"] == 200]
         assert len(served) >= 20  # a 30 s timeout: the load waits, it is not refused
         assert r["busy_admissions"] == {}
-        assert r["threads"] is None or r["threads"] == rounds[0]["threads"]
+        assert r["threads"] is None or r["threads"] <= rounds[0]["threads"]
 
 
 def test_the_checks_catch_what_they_name() -> None:

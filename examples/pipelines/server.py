@@ -100,7 +100,7 @@ def create_app(
     app = FastAPI(title="pygpukit example pipelines", lifespan=gpu.lifespan)
     gpu.install(app)
 
-    def assistant(service: str) -> Any:
+    async def assistant(service: str) -> Any:  # async: a plain one would run on a thread
         if service not in SERVICES:
             raise HTTPException(404, f"unknown service {service!r}; use one of {list(SERVICES)}")
         return gpu.get_pipeline(service)

@@ -41,9 +41,9 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import anyio
 from pydantic import BaseModel
@@ -60,6 +60,8 @@ __all__ = (
     "AdmittedPipeline",
     "AdmittedStream",
     "Overloaded",
+    "RunOptions",
+    "Slot",
 )
 
 #: weight of the newest hold time in the running mean of ``service``
@@ -391,12 +393,7 @@ class Slot:
         self._finalizer = weakref.finalize(self, self._admission._abandoned.append, None)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self.release(exc)
 
     def release(self, error: BaseException | None = None, *, early: bool = False) -> None:
@@ -422,6 +419,14 @@ class Slot:
         self._admission._release(self._start, self._deadline, outcome)
 
 
+class RunOptions(TypedDict, total=False):
+    """What :meth:`Pipeline.run <pygpukit.pipeline.Pipeline.run>` takes besides the request."""
+
+    tier: QoSPolicy | str | None
+    priority: int
+    deadline: float | None
+
+
 class AdmittedPipeline:
     """A :class:`~pygpukit.pipeline.Pipeline` behind its :class:`Admission`: :meth:`run` and
     :meth:`stream` take a slot first (and may raise :class:`Overloaded`); everything else is
@@ -432,37 +437,26 @@ class AdmittedPipeline:
         self.admission = admission
 
     async def run(
-        self,
-        request: BaseModel | Mapping[str, Any],
-        *,
-        tier: QoSPolicy | str | None = None,
-        priority: int = 0,
-        deadline: float | None = None,
+        self, request: BaseModel | Mapping[str, Any], **options: Unpack[RunOptions]
     ) -> PipelineResult:
         """:meth:`Pipeline.run <pygpukit.pipeline.Pipeline.run>` once admitted.
 
         :raises Overloaded: it could not finish before ``deadline``, or too many wait
         """
-        if self.admission is None:
-            return await self.pipeline.run(request, tier=tier, priority=priority, deadline=deadline)
-        async with self.admission.slot(deadline):
-            return await self.pipeline.run(request, tier=tier, priority=priority, deadline=deadline)
+        slot: AbstractAsyncContextManager[Any] = nullcontext()
+        if self.admission is not None:
+            slot = self.admission.slot(options.get("deadline"))
+        async with slot:
+            return await self.pipeline.run(request, **options)
 
     def stream(
-        self,
-        request: BaseModel | Mapping[str, Any],
-        *,
-        tier: QoSPolicy | str | None = None,
-        priority: int = 0,
-        deadline: float | None = None,
+        self, request: BaseModel | Mapping[str, Any], **options: Unpack[RunOptions]
     ) -> AdmittedStream:
         """:meth:`Pipeline.stream <pygpukit.pipeline.Pipeline.stream>` once admitted; the
         slot is held until the stream ends or is closed."""
+        deadline = options.get("deadline")
         slot = None if self.admission is None else self.admission.slot(deadline)
-        return AdmittedStream(
-            slot,
-            lambda: self.pipeline.stream(request, tier=tier, priority=priority, deadline=deadline),
-        )
+        return AdmittedStream(slot, lambda: self.pipeline.stream(request, **options))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipeline, name)
@@ -536,10 +530,5 @@ class AdmittedStream:
     async def __aenter__(self) -> AdmittedStream:
         return await self.admit()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._end(None, early=True)
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._end(None, early=True)  # the block's own error says nothing of serving

@@ -64,27 +64,17 @@ from .._exceptions import (
 from .._validate import check_name
 from ..pipeline import Pipeline
 from ..runtime import ExecutionContext, Runtime
+from . import _admission
 from ._admission import Admission as Admission
 from ._admission import AdmissionConfig as AdmissionConfig
 from ._admission import AdmissionStatistics as AdmissionStatistics
 from ._admission import AdmittedPipeline as AdmittedPipeline
 from ._admission import AdmittedStream as AdmittedStream
 from ._admission import Overloaded as Overloaded
+from ._admission import RunOptions as RunOptions
 from ._admission import Slot as Slot
 
-__all__ = (
-    "STATUS",
-    "Admission",
-    "AdmissionConfig",
-    "AdmissionStatistics",
-    "AdmittedPipeline",
-    "AdmittedStream",
-    "Overloaded",
-    "Pygpukit",
-    "Slot",
-    "error_response",
-    "ndjson",
-)
+__all__ = ("STATUS", "Pygpukit", "error_response", "ndjson", *_admission.__all__)
 
 STATUS: dict[type[BaseException], int] = {
     QueueFull: 429,
@@ -337,14 +327,15 @@ class Pygpukit:
         if self._runtime is not None:  # asked for after startup: check it now
             self._check_wanted()
 
-    def context(self, name: str) -> Callable[[], ExecutionContext]:
+    def context(self, name: str) -> Callable[[], Awaitable[ExecutionContext]]:
         """A dependency giving the context called ``name``, which ``setup`` must create.
 
         :raises ContextClosed: at request time: the context was destroyed since (503)
         """
         self._want("context", name)
 
-        def dependency() -> ExecutionContext:
+        # async: FastAPI would run a plain function on a worker thread, per request
+        async def dependency() -> ExecutionContext:
             try:
                 return self.runtime.get_context(name)
             except InvalidArgument:  # it existed at startup: destroyed since
@@ -352,13 +343,13 @@ class Pygpukit:
 
         return dependency
 
-    def pipeline(self, name: str) -> Callable[[], Any]:
+    def pipeline(self, name: str) -> Callable[[], Awaitable[Any]]:
         """A dependency giving the pipeline ``setup`` registered as ``name``, behind its
         admission: an :class:`AdmittedPipeline` (with ``admission=None``, one that admits
         every request at once)."""
         self._want("pipeline", name)
 
-        def dependency() -> Any:
+        async def dependency() -> Any:
             return self.get_pipeline(name)
 
         return dependency
@@ -384,14 +375,6 @@ class Pygpukit:
         return AdmittedPipeline(pipeline, admission)
 
 
-for _cls in (
-    Admission,
-    AdmissionConfig,
-    AdmissionStatistics,
-    AdmittedPipeline,
-    AdmittedStream,
-    Overloaded,
-    Slot,
-):
-    _cls.__module__ = __name__  # tracebacks and reprs name the public module
-del _cls
+for _name in _admission.__all__:
+    globals()[_name].__module__ = __name__  # tracebacks and reprs name the public module
+del _name
