@@ -467,3 +467,15 @@ async def test_an_overloaded_stream_is_refused_with_a_429_before_it_starts(
     for code, text in replies:
         if code == 200:
             assert '"error"' not in text, text[:200]
+
+
+def test_error_response_maps_a_group_outside_any_event_loop() -> None:
+    import asyncio
+
+    from pygpukit import VRAMBudgetExceeded
+    from pygpukit.integrations.fastapi import error_response
+
+    group = BaseExceptionGroup("g", [asyncio.CancelledError(), VRAMBudgetExceeded("tts", 10, 5, 8)])
+    r = error_response(group)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert json.loads(r.body)["error"] == "VRAMBudgetExceeded"

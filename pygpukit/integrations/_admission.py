@@ -397,7 +397,7 @@ class Slot:
         self.release(exc)
 
     def release(self, error: BaseException | None = None, *, early: bool = False) -> None:
-        """Free the slot (idempotent).
+        """Free the slot (idempotent; on the event loop).
 
         :param error: how the request failed, if it did
         :param early: the request was given up before it ended (closed, cancelled): its

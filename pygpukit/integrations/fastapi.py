@@ -114,8 +114,8 @@ def _answerable(exc: BaseException) -> BaseException:
     pygpukit's (cancellations aside), the first of them; any other group stays itself."""
     if not isinstance(exc, BaseExceptionGroup):
         return exc
-    cancelled = anyio.get_cancelled_exc_class()
-    errors = [e for e in _leaves(exc) if not isinstance(e, cancelled)]
+    # cancellations (asyncio's and trio's) are the BaseExceptions that are no Exception
+    errors = [e for e in _leaves(exc) if isinstance(e, Exception)]
     if errors and all(isinstance(e, PygpukitError) for e in errors):
         return errors[0]
     return exc
