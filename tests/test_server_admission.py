@@ -117,6 +117,21 @@ async def test_beyond_max_waiting_a_request_is_refused_at_once() -> None:
     assert admission.statistics().refused == 1
 
 
+async def _refused_behind_one(admission: Admission, budget_s: float) -> tuple[Overloaded, float]:
+    """A request with ``budget_s`` to finish, while one holds the only slot: its refusal,
+    and how long it took to come."""
+    release = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_hold, admission, release)
+        await _settle()
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded) as refused:
+            await _hold(admission, release, deadline=t0 + budget_s)
+        waited = time.monotonic() - t0
+        release.set()
+    return refused.value, waited
+
+
 async def test_a_request_that_cannot_finish_in_time_is_refused_when_it_arrives() -> None:
     admission = Admission("p", AdmissionConfig(max_in_flight=1, initial_in_flight=1))
     async with anyio.create_task_group() as tg:  # a line: slots free every ~0.05 s
@@ -124,48 +139,32 @@ async def test_a_request_that_cannot_finish_in_time_is_refused_when_it_arrives()
             tg.start_soon(_serve, admission, 0.05)
     s = admission.statistics()
     assert s.service_s is not None and s.service_s >= 0.05
+    # behind the one running: a slot in ~0.05 s, then ~0.05 s of serving
+    err, waited = await _refused_behind_one(admission, 0.08)
+    assert waited < 0.05, "refused only after waiting"
+    assert (err.running, err.waiting) == (1, 0)
+    assert err.expected_s is not None and 0.08 < err.expected_s < 0.5
+    assert err.left_s is not None and 0 < err.left_s <= 0.08
+    # one with time enough waits for its turn and gets it
     release = anyio.Event()
+    got: list[str] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(_hold, admission, release)
         await _settle()
-        # behind the one running: a slot in ~0.05 s, then ~0.05 s of serving
-        t0 = time.monotonic()
-        with pytest.raises(Overloaded) as refused:
-            await _hold(admission, release, deadline=t0 + 0.08)
-        assert time.monotonic() - t0 < 0.05, "refused only after waiting"
-        err = refused.value
-        assert (err.running, err.waiting) == (1, 0)
-        assert err.expected_s is not None and 0.08 < err.expected_s < 0.5
-        assert err.left_s is not None and 0 < err.left_s <= 0.08
-        # one with time enough waits for its turn and gets it
-        got: list[bool] = []
-
-        async def patient() -> None:
-            async with admission.slot(time.monotonic() + 30):
-                got.append(True)
-
-        tg.start_soon(patient)
+        tg.start_soon(_take, admission, got, "patient")
         await _settle()
         assert admission.statistics().waiting == 1
         release.set()
-    assert got == [True]
+    assert got == ["patient"]
 
 
 async def test_before_the_pace_is_known_a_request_waits_until_its_last_chance() -> None:
     admission = Admission("p", AdmissionConfig(max_in_flight=1, initial_in_flight=1))
     await _serve(admission, 0.05)  # serving measured; the pace (nobody waited) is not
-    release = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_hold, admission, release)
-        await _settle()
-        t0 = time.monotonic()
-        with pytest.raises(Overloaded) as refused:
-            await _hold(admission, release, deadline=t0 + 0.3)
-        waited = time.monotonic() - t0
-        # it gave up when starting could no longer finish: ~0.25 s, its deadline less 0.05
-        assert 0.2 <= waited < 0.3, waited
-        assert refused.value.left_s is not None and refused.value.left_s < 0.1
-        release.set()
+    err, waited = await _refused_behind_one(admission, 0.3)
+    # it gave up when starting could no longer finish: ~0.25 s, its deadline less 0.05
+    assert 0.2 <= waited < 0.3, waited
+    assert err.left_s is not None and err.left_s < 0.1
 
 
 async def test_a_free_slot_admits_without_judging() -> None:
