@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from pygpukit import MB, DeadlineExceeded, QoSPolicy, current_context
+from pygpukit import MB, DeadlineExceeded, QoSPolicy, QueueFull, current_context
 from pygpukit.pipeline import Array, Pipeline, RequestInfo, current_request, stage
 from pygpukit.pipeline import _run as pipeline_run
 from pygpukit.runtime import ExecutionContext, Runtime, _session, hook_event_loop
@@ -318,6 +318,65 @@ async def test_a_failing_stage_cancels_the_others_and_raises_its_own_error(
     assert time.perf_counter() - t0 < 5
     assert _balanced() and "enter tr_join" not in LOG, LOG
     assert _used(ctxs) == before
+
+
+class _Together:
+    """Makes two stages fail in one step of the loop: ``second`` waits until ``first`` is
+    about to raise, so it raises before the cancellation ``first`` starts can reach it."""
+
+    ready: anyio.Event | None = None
+
+
+@stage("tr_full_first", context="left")
+async def full_first(inp: Job) -> Part:
+    await anyio.sleep(0.01)
+    assert _Together.ready is not None
+    _Together.ready.set()  # wakes tr_full_second, then fails without a checkpoint
+    raise QueueFull("left's queue is full")
+
+
+@stage("tr_full_second", context="right")
+async def full_second(inp: Job) -> Part:
+    assert _Together.ready is not None
+    await _Together.ready.wait()
+    raise DeadlineExceeded("task 'step' of context 'right'", late_s=0.0)
+
+
+def _failing_together(rt: Runtime) -> Pipeline:
+    return (
+        Pipeline("both", runtime=rt)
+        .add(full_second, inputs={"n": "$input.n"})
+        .add(full_first, inputs={"n": "$input.n"})
+        .add(join, inputs={"a": "tr_full_first.value", "b": "tr_full_second.value"})
+    )
+
+
+@pytest.mark.parametrize("how", ["run", "stream"])
+async def test_branches_failing_together_raise_the_first_error_not_a_group(
+    host_rt: Runtime, ctxs: dict[str, ExecutionContext], how: str
+) -> None:
+    _Together.ready = anyio.Event()
+    p = _failing_together(host_rt)
+
+    async def consume() -> None:
+        if how == "run":
+            await p.run({"n": 1})
+        else:
+            async with p.stream({"n": 1}) as items:
+                async for _ in items:
+                    pass
+
+    with pytest.raises(QueueFull) as caught:
+        await consume()
+    assert str(caught.value) == "left's queue is full"
+    # the other branch's failure is kept, as a note naming its stage
+    assert caught.value.__notes__ == [
+        "stage 'tr_full_second' of pipeline 'both' failed at the same time: "
+        "DeadlineExceeded: task 'step' of context 'right' missed its deadline by 0.0 ms "
+        "before it started (nothing ran); give it a later deadline, a higher priority or "
+        "tier, or less work queued ahead of it"
+    ]
+    assert "enter tr_join" not in LOG
 
 
 async def test_request_info_reaches_every_stage(

@@ -1,7 +1,8 @@
 """FastAPI integration: a lifespan that starts and drains the runtime, dependencies that
-hand out contexts and pipelines, error mapping, and streaming responses.
+hand out contexts and pipelines (behind an admission per pipeline), error mapping, and
+streaming responses.
 
-Needs ``pip install 'pygpukit[server]'``. Usage::
+Needs the ``server`` extra: ``pip install 'pygpukit-async[server]'``. Usage::
 
     gpu = Pygpukit(setup=make_contexts_and_pipelines)
     app = FastAPI(lifespan=gpu.lifespan)
@@ -9,29 +10,41 @@ Needs ``pip install 'pygpukit[server]'``. Usage::
 
     @app.post("/chat")
     async def chat(req: ChatIn, assistant=Depends(gpu.pipeline("assistant"))):
-        return (await assistant.run(req)).output
+        return (await assistant.run(req, deadline=time.monotonic() + 5)).output
 
-Errors map to HTTP as clients need them: ``QueueFull`` → 429 (with ``Retry-After``),
-``DeadlineExceeded`` → 504, ``VRAMBudgetExceeded`` / ``AdmissionRejected`` /
-``ContextClosed`` → 503, ``PipelineValidationError``, ``InvalidArgument``,
-``InvalidArgumentType`` and pydantic validation errors → 422, ``CudaError`` → 500; every
-body is ``{"error": <type>, "detail": <message>}``.
+Every error body is ``{"error": <type>, "detail": <message>}``. pygpukit's errors map to
+HTTP as clients need them: ``QueueFull`` (and :class:`Overloaded`, the admission's refusal)
+→ 429 with ``Retry-After``, ``DeadlineExceeded`` → 504, ``VRAMBudgetExceeded`` /
+``AdmissionRejected`` / ``ContextClosed`` → 503, ``PipelineValidationError``,
+``InvalidArgument`` and ``InvalidArgumentType`` → 422, ``CudaError`` → 500. An exception
+group maps as its first error when all its errors are pygpukit's. A request FastAPI cannot
+validate (a wrong type, malformed JSON, a string with a lone surrogate) answers 422 with the
+errors listed under ``"errors"`` too; an ``HTTPException`` keeps its status; anything else is
+a 500 whose body tells nothing of the server (the error is logged).
+
+Dependencies are checked when the app starts: one naming a context or pipeline that
+``setup`` did not create stops the startup (a misconfigured server must not blame its
+clients with 422s).
 """
 
 from __future__ import annotations
 
+import http
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 try:
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "pygpukit.integrations.fastapi needs FastAPI; install it with "
-        "pip install 'pygpukit[server]'"
+        "pip install 'pygpukit-async[server]'"
     ) from exc
 
 import anyio
@@ -48,9 +61,20 @@ from .._exceptions import (
     QueueFull,
     VRAMBudgetExceeded,
 )
+from ..pipeline import Pipeline
 from ..runtime import ExecutionContext, Runtime
+from ..runtime.checks import check_name
+from . import _admission
+from ._admission import Admission as Admission
+from ._admission import AdmissionConfig as AdmissionConfig
+from ._admission import AdmissionStatistics as AdmissionStatistics
+from ._admission import AdmittedPipeline as AdmittedPipeline
+from ._admission import AdmittedStream as AdmittedStream
+from ._admission import Overloaded as Overloaded
+from ._admission import RunOptions as RunOptions
+from ._admission import Slot as Slot
 
-__all__ = ("STATUS", "Pygpukit", "error_response", "ndjson")
+__all__ = ("STATUS", "Pygpukit", "error_response", "ndjson", *_admission.__all__)
 
 STATUS: dict[type[BaseException], int] = {
     QueueFull: 429,
@@ -65,13 +89,69 @@ STATUS: dict[type[BaseException], int] = {
 }
 
 
+class _JSON(JSONResponse):
+    """A JSON response in ASCII: text the client sent (a lone surrogate, say) that an error
+    message repeats must not make the error response itself fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _body(error: str, detail: Any, status: int, headers: Any = None, **more: Any) -> JSONResponse:
+    return _JSON({"error": error, "detail": detail, **more}, status_code=status, headers=headers)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
+
+
+def _answerable(exc: BaseException) -> BaseException:
+    """The error to answer for ``exc``: itself; for an exception group whose errors are all
+    pygpukit's (cancellations aside), the first of them; any other group stays itself."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    # cancellations (asyncio's and trio's) are the BaseExceptions that are no Exception
+    errors = [e for e in _leaves(exc) if isinstance(e, Exception)]
+    if errors and all(isinstance(e, PygpukitError) for e in errors):
+        return errors[0]
+    return exc
+
+
 def error_response(exc: BaseException) -> JSONResponse:
-    """The JSON response for a pygpukit error (500 for anything unmapped)."""
+    """The JSON response for a pygpukit error, or for an exception group of them (500 for
+    anything unmapped)."""
+    exc = _answerable(exc)
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse(
-        {"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers
-    )
+    headers = None
+    if status in (429, 503):
+        retry = getattr(exc, "retry_after_s", 1.0)
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+    return _body(type(exc).__name__, str(exc), status, headers)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+        for e in exc.errors()
+    ]  # the input itself is not repeated: it may be huge, or not encodable
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+    return _body("RequestValidationError", detail, 422, errors=errors)
+
+
+def _http_response(exc: HTTPException) -> JSONResponse:
+    try:
+        error = http.HTTPStatus(exc.status_code).phrase.replace(" ", "")
+    except ValueError:
+        error = "HTTPException"
+    return _body(error, exc.detail, exc.status_code, getattr(exc, "headers", None))
+
+
+_ADMISSION = AdmissionConfig()
+_INTERNAL = "the server failed to handle this request; its log has the details"
 
 
 def _jsonable(item: Any) -> Any:
@@ -93,8 +173,12 @@ def ndjson(items: AsyncIterator[Any]) -> StreamingResponse:
         try:
             async for item in items:
                 yield (json.dumps(_jsonable(item)) + "\n").encode()
-        except PygpukitError as exc:
-            yield (json.dumps({"error": type(exc).__name__, "detail": str(exc)}) + "\n").encode()
+        except Exception as exc:
+            error = _answerable(exc)
+            if not isinstance(error, PygpukitError):
+                raise
+            line = {"error": type(error).__name__, "detail": str(error)}
+            yield (json.dumps(line) + "\n").encode()
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
@@ -125,6 +209,8 @@ class Pygpukit:
     :param setup: ``setup(runtime)`` (sync or async) run at startup: create contexts, build
         pipelines; a dict it returns is merged into :attr:`pipelines`
     :param drain_timeout: seconds shutdown waits for requests in flight before closing
+    :param admission: how much of each pipeline runs at once (:class:`AdmissionConfig`);
+        ``None`` admits every request at once
     :param runtime_kwargs: passed to :class:`~pygpukit.runtime.Runtime`
     """
 
@@ -133,15 +219,24 @@ class Pygpukit:
         setup: Callable[[Runtime], Any] | None = None,
         *,
         drain_timeout: float = 10.0,
+        admission: AdmissionConfig | None = _ADMISSION,
         **runtime_kwargs: Any,
     ) -> None:
+        if admission is not None and not isinstance(admission, AdmissionConfig):
+            raise InvalidArgumentType(
+                f"admission must be an AdmissionConfig or None, not {admission!r}"
+            )
         self._setup = setup
         self._runtime_kwargs = runtime_kwargs
         self._runtime: Runtime | None = None
         self.pipelines: dict[str, Any] = {}
+        #: per pipeline name, once a request asked for it
+        self.admissions: dict[str, Admission] = {}
+        self.admission = admission
         self.drain_timeout = drain_timeout
         self.in_flight = 0
         self._idle: anyio.Event | None = None
+        self._wanted: dict[str, set[str]] = {"context": set(), "pipeline": set()}
 
     @property
     def runtime(self) -> Runtime:
@@ -151,7 +246,11 @@ class Pygpukit:
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        """Start the runtime (and run ``setup``); on shutdown, drain and close it."""
+        """Start the runtime (and run ``setup``); on shutdown, drain and close it.
+
+        :raises InvalidArgument: a dependency names a context or pipeline that ``setup``
+            did not create (the app does not start)
+        """
         self._runtime = Runtime(**self._runtime_kwargs)
         try:
             if self._setup is not None:
@@ -160,6 +259,7 @@ class Pygpukit:
                     made = await made
                 if isinstance(made, dict):
                     self.pipelines.update(made)
+            self._check_wanted()
             app.state.pygpukit = self
             yield
             with anyio.move_on_after(self.drain_timeout):
@@ -170,13 +270,49 @@ class Pygpukit:
             rt, self._runtime = self._runtime, None
             rt.close()
 
-    def install(self, app: FastAPI) -> None:
-        """Add the error handlers and the in-flight counter used to drain on shutdown."""
+    def _check_wanted(self) -> None:
+        contexts = {c.name for c in self.runtime.contexts}
+        missing = [
+            f"{kind} {name!r}"
+            for kind, have in (("context", contexts), ("pipeline", set(self.pipelines)))
+            for name in sorted(self._wanted[kind] - have)
+        ]
+        if missing:
+            raise InvalidArgument(
+                f"the app's dependencies name {', '.join(missing)}, which setup() did not "
+                f"create (it made contexts {sorted(contexts)} and pipelines "
+                f"{sorted(self.pipelines)}); create them in setup() or fix the names"
+            )
 
-        async def handle(request: Request, exc: Exception) -> JSONResponse:
+    def install(self, app: FastAPI) -> None:
+        """Add the error handlers (every error body ``{"error", "detail"}``) and the
+        in-flight counter used to drain on shutdown."""
+
+        async def pygpukit_error(request: Request, exc: Exception) -> JSONResponse:
             return error_response(exc)
 
-        app.add_exception_handler(PygpukitError, handle)
+        async def group(request: Request, exc: Exception) -> JSONResponse:
+            if _answerable(exc) is exc:
+                raise exc  # not only pygpukit's errors: a server error, logged
+            return error_response(exc)
+
+        async def invalid(request: Request, exc: Exception) -> JSONResponse:
+            assert isinstance(exc, RequestValidationError)
+            return _validation_response(exc)
+
+        async def http_error(request: Request, exc: Exception) -> JSONResponse:
+            assert isinstance(exc, HTTPException)
+            return _http_response(exc)
+
+        async def internal(request: Request, exc: Exception) -> JSONResponse:
+            # Starlette re-raises the error after this answer, so the server logs it
+            return _body("InternalServerError", _INTERNAL, 500)
+
+        app.add_exception_handler(PygpukitError, pygpukit_error)
+        app.add_exception_handler(ExceptionGroup, group)
+        app.add_exception_handler(RequestValidationError, invalid)
+        app.add_exception_handler(HTTPException, http_error)
+        app.add_exception_handler(Exception, internal)
         app.add_middleware(_InFlight, owner=self)
 
     def _request_done(self) -> None:
@@ -185,23 +321,60 @@ class Pygpukit:
             self._idle.set()
 
     # -- dependencies ---------------------------------------------------------------------
-    def context(self, name: str) -> Callable[[], ExecutionContext]:
-        """A dependency giving the context called ``name``."""
+    def _want(self, kind: str, name: str) -> None:
+        check_name(name, f"{kind} name")
+        self._wanted[kind].add(name)
+        if self._runtime is not None:  # asked for after startup: check it now
+            self._check_wanted()
 
-        def dependency() -> ExecutionContext:
-            return self.runtime.get_context(name)
+    def context(self, name: str) -> Callable[[], Awaitable[ExecutionContext]]:
+        """A dependency giving the context called ``name``, which ``setup`` must create.
 
-        return dependency
+        :raises ContextClosed: at request time: the context was destroyed since (503)
+        """
+        self._want("context", name)
 
-    def pipeline(self, name: str) -> Callable[[], Any]:
-        """A dependency giving the pipeline registered as ``name`` by ``setup``."""
-
-        def dependency() -> Any:
+        # async: FastAPI would run a plain function on a worker thread, per request
+        async def dependency() -> ExecutionContext:
             try:
-                return self.pipelines[name]
-            except KeyError:
-                raise InvalidArgument(
-                    f"no pipeline named {name!r}; setup() returned {sorted(self.pipelines)}"
-                ) from None
+                return self.runtime.get_context(name)
+            except InvalidArgument:  # it existed at startup: destroyed since
+                raise ContextClosed(name) from None
 
         return dependency
+
+    def pipeline(self, name: str) -> Callable[[], Awaitable[Any]]:
+        """A dependency giving the pipeline ``setup`` registered as ``name``, behind its
+        admission: an :class:`AdmittedPipeline` (with ``admission=None``, one that admits
+        every request at once)."""
+        self._want("pipeline", name)
+
+        async def dependency() -> Any:
+            return self.get_pipeline(name)
+
+        return dependency
+
+    def get_pipeline(self, name: str) -> Any:
+        """The pipeline registered as ``name``, behind its admission: for routes that pick
+        the pipeline at request time.
+
+        :raises LookupError: no pipeline has that name (a server error: check the name
+            before calling)
+        """
+        try:
+            pipeline = self.pipelines[name]
+        except KeyError:
+            raise LookupError(
+                f"no pipeline named {name!r}; setup() returned {sorted(self.pipelines)}"
+            ) from None
+        if not isinstance(pipeline, Pipeline):
+            return pipeline
+        admission = self.admissions.get(name)
+        if admission is None and self.admission is not None:
+            admission = self.admissions[name] = Admission(name, self.admission)
+        return AdmittedPipeline(pipeline, admission)
+
+
+for _name in _admission.__all__:
+    globals()[_name].__module__ = __name__  # tracebacks and reprs name the public module
+del _name

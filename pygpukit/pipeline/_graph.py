@@ -194,7 +194,10 @@ class Pipeline:
         :raises DeadlineExceeded: the deadline passed (stages still running are cancelled;
             none starts when it had passed already)
         :raises pydantic.ValidationError: the request does not fit :attr:`request_model`
-        :raises Exception: whatever a stage raised (the others are cancelled)
+        :raises Exception: whatever a stage raised (the others are cancelled), never an
+            exception group: when several stages fail at the same moment (two branches
+            refused by a full queue), the first error is raised, with a note naming each
+            of the others (``exc.__notes__``)
         """
         return await collect(*self._prepare(request, tier, priority, deadline))
 
@@ -210,6 +213,7 @@ class Pipeline:
 
         ``async for item in pipeline.stream(req)``; to stop early without leaking the run,
         ``async with pipeline.stream(req) as items: async for item in items: ...``.
+        A failed run raises from the iteration one error, as :meth:`run` does.
         """
         return PipelineStream(drive(*self._prepare(request, tier, priority, deadline)))
 

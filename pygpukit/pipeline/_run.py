@@ -19,6 +19,12 @@ task. So the inner group may be cancelled at any moment (a stage failed, the dea
 passed) without a cancellation ever being delivered into the caller's code — which matters
 for :meth:`Pipeline.stream`, whose caller runs its own code between items. The supervisor
 reports the outcome (done, or the error) through the same channel as the output items.
+
+A run raises one error, never an exception group: the first error a stage raised. Stages
+that fail at the same moment (two branches refused by a full queue, say) all fail before
+the cancellation reaches them; the first failure is raised and each later one is named in a
+note on it (:pep:`678`; tracebacks print the notes), so ``except QueueFull`` and an HTTP
+error mapping see the error a stage raised, whatever the plan's shape.
 """
 
 from __future__ import annotations
@@ -57,22 +63,6 @@ class _Clock:
 
     def freeze(self) -> StageTiming:
         return StageTiming(self.start, self.end, self.items, self.first, self.calls)
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The one real error inside (nested) exception groups, or the group itself."""
-    cancelled = anyio.get_cancelled_exc_class()
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        elif not isinstance(e, cancelled):
-            leaves.append(e)
-
-    walk(exc)
-    return leaves[0] if len(leaves) == 1 else exc
 
 
 def _drain(recv: Any) -> None:
@@ -141,6 +131,7 @@ class _Run:
         self.edges: dict[tuple[str, str], Any] = {}
         self.outputs: list[BaseModel] = []  # output items, when not sent to a sink
         self.sink: Callable[..., Any] | None = None  # awaitable; sends ("item", model)
+        self.failures: list[tuple[str, Exception]] = []  # (stage id, error), as they failed
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -168,6 +159,9 @@ class _Run:
             # on in the traceback until the garbage collector breaks the cycle the
             # exception ends up in; cancellation must free the memory at once.
             traceback.clear_frames(exc.__traceback__)
+            raise
+        except Exception as exc:
+            self.failures.append((node.id, exc))
             raise
         finally:
             request_var.reset(token)  # the next stage of the chain sets its own
@@ -288,7 +282,7 @@ class _Run:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._chain, chain, name=f"pipeline {self.plan.name}")
         except Exception as exc:
-            raise _unwrap(exc) from None
+            raise self.one_error(exc) from None
 
     # -- any plan, in tasks of its own ----------------------------------------------------
     def start_driven(self, sink: Callable[..., Any]) -> None:
@@ -317,8 +311,40 @@ class _Run:
             else:
                 message = ("done", None)
         except Exception as exc:
-            message = ("error", _unwrap(exc))
+            message = ("error", self.one_error(exc))
         await self.sink(message)
+
+    def one_error(self, group: BaseException) -> BaseException:
+        """The error the run raises for its task group's ``group``: the first error a stage
+        raised (cancellations are not errors), with a note naming each later one.
+
+        The first failure is the cause; the others happened at the same moment, before the
+        cancellation it started reached them. An error that no stage recorded (raised
+        between stages) ranks after those that were.
+        """
+        cancelled = anyio.get_cancelled_exc_class()
+        errors: list[BaseException] = []
+        pending = [group]
+        while pending:
+            exc = pending.pop(0)
+            if isinstance(exc, BaseExceptionGroup):
+                pending[:0] = exc.exceptions
+            elif not isinstance(exc, cancelled):
+                errors.append(exc)
+        if not errors:
+            return group
+        order = {id(exc): i for i, (_, exc) in enumerate(self.failures)}
+        stage_of = {id(exc): stage_id for stage_id, exc in self.failures}
+        errors.sort(key=lambda e: order.get(id(e), len(order)))
+        first = errors[0]
+        for other in errors[1:]:
+            where = stage_of.get(id(other))
+            who = "a stage" if where is None else f"stage {where!r}"
+            first.add_note(
+                f"{who} of pipeline {self.plan.name!r} failed at the same time: "
+                f"{type(other).__name__}: {other}"
+            )
+        return first
 
     def _late(self) -> DeadlineExceeded:
         deadline = self.info.deadline
@@ -335,6 +361,7 @@ class _Run:
         self.edges.clear()
         self.values.clear()
         self.outputs.clear()
+        self.failures.clear()
 
     def result(self, output: Any) -> PipelineResult:
         out_clock = self.clocks[self.plan.output]

@@ -24,7 +24,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised on machines without CuPy
     raise BackendUnavailable(
         "the cuda backend needs CuPy >= 14.1; install it with "
-        "pip install 'pygpukit[cuda12]' (CUDA 12) or 'pygpukit[cuda13]' (CUDA 13), "
+        "pip install 'pygpukit-async[cuda12]' (CUDA 12) or 'pygpukit-async[cuda13]' (CUDA 13), "
         "or use backend='host'"
     ) from exc
 
