@@ -1,0 +1,264 @@
+"""After a device fault: the runtime says so (without asking the device), the server answers
+503 to requests in flight and to later ones, and ``/health`` tells an orchestrator to restart
+the process. On the host backend, whose stream items fault it as a bad kernel faults a CUDA
+context."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from pygpukit import MB, CudaError
+from pygpukit.runtime import HealthState, Runtime, RuntimeHealth
+
+RESTART = "the device failed and this server process must be restarted: "
+
+
+def _bad_kernel() -> None:
+    raise IndexError("out of bounds")
+
+
+# -- the runtime's query --------------------------------------------------------------------
+
+
+async def _fault_while_awaited(rt: Runtime) -> CudaError:
+    """Fault the device while an await of its work is pending; the error the await got."""
+    stream = rt.create_stream()
+    gate = threading.Event()
+    stream.launch_host_func(lambda: gate.wait(10))  # the device is busy...
+    stream.launch_host_func(_bad_kernel)  # ...and then a kernel faults
+    errors: list[CudaError] = []
+
+    async def wait() -> None:
+        try:
+            await stream
+        except CudaError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()  # armed: pending when the fault comes
+            gate.set()
+    (error,) = errors
+    return error
+
+
+@pytest.mark.anyio
+async def test_health_turns_faulted_when_the_device_faults_and_closed_at_close() -> None:
+    with Runtime(backend="host") as rt:
+        assert rt.health() == RuntimeHealth(HealthState.OK) and rt.health().ok
+        error = await _fault_while_awaited(rt)  # the watchdog failed the await
+        health = rt.health()
+        assert health.state is HealthState.FAULTED and not health.ok
+        assert type(health.error) is CudaError and str(health.error) == str(error)
+        assert str(error).startswith("host device faulted: a stream item raised IndexError")
+        assert health.error.__traceback__ is None  # a copy: it holds no waiter's frames
+    assert rt.health() == RuntimeHealth(HealthState.CLOSED)
+
+
+def test_health_asks_the_device_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    with Runtime(backend="host") as rt:
+
+        def no_query(streams: Any) -> None:
+            raise AssertionError("health() queried the device")
+
+        monkeypatch.setattr(rt.backend, "fault", no_query)
+        assert rt.health().state is HealthState.OK
+
+
+@pytest.mark.anyio
+async def test_a_faulted_runtime_is_freed_once_dropped() -> None:
+    """The process-wide bridge keeps each device's fault, but must not keep the runtime
+    alive through it: the error, once raised, holds frames that hold the backend."""
+    rt = Runtime(backend="host")
+    error = await _fault_while_awaited(rt)
+    assert rt.health().state is HealthState.FAULTED
+    rt.close()
+    backend = weakref.ref(rt.backend)
+    del rt, error
+    with anyio.fail_after(5):
+        gc.collect()
+        while backend() is not None:  # the executor's threads end a moment after close()
+            await anyio.sleep(0.01)
+            gc.collect()
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def anyio_backend() -> str:  # FastAPI/starlette run on asyncio here
+    return "asyncio"
+
+
+def _app() -> Any:
+    from fastapi import Depends, FastAPI
+
+    from pygpukit.integrations.fastapi import Pygpukit
+
+    ran: list[str] = []
+
+    def setup(rt: Runtime) -> dict[str, Any]:
+        rt.create_context("llm", max_vram=16 * MB)
+        return {"echo": object()}  # not a Pipeline: handed out as it is
+
+    gpu = Pygpukit(setup, backend="host", admission=None)
+    app = FastAPI(lifespan=gpu.lifespan)
+    gpu.install(app)
+
+    @app.post("/work")
+    async def work(ctx: Any = Depends(gpu.context("llm"))) -> dict[str, int]:  # noqa: B008
+        ran.append("work")
+        return {"value": await ctx.submit(lambda: 42)}
+
+    @app.post("/echo")
+    async def echo(pipe: Any = Depends(gpu.pipeline("echo"))) -> dict[str, str]:  # noqa: B008
+        ran.append("echo")
+        return {"got": type(pipe).__name__}
+
+    @app.post("/launch-fails")
+    async def launch_fails() -> None:  # as a launch on a faulted CUDA context nothing awaited
+        raise CudaError("CUDA error: cudaErrorIllegalAddress: an illegal memory access", 700)
+
+    return app, gpu, ran
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app)
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def _assert_fault_answer(r: httpx.Response) -> None:
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert "retry-after" not in r.headers  # retrying this process cannot help
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] == "CudaError"
+    assert body["detail"].startswith(RESTART + "host device faulted"), body
+
+
+@pytest.mark.anyio
+async def test_after_a_fault_requests_get_503_and_health_turns_unhealthy() -> None:
+    app, gpu, ran = _app()
+    async with app.router.lifespan_context(app), _client(app) as client:
+        r = await client.get("/health")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert set(body) == {"status", "backend", "device", "contexts"}
+        assert body["status"] == "ok" and body["backend"] == "host" and body["contexts"] == 1
+        assert body["device"] == gpu.runtime.device.name
+        assert (await client.post("/work")).json() == {"value": 42}
+
+        ctx = gpu.runtime.get_context("llm")
+        gate = threading.Event()
+        ctx.stream.launch_host_func(gate.wait)  # the device is busy...
+        ctx.stream.launch_host_func(_bad_kernel)  # ...and then a kernel faults
+        replies: list[httpx.Response] = []
+
+        async def in_flight() -> None:
+            replies.append(await client.post("/work"))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(in_flight)
+                while ctx.usage().in_flight == 0:  # its task waits behind the fault
+                    await anyio.sleep(0.005)
+                assert (await client.get("/health")).status_code == 200  # not yet
+                gate.set()
+        (r,) = replies
+        _assert_fault_answer(r)
+
+        r = await client.get("/health")
+        assert r.status_code == 503
+        body = r.json()
+        assert set(body) == {"status", "error", "detail"}
+        assert body["status"] == "unhealthy" and body["error"] == "CudaError"
+        assert body["detail"].startswith(RESTART + "host device faulted"), body
+
+        tasks, ran[:] = ctx.usage().tasks, []
+        for path in ("/work", "/echo"):  # later requests: refused before any work
+            _assert_fault_answer(await client.post(path))
+        assert ran == [] and ctx.usage().tasks == tasks
+        assert (await client.get("/health")).status_code == 503
+
+
+@pytest.mark.anyio
+async def test_a_request_told_to_restart_makes_health_unhealthy_too() -> None:
+    """A fault no await saw (CUDA work nothing waited for) surfaces as a CudaError when
+    later work launches: the client is told to restart the process, so /health agrees."""
+    app, gpu, _ = _app()
+    async with app.router.lifespan_context(app), _client(app) as client:
+        r = await client.post("/launch-fails")
+        assert r.status_code == 503 and "retry-after" not in r.headers
+        assert r.json() == {
+            "error": "CudaError",
+            "detail": RESTART + "CUDA error: cudaErrorIllegalAddress: an illegal memory access",
+        }
+        assert gpu.runtime.health().ok  # the runtime itself saw nothing
+        r = await client.get("/health")
+        assert r.status_code == 503 and r.json()["error"] == "CudaError"
+        assert (await client.post("/echo")).status_code == 503
+
+
+@pytest.mark.anyio
+async def test_health_is_unhealthy_while_shutdown_drains_and_after() -> None:
+    from fastapi import FastAPI
+
+    from pygpukit.integrations.fastapi import Pygpukit
+
+    gpu = Pygpukit(backend="host")
+    app = FastAPI(lifespan=gpu.lifespan)
+    gpu.install(app)
+    release = anyio.Event()
+
+    @app.get("/slow")
+    async def slow() -> dict[str, bool]:
+        await release.wait()
+        return {"done": True}
+
+    lifespan = app.router.lifespan_context(app)
+    async with _client(app) as client:
+        await lifespan.__aenter__()
+        replies: list[httpx.Response] = []
+
+        async def request() -> None:
+            replies.append(await client.get("/slow"))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(request)
+                while gpu.in_flight == 0:
+                    await anyio.sleep(0.005)
+                assert (await client.get("/health")).status_code == 200
+                tg.start_soon(lifespan.__aexit__, None, None, None)
+                while not gpu.draining:
+                    await anyio.sleep(0.005)
+                r = await client.get("/health")
+                assert r.status_code == 503
+                assert r.json()["status"] == "unhealthy" and r.json()["error"] == "Draining"
+                release.set()
+        assert [r.json() for r in replies] == [{"done": True}]  # drained, not cut
+        r = await client.get("/health")
+    assert r.status_code == 503 and r.json()["error"] == "ContextClosed"
+
+
+@pytest.mark.anyio
+async def test_health_path_can_be_moved_or_left_out() -> None:
+    from fastapi import FastAPI
+
+    from pygpukit.integrations.fastapi import Pygpukit
+
+    for path, probes in (("/livez", {"/livez": 200, "/health": 404}), (None, {"/health": 404})):
+        gpu = Pygpukit(backend="host")
+        app = FastAPI(lifespan=gpu.lifespan)
+        gpu.install(app, health_path=path)
+        async with app.router.lifespan_context(app), _client(app) as client:
+            for probe, code in probes.items():
+                assert (await client.get(probe)).status_code == code
