@@ -6,13 +6,20 @@ context."""
 from __future__ import annotations
 
 import gc
+import re
+import subprocess
+import sys
+import textwrap
 import threading
 import weakref
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from conftest import CUDA
 
 from pygpukit import MB, CudaError
 from pygpukit.runtime import HealthState, Runtime, RuntimeHealth
@@ -90,6 +97,56 @@ async def test_a_faulted_runtime_is_freed_once_dropped() -> None:
             gc.collect()
 
 
+CUDA_FAULT = textwrap.dedent(
+    r"""
+    import asyncio
+    import cupy
+    from pygpukit import CudaError
+    from pygpukit.runtime import Runtime
+
+    LATE_OOB = cupy.RawKernel(r'''
+    extern "C" __global__ void late_oob(float* p, long long cycles) {
+        long long start = clock64();
+        while (clock64() - start < cycles) { }  // ~0.2 s: the await is armed first
+        p[threadIdx.x + (1ull << 40)] = 1.0f;    // then the context faults
+    }''', "late_oob")
+
+    async def main():
+        rt = Runtime(backend="cuda")
+        stream = rt.create_stream()
+        buf = cupy.zeros(32, dtype=cupy.float32)
+        before = rt.health().state.name
+        with stream.raw.cp:
+            LATE_OOB((1,), (32,), (buf, cupy.int64(400_000_000)))
+        try:
+            await asyncio.wait_for(stream, timeout=10)
+        except CudaError:
+            pass
+        after = rt.health()
+        print("HEALTH", before, after.state.name, getattr(after.error, "status", None))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+def test_health_turns_faulted_after_a_cuda_fault() -> None:
+    """The fault kills the CUDA context for the whole process: in a subprocess."""
+    run = subprocess.run(
+        [sys.executable, "-c", CUDA_FAULT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout
+    ((before, after, status),) = re.findall(r"^HEALTH (\w+) (\w+) (\S+)$", run.stdout, re.M)
+    assert (before, after) == ("OK", "FAULTED"), run.stdout
+    assert int(status) > 0, run.stdout  # the CUDA error code the watchdog found
+
+
 # -- the server -----------------------------------------------------------------------------
 
 
@@ -135,6 +192,29 @@ def _client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def _in_flight(
+    client: httpx.AsyncClient, method: str, path: str, until: Callable[[], bool]
+) -> AsyncIterator[list[httpx.Response]]:
+    """Send a request in the background and enter once ``until()`` holds; the reply is in
+    the list yielded once the block is left."""
+    replies: list[httpx.Response] = []
+
+    async def send() -> None:
+        replies.append(await client.request(method, path))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            await _until(until)
+            yield replies
+
+
 def _assert_fault_answer(r: httpx.Response) -> None:
     assert r.status_code == 503, r.text
     assert r.headers["content-type"] == "application/json"
@@ -160,19 +240,11 @@ async def test_after_a_fault_requests_get_503_and_health_turns_unhealthy() -> No
         gate = threading.Event()
         ctx.stream.launch_host_func(gate.wait)  # the device is busy...
         ctx.stream.launch_host_func(_bad_kernel)  # ...and then a kernel faults
-        replies: list[httpx.Response] = []
-
-        async def in_flight() -> None:
-            replies.append(await client.post("/work"))
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(in_flight)
-                while ctx.usage().in_flight == 0:  # its task waits behind the fault
-                    await anyio.sleep(0.005)
-                assert (await client.get("/health")).status_code == 200  # not yet
-                gate.set()
-        (r,) = replies
+        # a request whose task waits behind the fault
+        async with _in_flight(client, "POST", "/work", lambda: ctx.usage().in_flight > 0) as rs:
+            assert (await client.get("/health")).status_code == 200  # not yet
+            gate.set()
+        (r,) = rs
         _assert_fault_answer(r)
 
         r = await client.get("/health")
@@ -226,20 +298,11 @@ async def test_health_is_unhealthy_while_shutdown_drains_and_after() -> None:
     lifespan = app.router.lifespan_context(app)
     async with _client(app) as client:
         await lifespan.__aenter__()
-        replies: list[httpx.Response] = []
-
-        async def request() -> None:
-            replies.append(await client.get("/slow"))
-
-        with anyio.fail_after(10):
+        async with _in_flight(client, "GET", "/slow", lambda: gpu.in_flight > 0) as replies:
+            assert (await client.get("/health")).status_code == 200
             async with anyio.create_task_group() as tg:
-                tg.start_soon(request)
-                while gpu.in_flight == 0:
-                    await anyio.sleep(0.005)
-                assert (await client.get("/health")).status_code == 200
-                tg.start_soon(lifespan.__aexit__, None, None, None)
-                while not gpu.draining:
-                    await anyio.sleep(0.005)
+                tg.start_soon(lifespan.__aexit__, None, None, None)  # shutdown: it drains
+                await _until(lambda: gpu.draining)
                 r = await client.get("/health")
                 assert r.status_code == 503
                 assert r.json()["status"] == "unhealthy" and r.json()["error"] == "Draining"
