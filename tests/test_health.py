@@ -325,3 +325,20 @@ async def test_health_path_can_be_moved_or_left_out() -> None:
         async with app.router.lifespan_context(app), _client(app) as client:
             for probe, code in probes.items():
                 assert (await client.get(probe)).status_code == code
+
+
+def test_a_health_path_must_be_a_path() -> None:
+    from fastapi import FastAPI
+
+    from pygpukit import InvalidArgument, InvalidArgumentType
+    from pygpukit.integrations.fastapi import Pygpukit
+
+    gpu, app = Pygpukit(backend="host"), FastAPI()
+    with pytest.raises(
+        InvalidArgument,
+        match=r"^health_path must start with '/', not 'health'; e\.g\. '/health', or None to "
+        r"mount no health endpoint$",
+    ):
+        gpu.install(app, health_path="health")
+    with pytest.raises(InvalidArgumentType, match=r"^health_path must be a non-empty str"):
+        gpu.install(app, health_path=3)  # type: ignore[arg-type]

@@ -314,7 +314,15 @@ class Pygpukit:
 
         :param health_path: where ``GET`` answers :meth:`health_response`; ``None`` mounts
             nothing
+        :raises InvalidArgument: ``health_path`` does not start with ``/``
         """
+        if health_path is not None:
+            check_name(health_path, "health_path")
+            if not health_path.startswith("/"):
+                raise InvalidArgument(
+                    f"health_path must start with '/', not {health_path!r}; e.g. '/health', "
+                    "or None to mount no health endpoint"
+                )
 
         async def pygpukit_error(request: Request, exc: Exception) -> JSONResponse:
             return self._answer(exc)
