@@ -74,6 +74,8 @@ async def test_requests_across_tiers_complete(monkeypatch: pytest.MonkeyPatch) -
         assert lines and all(line["sample_rate"] == 22050 and line["pcm16_b64"] for line in lines)
         r = await client.post("/describe", json={"prompt": "Describe this image"})
         assert r.status_code == 200 and r.json()["audio_seconds"] > 0
+        health = await client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
         usage = (await client.get("/usage")).json()
         assert usage["interactive-llm"]["tasks"] >= 3
         r = await client.post("/assistant/nope", json={"prompt": "x"})

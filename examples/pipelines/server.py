@@ -13,11 +13,15 @@
 - ``POST /describe`` — the seed's LLM + vision → TTS pipeline.
 - ``GET /usage`` — every context's memory and task counters.
 - ``GET /admission`` — each pipeline's admission: its limit, running, waiting, refused.
+- ``GET /health`` — 200 ``{"status": "ok", ...}`` while the runtime is usable; 503
+  ``{"status": "unhealthy", ...}`` once the GPU faulted (the process must be restarted: point
+  a liveness probe here), while shutting down, or before startup.
 
 Each pipeline admits as many requests at once as it serves within their timeout; the excess
 waits, or is refused at once (429 with ``Retry-After``) when it could not finish in time.
-A full queue answers 429 too, an expired deadline 504, memory exhaustion 503, a malformed
-request 422; every error body is ``{"error": ..., "detail": ...}``.
+A full queue answers 429 too, an expired deadline 504, memory exhaustion 503, a faulted GPU
+503 ``CudaError`` without ``Retry-After`` (restart the process), a malformed request 422;
+every error body is ``{"error": ..., "detail": ...}``.
 """
 
 from __future__ import annotations

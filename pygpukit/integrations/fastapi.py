@@ -15,16 +15,25 @@ Needs the ``server`` extra: ``pip install 'pygpukit-async[server]'``. Usage::
 Every error body is ``{"error": <type>, "detail": <message>}``. pygpukit's errors map to
 HTTP as clients need them: ``QueueFull`` (and :class:`Overloaded`, the admission's refusal)
 → 429 with ``Retry-After``, ``DeadlineExceeded`` → 504, ``VRAMBudgetExceeded`` /
-``AdmissionRejected`` / ``ContextClosed`` → 503, ``PipelineValidationError``,
-``InvalidArgument`` and ``InvalidArgumentType`` → 422, ``CudaError`` → 500. An exception
-group maps as its first error when all its errors are pygpukit's. A request FastAPI cannot
-validate (a wrong type, malformed JSON, a string with a lone surrogate) answers 422 with the
-errors listed under ``"errors"`` too; an ``HTTPException`` keeps its status; anything else is
-a 500 whose body tells nothing of the server (the error is logged).
+``AdmissionRejected`` / ``ContextClosed`` → 503 with ``Retry-After``, ``CudaError`` → 503
+without it (the device failed: retrying this process is useless, it must be restarted; the
+detail says so), ``PipelineValidationError``, ``InvalidArgument`` and
+``InvalidArgumentType`` → 422. An exception group maps as its first error when all its
+errors are pygpukit's. A request FastAPI cannot validate (a wrong type, malformed JSON, a
+string with a lone surrogate) answers 422 with the errors listed under ``"errors"`` too; an
+``HTTPException`` keeps its status; anything else is a 500 whose body tells nothing of the
+server (the error is logged).
 
 Dependencies are checked when the app starts: one naming a context or pipeline that
 ``setup`` did not create stops the startup (a misconfigured server must not blame its
 clients with 422s).
+
+``GET /health`` (mounted by :meth:`Pygpukit.install`) answers 200 ``{"status": "ok", ...}``
+while the runtime runs work, and 503 ``{"status": "unhealthy", "error", "detail"}`` once its
+device faulted (a CUDA context never recovers: point a Kubernetes liveness probe at it and
+the process is restarted), while shutdown drains, and when the runtime is not running. It
+reads state only, asking the device nothing. Once the device faulted, the dependencies
+refuse new requests with the same 503 ``CudaError``, without touching the device.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ from .._exceptions import (
     VRAMBudgetExceeded,
 )
 from ..pipeline import Pipeline
-from ..runtime import ExecutionContext, Runtime
+from ..runtime import ExecutionContext, HealthState, Runtime
 from ..runtime.checks import check_name
 from . import _admission
 from ._admission import Admission as Admission
@@ -85,7 +94,7 @@ STATUS: dict[type[BaseException], int] = {
     PipelineValidationError: 422,
     InvalidArgument: 422,
     InvalidArgumentType: 422,
-    CudaError: 500,
+    CudaError: 503,
 }
 
 
@@ -121,16 +130,25 @@ def _answerable(exc: BaseException) -> BaseException:
     return exc
 
 
+_RESTART = "the device failed and this server process must be restarted"
+
+
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, CudaError):  # a faulted CUDA context never recovers
+        return f"{_RESTART}: {exc}"
+    return str(exc)
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """The JSON response for a pygpukit error, or for an exception group of them (500 for
     anything unmapped)."""
     exc = _answerable(exc)
     status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
     headers = None
-    if status in (429, 503):
+    if status in (429, 503) and not isinstance(exc, CudaError):  # no retry helps a fault
         retry = getattr(exc, "retry_after_s", 1.0)
         headers = {"Retry-After": str(max(1, math.ceil(retry)))}
-    return _body(type(exc).__name__, str(exc), status, headers)
+    return _body(type(exc).__name__, _detail(exc), status, headers)
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -177,7 +195,7 @@ def ndjson(items: AsyncIterator[Any]) -> StreamingResponse:
             error = _answerable(exc)
             if not isinstance(error, PygpukitError):
                 raise
-            line = {"error": type(error).__name__, "detail": str(error)}
+            line = {"error": type(error).__name__, "detail": _detail(error)}
             yield (json.dumps(line) + "\n").encode()
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
@@ -235,6 +253,9 @@ class Pygpukit:
         self.admission = admission
         self.drain_timeout = drain_timeout
         self.in_flight = 0
+        #: set once shutdown began: requests in flight finish, ``/health`` answers 503
+        self.draining = False
+        self._answered_fault: BaseException | None = None  # a CudaError a request got
         self._idle: anyio.Event | None = None
         self._wanted: dict[str, set[str]] = {"context": set(), "pipeline": set()}
 
@@ -252,6 +273,8 @@ class Pygpukit:
             did not create (the app does not start)
         """
         self._runtime = Runtime(**self._runtime_kwargs)
+        self.draining = False
+        self._answered_fault = None
         try:
             if self._setup is not None:
                 made = self._setup(self._runtime)
@@ -262,6 +285,7 @@ class Pygpukit:
             self._check_wanted()
             app.state.pygpukit = self
             yield
+            self.draining = True
             with anyio.move_on_after(self.drain_timeout):
                 while self.in_flight:
                     self._idle = anyio.Event()
@@ -284,17 +308,29 @@ class Pygpukit:
                 f"{sorted(self.pipelines)}); create them in setup() or fix the names"
             )
 
-    def install(self, app: FastAPI) -> None:
-        """Add the error handlers (every error body ``{"error", "detail"}``) and the
-        in-flight counter used to drain on shutdown."""
+    def install(self, app: FastAPI, *, health_path: str | None = "/health") -> None:
+        """Add the error handlers (every error body ``{"error", "detail"}``), the in-flight
+        counter used to drain on shutdown, and the health endpoint.
+
+        :param health_path: where ``GET`` answers :meth:`health_response`; ``None`` mounts
+            nothing
+        :raises InvalidArgument: ``health_path`` does not start with ``/``
+        """
+        if health_path is not None:
+            check_name(health_path, "health_path")
+            if not health_path.startswith("/"):
+                raise InvalidArgument(
+                    f"health_path must start with '/', not {health_path!r}; e.g. '/health', "
+                    "or None to mount no health endpoint"
+                )
 
         async def pygpukit_error(request: Request, exc: Exception) -> JSONResponse:
-            return error_response(exc)
+            return self._answer(exc)
 
         async def group(request: Request, exc: Exception) -> JSONResponse:
             if _answerable(exc) is exc:
                 raise exc  # not only pygpukit's errors: a server error, logged
-            return error_response(exc)
+            return self._answer(exc)
 
         async def invalid(request: Request, exc: Exception) -> JSONResponse:
             assert isinstance(exc, RequestValidationError)
@@ -314,6 +350,64 @@ class Pygpukit:
         app.add_exception_handler(HTTPException, http_error)
         app.add_exception_handler(Exception, internal)
         app.add_middleware(_InFlight, owner=self)
+        if health_path is not None:
+
+            async def health() -> JSONResponse:  # async: no worker thread per probe
+                return self.health_response()
+
+            app.add_api_route(health_path, health, methods=["GET"], include_in_schema=False)
+
+    def _answer(self, exc: Exception) -> JSONResponse:
+        error = _answerable(exc)
+        if isinstance(error, CudaError) and self._answered_fault is None:
+            # the client is told to restart the process, so /health must say so too, even
+            # where the runtime has not seen the fault (work nothing awaited fails at launch);
+            # a copy, which holds none of the request's frames
+            self._answered_fault = CudaError(str(error), status=error.status)
+        return error_response(exc)
+
+    def fault(self) -> BaseException | None:
+        """The device error that makes this server unusable until it is restarted: the fault
+        :meth:`Runtime.health` reports, or a ``CudaError`` a request was answered with;
+        ``None`` if there is none. Reads state only."""
+        rt = self._runtime
+        health = None if rt is None else rt.health()
+        if health is not None and health.state is HealthState.FAULTED:
+            return health.error
+        return self._answered_fault
+
+    def health_response(self) -> JSONResponse:
+        """What ``GET /health`` answers: 200 ``{"status": "ok", "backend", "device",
+        "contexts"}`` while the runtime runs work; 503 ``{"status": "unhealthy", "error",
+        "detail"}`` once its device faulted (``error`` is the fault's type: the process must
+        be restarted), while shutdown drains (``"Draining"``), and while the runtime is not
+        running (``"ContextClosed"``). It reads state only, asking the device nothing."""
+        fault = self.fault()
+        rt = self._runtime
+        if fault is not None:
+            error, detail = type(fault).__name__, f"{_RESTART}: {fault}"
+        elif rt is None or not rt.health().ok:
+            error, detail = "ContextClosed", "the runtime is not running"
+        elif self.draining:
+            error, detail = (
+                "Draining",
+                "shutting down: finishing the requests in flight, taking no more",
+            )
+        else:
+            body = {
+                "status": "ok",
+                "backend": rt.backend.name,
+                "device": rt.device.name,
+                "contexts": len(rt.contexts),
+            }
+            return _JSON(body)
+        return _JSON({"status": "unhealthy", "error": error, "detail": detail}, status_code=503)
+
+    def _check_usable(self) -> None:
+        """Refuse a request at once when the device faulted: its work could only fail."""
+        fault = self.fault()
+        if fault is not None:
+            raise CudaError(str(fault), status=getattr(fault, "status", None))
 
     def _request_done(self) -> None:
         self.in_flight -= 1
@@ -331,11 +425,13 @@ class Pygpukit:
         """A dependency giving the context called ``name``, which ``setup`` must create.
 
         :raises ContextClosed: at request time: the context was destroyed since (503)
+        :raises CudaError: at request time: the device faulted (503; see :meth:`fault`)
         """
         self._want("context", name)
 
         # async: FastAPI would run a plain function on a worker thread, per request
         async def dependency() -> ExecutionContext:
+            self._check_usable()
             try:
                 return self.runtime.get_context(name)
             except InvalidArgument:  # it existed at startup: destroyed since
@@ -346,7 +442,10 @@ class Pygpukit:
     def pipeline(self, name: str) -> Callable[[], Awaitable[Any]]:
         """A dependency giving the pipeline ``setup`` registered as ``name``, behind its
         admission: an :class:`AdmittedPipeline` (with ``admission=None``, one that admits
-        every request at once)."""
+        every request at once).
+
+        :raises CudaError: at request time: the device faulted (503; see :meth:`fault`)
+        """
         self._want("pipeline", name)
 
         async def dependency() -> Any:
@@ -360,7 +459,9 @@ class Pygpukit:
 
         :raises LookupError: no pipeline has that name (a server error: check the name
             before calling)
+        :raises CudaError: the device faulted (503; see :meth:`fault`)
         """
+        self._check_usable()
         try:
             pipeline = self.pipelines[name]
         except KeyError:

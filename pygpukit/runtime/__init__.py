@@ -22,6 +22,8 @@ from ._dispatch import DispatcherConfig as DispatcherConfig
 from ._evict import Evictable as Evictable
 from ._graph import Graph as Graph
 from ._graph import capture_graph as capture_graph
+from ._health import HealthState as HealthState
+from ._health import RuntimeHealth as RuntimeHealth
 from ._launcher import LauncherConfig as LauncherConfig
 from ._ledger import PressureHandler as PressureHandler
 from ._lru_pool import Block as Block
@@ -62,6 +64,7 @@ __all__ = (
     "ExecutionContext",
     "Graph",
     "HandleState",
+    "HealthState",
     "LauncherConfig",
     "MemoryPool",
     "PartitionPolicy",
@@ -70,6 +73,7 @@ __all__ = (
     "QoSPolicy",
     "ReservationVerdict",
     "Runtime",
+    "RuntimeHealth",
     "SchedulingPolicy",
     "Stream",
     "Task",

@@ -8,8 +8,9 @@ every finished waiter at once. Waiters may share one signal (``_batches.py``).
 
 Host functions are not called once a CUDA context has faulted, so a watchdog thread
 (``_watchdog.py``) queries the streams of pending waiters while there are any and fails them
-with :class:`~pygpukit.CudaError`. A cancelled await gives up its future at once and its slot
-when the signal arrives; nothing is left behind either way.
+with :class:`~pygpukit.CudaError` (:meth:`CompletionBridge.fault` tells what it found). A
+cancelled await gives up its future at once and its slot when the signal arrives; nothing is
+left behind either way.
 """
 
 from __future__ import annotations
@@ -308,6 +309,12 @@ class CompletionBridge:
         its signal will never come on a faulted device, and if it does, it is ignored.
         """
         return self._watchdog.check_faults()
+
+    def fault(self, backend: Backend) -> BaseException | None:
+        """The first error the watchdog found on ``backend``'s device, if it found one: a
+        copy (no traceback) of what failed that device's waiters. Read from what the
+        watchdog kept; nothing is asked of the device, so it is cheap from any thread."""
+        return self._watchdog.faults.get(backend)
 
 
 def _spin(query: Callable[[], bool], us: float) -> bool:

@@ -21,6 +21,7 @@ from ._backends import Backend, DeviceInfo, backend_class, resolve_backend_name
 from ._completion import CompletionBridge, default_bridge
 from ._context import ContextState, ExecutionContext, _current
 from ._dispatch import Dispatcher
+from ._health import HealthState, RuntimeHealth
 from ._launcher import LauncherConfig, TaskRunner
 from ._ledger import Ledger, PressureHandler
 from ._session import hook_running_loop, register_binder, unregister_binder
@@ -35,6 +36,7 @@ __all__ = ("Runtime",)
 CUDA_HEADROOM = 256 * MB
 
 _live: weakref.WeakSet[Runtime] = weakref.WeakSet()
+_HEALTHY = RuntimeHealth(HealthState.OK)
 
 
 class Runtime:
@@ -322,6 +324,22 @@ class Runtime:
         return listener
 
     # -- lifetime ---------------------------------------------------------------------------
+    def health(self) -> RuntimeHealth:
+        """Whether the runtime can still run work, from what it knows already: nothing is
+        asked of the device, so health probes may call it as often as they like.
+
+        ``FAULTED`` once its device faulted: the completion watchdog, which queries the
+        device while work is awaited (every submitted task's work is), found the device's
+        sticky error and failed those awaits with it. A CUDA context never recovers from a
+        fault: the process must be restarted. ``CLOSED`` after :meth:`close`.
+        """
+        if self._closed:
+            return RuntimeHealth(HealthState.CLOSED)
+        fault = self.bridge.fault(self.backend)
+        if fault is not None:
+            return RuntimeHealth(HealthState.FAULTED, fault)
+        return _HEALTHY
+
     def _check_open(self) -> None:
         if self._closed:
             raise ContextClosed("<runtime>")

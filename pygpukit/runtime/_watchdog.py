@@ -3,14 +3,19 @@
 Host functions are not called once a CUDA context has faulted, so while waiters are
 pending a thread looks every ``interval``: it fails the waiters of a faulted device with
 the device's error, and sends the batches whose sender has not (the stranded-batch rule).
+The first error it finds on each device is kept (:attr:`Watchdog.faults`): a runtime's
+health is read from there without asking the device again.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
+from .._exceptions import CudaError
 from ._slots import resolve_all
 
 if TYPE_CHECKING:
@@ -40,6 +45,11 @@ class Watchdog:
         self._wake = wake
         self._interval = interval
         self._thread: threading.Thread | None = None
+        #: the first error found on each backend's device (a faulted CUDA context stays
+        #: faulted), as a copy: weak keys, so that the process-wide bridge does not keep a
+        #: closed runtime's backend alive
+        self.faults: weakref.WeakKeyDictionary[Backend, BaseException]
+        self.faults = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
         """Start the thread unless it runs already, and have it look."""
@@ -126,7 +136,19 @@ class Watchdog:
             if error is None:
                 continue
             with self._lock:  # every waiter on the faulted device
+                if backend not in self.faults:  # before any waiter hears of it
+                    self.faults[backend] = _detached(error)
                 doomed = slots.fail(backend)
             resolve_all(doomed, error)
             failed += len(doomed)
         return failed
+
+
+def _detached(error: BaseException) -> BaseException:
+    """A copy of ``error`` without traceback, cause or context. The error itself is raised
+    in every waiter, and its traceback then holds their frames, which may hold the backend:
+    kept as a weak key's value, it would keep that key alive."""
+    try:
+        return copy.copy(error)
+    except Exception:  # an error type that copy cannot rebuild
+        return CudaError(str(error) or repr(error))
