@@ -185,3 +185,33 @@ async def test_bind_each_step_keeps_a_driven_coroutine_in_its_session(host_rt: R
     assert steps_are_bound()  # host only: no stream binding at steps is needed
     await bind_each_step(stage())
     assert seen == [ctx, ctx, None]
+
+
+def test_each_function_is_known_by_its_own_code() -> None:
+    """The launcher learns how long each function takes (inline execution, shared
+    completion signals) under its code object: shared by closures made per call, distinct
+    between functions."""
+    import functools
+
+    from pygpukit.runtime._launcher import _cost_key
+
+    def make() -> Callable[[], None]:
+        return lambda: None
+
+    def other() -> None:
+        pass
+
+    class Model:
+        def step(self) -> None:
+            pass
+
+        def __call__(self) -> None:
+            pass
+
+    first, second = make(), make()
+    assert _cost_key(first) is _cost_key(second) is first.__code__
+    assert _cost_key(other) is other.__code__ is not first.__code__
+    assert _cost_key(functools.partial(other)) is other.__code__
+    assert _cost_key(Model().step) is Model.step.__code__
+    assert _cost_key(Model()) is Model.__call__.__code__
+    assert _cost_key(len) is None

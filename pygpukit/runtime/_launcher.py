@@ -90,8 +90,8 @@ def _cost_key(fn: Any) -> Any:
     by (a builtin, say, or an object whose attributes raise); such a function always goes
     to the launcher thread and never shares a completion signal.
     """
-    if type(fn) is FunctionType:  # the common case, read off its code's flags
-        return bool(fn.__code__.co_flags & _ASYNC_FLAGS)
+    if type(fn) is FunctionType:  # the common case
+        return fn.__code__
     try:
         while isinstance(fn, functools.partial):
             fn = fn.func
