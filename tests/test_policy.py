@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -125,11 +126,20 @@ async def test_a_runtime_runs_tasks_in_the_order_its_policy_launches_them() -> N
         assert [t.fn for t in policy.finished_tasks] == [step] * 5
 
 
-def test_a_dispatcher_serves_one_runtime() -> None:
+def _host_units() -> int:
+    return sum(t.name.startswith("pygpukit-host-unit") for t in threading.enumerate())
+
+
+def test_a_dispatcher_serves_one_runtime_and_a_refused_runtime_leaves_nothing() -> None:
     policy = Dispatcher()
     with Runtime(backend="host", vram_limit=1 << 30, policy=policy):
+        units = _host_units()
         with pytest.raises(InvalidArgument, match="give each Runtime a Dispatcher of its own"):
             Runtime(backend="host", vram_limit=1 << 30, policy=policy)
+        deadline = time.monotonic() + 5  # the refused runtime's executor threads exit
+        while _host_units() > units and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _host_units() == units
 
 
 async def test_destroyed_contexts_are_not_kept_by_the_policy(host_rt: Runtime) -> None:

@@ -4,6 +4,7 @@ the execution of submitted tasks under a scheduling policy."""
 from __future__ import annotations
 
 import atexit
+import functools
 import threading
 import weakref
 from collections.abc import Callable
@@ -71,16 +72,24 @@ class Runtime:
             raise InvalidArgument(f"device_id must not be negative, got {device_id}")
         if launcher is not None:
             check_instance(launcher, LauncherConfig, "launcher", "e.g. LauncherConfig(batch_us=0)")
+        if vram_limit is not None:  # before anything is made
+            vram_limit = check_bytes(vram_limit, "vram_limit")
         policy = Dispatcher() if policy is None else policy
         cls: Any = backend_class(resolve_backend_name(backend))
         self.backend: Backend = cls(device_id)
         self.device: DeviceInfo = self.backend.info()
         self.bridge = bridge or default_bridge()
+        #: the scheduling policy deciding when submitted tasks launch
+        self.policy = policy
+        try:  # binds the policy, which refuses one that serves another runtime
+            self.tasks = TaskRunner(self.backend, self.bridge, policy, launcher or LauncherConfig())
+        except BaseException:
+            self.backend.close()  # nothing else is made yet
+            raise
         free, _total = self.backend.mem_get_info()
         if vram_limit is None:
             capacity = free - CUDA_HEADROOM if self.backend.name == "cuda" else free
         else:
-            vram_limit = check_bytes(vram_limit, "vram_limit")
             capacity = min(vram_limit, free)
         self.ledger = Ledger(max(0, capacity))
         self._unscoped = self.backend.create_pool(
@@ -96,9 +105,6 @@ class Runtime:
         # a runtime dropped without close() must not leave its backend bound at every step
         # (once nothing holds it: the newest runtime stays installed as CuPy's allocator)
         self._unregister = weakref.finalize(self, give_back, unregister_binder, self.backend)
-        #: the scheduling policy deciding when submitted tasks launch
-        self.policy = policy
-        self.tasks = TaskRunner(self.backend, self.bridge, policy, launcher or LauncherConfig())
         hook_running_loop()
         _live.add(self)
 
@@ -199,7 +205,7 @@ class Runtime:
                 except BaseException:
                     self.ledger.close(account)
                     raise
-                account.charge_hook = _charger(partitions, partition, name)
+                account.charge_hook = functools.partial(partitions.charge, partition, name)
                 account.release_hook = _releaser(partitions, partition)
             raw = None
             try:
@@ -295,11 +301,10 @@ class Runtime:
 
         :raises InvalidArgument: contexts already use the current partitions
         """
-        needed = ("attach", "detach", "charge", "release", "over_share", "record_gpu_time")
-        if not all(callable(getattr(manager, n, None)) for n in needed):
+        if not isinstance(manager, PartitionPolicy):  # a runtime-checkable protocol
             raise InvalidArgumentType(
-                f"use_partitions() takes a PartitionManager (or an object with its methods "
-                f"{', '.join(needed)}), not {type(manager).__name__}"
+                "use_partitions() takes a PartitionManager (or another PartitionPolicy), "
+                f"not {type(manager).__name__}"
             )
         if any(c.partition is not None for c in self.contexts):
             raise InvalidArgument(
@@ -366,13 +371,6 @@ class Runtime:
             f"<Runtime backend={self.backend.name} device={self.device.name!r} "
             f"contexts={len(self._contexts)} {'closed' if self._closed else 'open'}>"
         )
-
-
-def _charger(partitions: PartitionPolicy, partition: str, name: str) -> Callable[[int], None]:
-    def charge(nbytes: int) -> None:
-        partitions.charge(partition, name, nbytes)
-
-    return charge
 
 
 def _releaser(partitions: PartitionPolicy, partition: str) -> Callable[[int], None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ._tiers import QoSPolicy
 
@@ -134,6 +134,7 @@ class SchedulingPolicy(Protocol):
         ...
 
 
+@runtime_checkable
 class PartitionPolicy(Protocol):
     """Groups of contexts under shared memory and compute limits (``partition=`` ids).
 
