@@ -1,4 +1,5 @@
-"""Builds the optional native completion bridge (pygpukit.runtime._cbridge).
+"""Builds the optional native parts: the completion bridge (pygpukit.runtime._cbridge) and
+the memory book with PyTorch's allocator on it (pygpukit.runtime._native).
 
 The extension is plain C with no CUDA headers: it finds ``cuLaunchHostFunc`` in the
 driver library at run time, so it compiles on machines without a GPU. If no C compiler is
@@ -17,6 +18,15 @@ if sys.platform.startswith("linux"):
             sources=["pygpukit/runtime/_cbridge.c"],
             libraries=["dl"],
             extra_compile_args=["-O2", "-std=c11"],
+            optional=True,
+        )
+    )
+    ext_modules.append(
+        Extension(
+            "pygpukit.runtime._native",
+            sources=["pygpukit/runtime/_native.c"],
+            libraries=["dl", "pthread"],
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
             optional=True,
         )
     )

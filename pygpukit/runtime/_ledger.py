@@ -29,6 +29,7 @@ from .._exceptions import (
     VRAMBudgetExceeded,
 )
 from .._locks import BookkeepingLock
+from ._book import make_book
 from ._reservation import check_reservation
 from ._tiers import QoSPolicy
 
@@ -39,45 +40,74 @@ PressureHandler = Callable[[Any, int, int], bool]
 
 
 class Account:
-    """One context's (or the unscoped allocations') line in the ledger."""
+    """One context's (or the unscoped allocations') line in the ledger.
+
+    Its numbers live in the ledger's book (``id`` is its line there), where PyTorch's
+    allocator charges them too; the rest is what the ledger's policy needs of the context.
+    """
 
     __slots__ = (
-        "base_vram",
+        "_book",
         "charge_hook",
-        "closed",
-        "held",
-        "max_vram",
+        "id",
         "name",
         "owner",
-        "peak",
         "reclaim",
         "release_hook",
-        "reserved",
         "tier",
         "trim",
     )
 
-    def __init__(
-        self,
-        name: str | None,
-        tier: QoSPolicy | None,
-        max_vram: int,
-        base_vram: int = 0,
-        reserved: int = 0,
-    ) -> None:
+    def __init__(self, book: Any, id: int, name: str | None, tier: QoSPolicy | None) -> None:
+        self._book = book
+        self.id = id
         self.name = name
         self.tier = tier
-        self.max_vram = max_vram  # the budget: the one place it is kept
-        self.base_vram = base_vram  # Burstable: its reserved base
-        self.reserved = reserved  # bytes reserved now (0 once closed)
-        self.held = 0
-        self.peak = 0
-        self.closed = False
         self.owner: Any = None
         self.trim: Callable[[], None] = _nothing
         self.reclaim: Callable[[int], int] = _none_freed
         self.charge_hook: Callable[[int], None] = _ignore  # partition memory limits
         self.release_hook: Callable[[int], None] = _ignore
+
+    @property
+    def held(self) -> int:
+        """Bytes charged now (cached blocks included: they occupy the device)."""
+        return int(self._book.state(self.id)[0])
+
+    @property
+    def peak(self) -> int:
+        return int(self._book.state(self.id)[1])
+
+    @property
+    def reserved(self) -> int:
+        """Bytes reserved now (0 once closed)."""
+        return int(self._book.state(self.id)[2])
+
+    @property
+    def max_vram(self) -> int:
+        """The budget: the one place it is kept is the book."""
+        return int(self._book.state(self.id)[3])
+
+    @property
+    def base_vram(self) -> int:
+        """Burstable: its reserved base."""
+        return int(self._book.state(self.id)[4])
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._book.state(self.id)[5])
+
+
+class _Final:
+    """The book of an account the ledger has forgotten: its last numbers."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: tuple[int, int, int, int, int, bool]) -> None:
+        self._state = state
+
+    def state(self, id: int) -> tuple[int, int, int, int, int, bool]:
+        return self._state
 
 
 def _ignore(nbytes: int) -> None:
@@ -99,45 +129,42 @@ def _name(fn: object) -> str:
 class Ledger:
     """Thread-safe accounting of one device's memory (see the module docstring)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, native: bool = True) -> None:
         self.capacity = capacity
+        # the numbers, shared with PyTorch's allocator where the native book is built
+        self.book = make_book(capacity, prefer_native=native)
         # reentrant: trim() frees blocks, which re-enters shrink(); finalizers: see _locks
         self._lock = BookkeepingLock(reentrant=True)
         self._accounts: list[Account] = []
-        self.unscoped = Account(None, None, capacity)
+        self.unscoped = Account(self.book, self.book.open(capacity, 0, 0), None, None)
         self._accounts.append(self.unscoped)
         self.handlers: list[PressureHandler] = []
         # whether this thread is running handlers now: their own allocations skip them
         self._consulting = threading.local()
 
-    # -- derived totals (call with the lock held) -----------------------------------
-    def _reserved_total(self) -> int:
-        return sum(a.reserved for a in self._accounts)
-
-    def _shared_used(self) -> int:
-        return sum(max(0, a.held - a.reserved) for a in self._accounts)
-
+    # -- derived totals -------------------------------------------------------------------
     def _shared_free(self) -> int:
-        return max(0, self.capacity - self._reserved_total() - self._shared_used())
+        return int(self.book.totals()[2])
 
     def _available(self, a: Account) -> int:
-        from_reservation = max(0, a.reserved - a.held)
-        return max(0, min(a.max_vram - a.held, from_reservation + self._shared_free()))
+        return int(self.book.available(a.id))
 
     # -- queries ------------------------------------------------------------------------
     def available(self, account: Account | None = None) -> int:
         """What ``account`` could still get; with no account, the unreserved free memory."""
-        with self._lock:
-            return self._shared_free() if account is None else self._available(account)
+        return self._shared_free() if account is None else self._available(account)
 
     def reserved_total(self) -> int:
-        with self._lock:
-            return self._reserved_total()
+        return int(self.book.totals()[1])
 
     def reservable(self) -> int:
         """Memory a new reservation could take now."""
+        return self._shared_free()
+
+    def account(self, id: int) -> Account | None:
+        """The open account whose line in the book is ``id``."""
         with self._lock:
-            return self._shared_free()
+            return next((a for a in self._accounts if a.id == id), None)
 
     # -- accounts -----------------------------------------------------------------------
     def open(self, name: str, tier: QoSPolicy, max_vram: int, base_vram: int) -> Account:
@@ -158,29 +185,45 @@ class Ledger:
             )
             if not verdict.fits:
                 raise AdmissionRejected(f"context {name!r}", verdict.reason)
-            account = Account(name, tier, max_vram, base_vram, reserve)
+            account = Account(self.book, self.book.open(max_vram, base_vram, reserve), name, tier)
             self._accounts.append(account)
             return account
 
     def close(self, account: Account) -> None:
         """Release the account's reservation; bytes still held stay charged until freed."""
         with self._lock:
-            account.closed = True
-            account.reserved = 0
-            if account.held == 0 and account in self._accounts:
-                self._accounts.remove(account)
+            self.book.close(account.id)
+            self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        """Drop the closed accounts that hold nothing (PyTorch's frees, charged in C, do not
+        pass through :meth:`shrink`)."""
+        for a in [a for a in self._accounts if a is not self.unscoped]:
+            if a.closed:
+                self._drop(a)
+
+    def _drop(self, a: Account) -> None:
+        """Forget closed ``a`` if it holds nothing: its line in the book may then be reused,
+        so the account keeps its last numbers."""
+        last = self.book.state(a.id)
+        if self.book.drop(a.id):
+            a._book = _Final(last)
+            self._accounts.remove(a)
 
     # -- charging -----------------------------------------------------------------------
     def _try(self, a: Account, n: int) -> bool:
         with self._lock:
-            if a.closed:
+            # closed, or closed and forgotten (its line in the book may be another's now)
+            charged = self.book.charge(a.id, n) if a._book is self.book else -1
+            if charged < 0:
                 raise ContextClosed(a.name or "<unscoped>")
-            if n > self._available(a):
+            if not charged:
                 return False
-            a.charge_hook(n)  # a partition over its memory limit raises here
-            a.held += n
-            if a.held > a.peak:
-                a.peak = a.held
+            try:
+                a.charge_hook(n)  # a partition over its memory limit raises here
+            except BaseException:
+                self.book.release(a.id, n)
+                raise
             return True
 
     def grow(self, a: Account, n: int) -> None:
@@ -260,13 +303,13 @@ class Ledger:
 
     def shrink(self, a: Account, n: int) -> None:
         with self._lock:
-            a.held -= n
+            self.book.release(a.id, n)
             try:
                 a.release_hook(n)
             except Exception:  # runs in finalizers: a partition gone since must not leak
                 pass
-            if a.closed and a.held == 0 and a in self._accounts:
-                self._accounts.remove(a)
+            if a.closed and a in self._accounts:
+                self._drop(a)
 
     def _make_room(self, tier: QoSPolicy | None, need: int) -> int:
         """Evict buffers of lower tiers — BestEffort first, then Burstable bursts (down to

@@ -1,0 +1,120 @@
+"""The memory book: the native one (C, what PyTorch's allocator charges) and the Python one
+give the same answers, and both keep the ledger's arithmetic."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pygpukit.runtime._book import PyBook, native
+
+BOOKS = [pytest.param(PyBook, id="python")]
+if native is not None:
+    BOOKS.append(pytest.param(native.Book, id="native"))
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("make", BOOKS)
+def test_reservations_and_shared_memory(make: type) -> None:
+    book = make(100 * MiB)
+    g = book.open(30 * MiB, 0, 30 * MiB)  # Guaranteed: all of it reserved
+    b = book.open(60 * MiB, 10 * MiB, 10 * MiB)  # Burstable: its base reserved
+    e = book.open(100 * MiB, 0, 0)  # BestEffort: nothing reserved
+    assert book.totals() == (100 * MiB, 40 * MiB, 60 * MiB)
+    assert book.available(g) == 30 * MiB  # its reservation; the shared part is past its budget
+    assert book.available(b) == 60 * MiB  # base 10 + shared 60, up to max_vram 60
+    assert book.charge(e, 50 * MiB) == 1
+    assert book.available(b) == 20 * MiB  # base 10 + the shared 10 BestEffort left
+    assert book.charge(b, 21 * MiB) == 0  # refused, nothing charged
+    assert book.state(b)[0] == 0
+    assert book.charge(g, 30 * MiB) == 1  # Guaranteed's own reservation, whatever the rest does
+    assert book.charge(g, 1) == 0  # past max_vram
+    assert book.state(g)[:3] == (30 * MiB, 30 * MiB, 30 * MiB)
+
+
+@pytest.mark.parametrize("make", BOOKS)
+def test_a_closed_account_refuses_and_is_dropped_once_empty(make: type) -> None:
+    book = make(100 * MiB)
+    a = book.open(50 * MiB, 0, 20 * MiB)
+    assert book.charge(a, 30 * MiB) == 1
+    book.close(a)
+    assert book.charge(a, 1) == -1
+    assert book.totals() == (100 * MiB, 0, 70 * MiB)  # the reservation went; the bytes stay held
+    assert not book.drop(a)  # still holds bytes
+    book.release(a, 30 * MiB)
+    assert book.drop(a)
+    assert book.totals() == (100 * MiB, 0, 100 * MiB)
+    with pytest.raises(ValueError, match="no open account"):
+        book.available(a)
+    assert book.open(1, 0, 0) == a  # its line is reused
+
+
+def test_native_and_python_books_agree_on_random_operations() -> None:
+    if native is None:
+        pytest.skip("the native extension is not built")
+    rng = random.Random(7)
+    books = [PyBook(64 * MiB), native.Book(64 * MiB)]
+    open_ids: list[int] = []
+    held: dict[int, int] = {}
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.1 or not open_ids:
+            max_vram = rng.randrange(1, 40) * MiB
+            reserved = rng.choice([0, max_vram, max_vram // 2])
+            if reserved > books[0].totals()[2]:
+                reserved = 0
+            ids = {bk.open(max_vram, reserved, reserved) for bk in books}
+            assert len(ids) == 1
+            (i,) = ids
+            open_ids.append(i)
+            held[i] = 0
+        elif op < 0.6:
+            i = rng.choice(open_ids)
+            n = rng.randrange(0, 20 * MiB)
+            results = {bk.charge(i, n) for bk in books}
+            assert len(results) == 1, (i, n)
+            if results == {1}:
+                held[i] += n
+        elif op < 0.9:
+            i = rng.choice(open_ids)
+            n = rng.randrange(0, held[i] + 1)
+            for bk in books:
+                bk.release(i, n)
+            held[i] -= n
+        else:
+            i = rng.choice(open_ids)
+            for bk in books:
+                bk.close(i)
+            if held[i] == 0:
+                assert {bk.drop(i) for bk in books} == {True}
+                open_ids.remove(i)
+        assert books[0].totals() == books[1].totals()
+        for i in open_ids:
+            assert books[0].state(i) == books[1].state(i)
+            assert books[0].available(i) == books[1].available(i)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [pytest.param(None, id="python")]
+    + ([pytest.param(native.Arena, id="native")] if native is not None else []),
+)
+def test_arena_best_fit_and_coalescing(make: type | None) -> None:
+    from pygpukit.runtime._backends._arena import Arena
+
+    arena = Arena(100) if make is None else make(100)
+    assert arena.take(10) == 0
+    assert arena.take(20) == 10
+    assert arena.take(30) == 30
+    assert arena.used == 60
+    arena.give(10, 20)
+    assert arena.take(15) == 10  # the smallest range that fits: the 20 freed, not the 40 left
+    arena.give(0, 10)
+    arena.give(10, 15)  # coalesces with the range before and the 5 after it
+    assert arena.largest_free == 40
+    assert arena.take(30) == 0
+    assert arena.take(41) is None
+    with pytest.raises(ValueError, match="at least one byte"):
+        arena.take(0)
