@@ -14,6 +14,7 @@ isolation      5: a Guaranteed step under a BestEffort flood vs equal priorities
 alloc          7: budgeted, routed allocate/free vs the raw CuPy pool
 eviction       8: BestEffort spill and restore bandwidth vs raw pinned copies
 stages         9: framework overhead per pipeline stage
+torch_memory   10: PyTorch allocation in a context vs its own allocator; binding cost
 =============  =======================================================================
 
 The JSON describes its run (:func:`pygpukit.benchmarks.report.environment`: device,
@@ -31,7 +32,17 @@ from ._common import Row
 
 __all__ = ("FULL", "NAMES", "QUICK", "Row", "dump", "run_suite")
 
-NAMES = ("completion", "throughput", "submit", "models", "isolation", "alloc", "eviction", "stages")
+NAMES = (
+    "completion",
+    "throughput",
+    "submit",
+    "models",
+    "isolation",
+    "alloc",
+    "eviction",
+    "stages",
+    "torch_memory",
+)
 
 FULL: dict[str, list[str]] = {name: [] for name in NAMES}
 QUICK: dict[str, list[str]] = {
@@ -43,6 +54,7 @@ QUICK: dict[str, list[str]] = {
     "alloc": ["--n", "500"],
     "eviction": ["--gib", "0.03125", "--cycles", "2"],
     "stages": ["--n", "50"],
+    "torch_memory": ["--n", "200"],
 }
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._exceptions import ContextClosed, InvalidArgument, InvalidArgumentType
+from ._backends._torch import translate
 from ._completion import checkpoint
 from ._context import ContextState, ExecutionContext, _current
 from ._oneshot import Oneshot, running_library
@@ -173,7 +174,7 @@ class _Outcome:
                 )
             self.value = value
         except BaseException as exc:
-            self.error = exc
+            self.error = translate(exc)  # PyTorch's refusal: the budget error behind it
         finally:
             self.ran = True
             if token is not None:
@@ -228,7 +229,9 @@ class _Launcher:
         raw = ctx.stream.raw
         _current.set(ctx)  # this thread's own contextvars: allocations charge ctx
         try:
-            backend.bind_stream(raw)  # once: this thread only ever runs ctx's work
+            # once: this thread only ever runs ctx's work; PyTorch's pool is entered for each
+            # task instead, so that between tasks its cached memory can be given back
+            backend.bind_stream(raw, route=False)
             broken = None
         except BaseException as exc:  # every task then fails with it rather than waits
             broken = exc
@@ -248,7 +251,11 @@ class _Launcher:
                 self._ran()
                 continue
             if not backend.tasks_on_streams:
-                self._execute(task, box, start)
+                routed = backend.route_memory(raw)
+                try:
+                    self._execute(task, box, start)
+                finally:
+                    backend.unroute_memory(routed)
                 self._ran()  # everything it launched is on the stream: inlining may follow
                 continue
             # The host executor's units are its compute: run fn as a stream item, so stream

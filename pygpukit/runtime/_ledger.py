@@ -243,9 +243,36 @@ class Ledger:
             raise InvalidArgument(f"cannot charge a negative number of bytes ({n})")
         if self._try(a, n):
             return
+        error = self._settle(a, n, self._try)
+        if error is not None:
+            raise error
+
+    def relieve(self, a: Account, n: int) -> VRAMBudgetExceeded:
+        """The error for ``n`` bytes refused to ``a`` elsewhere (by PyTorch's allocator, which
+        charges the book in C and cannot wait for this policy), after running the policy
+        :meth:`grow` runs — handlers, cached memory, eviction — so that a retry can fit."""
+        error = self._settle(a, n, self._fits)
+        if error is None:
+            error = VRAMBudgetExceeded(
+                a.name, n, self._available(a), a.max_vram, BudgetReason.UNRESERVED, tier=a.tier
+            )
+            error.add_note(
+                "room has been made since the allocation was refused (cached memory given "
+                "back, lower tiers evicted): the same allocation fits now"
+            )
+        return error
+
+    def _fits(self, a: Account, n: int) -> bool:
+        return not a.closed and self._available(a) >= n
+
+    def _settle(
+        self, a: Account, n: int, attempt: Callable[[Account, int], bool]
+    ) -> VRAMBudgetExceeded | None:
+        """Make room for ``n`` bytes and ``attempt`` them; ``None`` once an attempt succeeds,
+        else the budget error (with a raising handler's exception as its cause)."""
         self._drop_caches()
-        if self._try(a, n):
-            return
+        if attempt(a, n):
+            return None
         with self._lock:
             available = self._available(a)
             over_budget = a.held + n > a.max_vram
@@ -253,12 +280,12 @@ class Ledger:
         if refuser is None and not over_budget:
             gc.collect()
             self._drop_caches()
-            if self._try(a, n):
-                return
+            if attempt(a, n):
+                return None
             with self._lock:
                 short = n - self._available(a)
-            if self._make_room(a.tier, short) and self._try(a, n):
-                return
+            if self._make_room(a.tier, short) and attempt(a, n):
+                return None
             with self._lock:
                 available = self._available(a)
         if over_budget:
@@ -271,13 +298,14 @@ class Ledger:
             error = VRAMBudgetExceeded(
                 a.name, n, available, a.max_vram, BudgetReason.UNRESERVED, tier=a.tier
             )
-        if failure is None:
-            raise error
-        error.add_note(
-            f"the memory-pressure handler {_name(refuser)} raised "
-            f"{failure!r}; it counts as a refusal (see the exception's cause)"
-        )
-        raise error from failure
+        if failure is not None:
+            error.add_note(
+                f"the memory-pressure handler {_name(refuser)} raised "
+                f"{failure!r}; it counts as a refusal (see the exception's cause)"
+            )
+            error.__cause__ = failure
+            error.__suppress_context__ = True
+        return error
 
     def _consult(
         self, a: Account, n: int, available: int

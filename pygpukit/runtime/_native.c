@@ -115,8 +115,9 @@ typedef struct arena {
     range_t *free; /* sorted by start */
     int nfree, capfree;
     CUdeviceptr base; /* 0 for an arena of offsets only (tests, the host) */
-    int owns_base;
-    void *context; /* the CUDA context the block is in */
+    int owns_base;    /* 1: from a stream-ordered pool, 2: from cuMemAlloc */
+    void *context;    /* the CUDA context the block is in */
+    CUstream stream;  /* the stream its free is ordered on (NULL once that stream is gone) */
     _Atomic long refs; /* the Python object + one per range PyTorch holds */
 } arena_t;
 
@@ -146,7 +147,8 @@ static void arena_unref(arena_t *a) {
         /* the last range is gone: nothing uses the block (from any thread: in its context) */
         void *popped = NULL;
         int pushed = cu.ctx_push(a->context) == 0;
-        plain_free(a->base);
+        if (a->owns_base != 1 || cu.free_async(a->base, a->stream) != 0)
+            plain_free(a->base); /* cuMemFree takes pool memory too (waiting for the device) */
         if (pushed)
             cu.ctx_pop(&popped);
     }
@@ -561,9 +563,11 @@ static PyObject *Arena_give(ArenaObject *self, PyObject *const *args, Py_ssize_t
 }
 
 static PyObject *Arena_own_block(ArenaObject *self, PyObject *args) {
-    /* own_block(stream): take the arena's block of device memory, freed with the arena */
-    unsigned long long stream;
-    if (!PyArg_ParseTuple(args, "K", &stream))
+    /* own_block(pool, stream) -> (status, ptr): take the block of device memory the arena
+     * carves, from the stream-ordered pool on stream (pool 0: cuMemAlloc); freed with the
+     * arena, ordered on that stream while it lives (forget_stream() once it is gone) */
+    unsigned long long pool, stream;
+    if (!PyArg_ParseTuple(args, "KK", &pool, &stream))
         return NULL;
     if (load_driver() != 1) {
         PyErr_SetString(PyExc_RuntimeError, "the CUDA driver library (libcuda.so.1) is missing");
@@ -575,15 +579,29 @@ static PyObject *Arena_own_block(ArenaObject *self, PyObject *args) {
     }
     CUdeviceptr p = 0;
     CUresult rc;
-    Py_BEGIN_ALLOW_THREADS rc = cu.alloc(&p, (size_t)self->a->size);
-    Py_END_ALLOW_THREADS if (rc != 0) {
+    size_t size = (size_t)self->a->size;
+    Py_BEGIN_ALLOW_THREADS;
+    if (pool)
+        rc = cu.alloc_pool_async(&p, size, (CUpool)(uintptr_t)pool, (CUstream)(uintptr_t)stream);
+    else
+        rc = cu.alloc(&p, size);
+    Py_END_ALLOW_THREADS;
+    if (rc != 0)
         return Py_BuildValue("(iK)", rc, 0ULL);
-    }
-    (void)stream;
     cu.ctx_current(&self->a->context);
     self->a->base = p;
-    self->a->owns_base = 1;
+    self->a->owns_base = pool ? 1 : 2;
+    self->a->stream = (CUstream)(uintptr_t)stream;
     return Py_BuildValue("(iK)", 0, (unsigned long long)p);
+}
+
+static PyObject *Arena_forget_stream(ArenaObject *self, PyObject *unused) {
+    /* forget_stream(): the block's stream is gone; its free goes on the legacy stream */
+    (void)unused;
+    pthread_mutex_lock(&self->a->lock);
+    self->a->stream = NULL;
+    pthread_mutex_unlock(&self->a->lock);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Arena_get_used(ArenaObject *self, void *c) {
@@ -615,7 +633,9 @@ static PyMethodDef Arena_methods[] = {
     {"give", (PyCFunction)(void (*)(void))Arena_give, METH_FASTCALL,
      "give(offset, n): return n bytes at offset"},
     {"own_block", (PyCFunction)Arena_own_block, METH_VARARGS,
-     "own_block(stream) -> (status, ptr): take the block of device memory the arena carves"},
+     "own_block(pool, stream) -> (status, ptr): take the block of device memory it carves"},
+    {"forget_stream", (PyCFunction)Arena_forget_stream, METH_NOARGS,
+     "forget_stream(): the block's stream is gone"},
     {NULL, NULL, 0, NULL},
 };
 

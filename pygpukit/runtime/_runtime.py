@@ -220,6 +220,7 @@ class Runtime:
                     label=name,
                     stream=raw,
                 )
+                self.backend.adopt(raw, self.ledger, account, pool)
             except BaseException:
                 if raw is not None:
                     raw.close()

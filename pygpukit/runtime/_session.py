@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._exceptions import ContextError, InvalidArgumentType
 from .._locks import BookkeepingLock
+from ._backends._torch import translate
 from ._context import ExecutionContext, _current
 
 if TYPE_CHECKING:
@@ -345,6 +346,10 @@ class context_session:
         for session in inner:
             session._end(abandoned=True)
         self._end(abandoned=False)
+        if exc is not None:
+            error = translate(exc)  # PyTorch's refusal: the budget error behind it
+            if error is not exc:
+                raise error
         if inner:
             names = ", ".join(repr(s._ctx.name) for s in inner)
             raise ContextError(

@@ -15,7 +15,7 @@ from ..._exceptions import InvalidArgument, VRAMBudgetExceeded
 from ..._locks import BookkeepingLock
 from ._base import Grower, RawPool, Shrinker
 
-__all__ = ("Arena", "ArenaPool")
+__all__ = ("Arena", "ArenaPool", "fragmented")
 
 
 class Arena:
@@ -94,9 +94,13 @@ class Arena:
 
     def fragmented(self, n: int) -> VRAMBudgetExceeded:
         """The error for ``n`` bytes that the budget has room for but no free range does."""
-        return VRAMBudgetExceeded(
-            self.label, n, self.largest_free, self.size, "its reserved memory is fragmented"
-        )
+        return fragmented(self.label, n, self.largest_free, self.size)
+
+
+def fragmented(label: str | None, n: int, largest_free: int, size: int) -> VRAMBudgetExceeded:
+    """The error for ``n`` bytes that a reservation's budget has room for but no free range
+    of its arena does (``largest_free`` is the longest)."""
+    return VRAMBudgetExceeded(label, n, largest_free, size, "its reserved memory is fragmented")
 
 
 class ArenaPool(RawPool):
@@ -111,7 +115,8 @@ class ArenaPool(RawPool):
     def __init__(self, grow: Grower, shrink: Shrinker, arena_bytes: int, label: str | None) -> None:
         self._grow = grow
         self._shrink = shrink
-        self._arena = Arena(arena_bytes, label) if arena_bytes else None
+        self._label = label
+        self._arena: Any = Arena(arena_bytes, label) if arena_bytes else None
         self._base: Any = None  # the arena's block of device memory, set by the backend
 
     def _give(self, offset: int, size: int) -> None:

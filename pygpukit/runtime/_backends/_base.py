@@ -240,8 +240,24 @@ class Backend(ABC):
     def install_router(self, router: Callable[[int], Any]) -> None:
         """Route every array-library allocation in the process through ``router(nbytes)``."""
 
+    def adopt(self, stream: RawStream, ledger: Any, account: Any, pool: RawPool) -> None:
+        """A context was made on ``stream`` and ``pool``, charged to ``account`` in
+        ``ledger``: charge there what other libraries allocate in its sessions and tasks
+        too, where the backend can (CUDA: PyTorch). Nothing by default."""
+        return None
+
+    def route_memory(self, stream: RawStream) -> object:
+        """Charge what other libraries allocate on this thread to the context that owns
+        ``stream`` (what :meth:`bind_stream` does too, unless told ``route=False``), until
+        :meth:`unroute_memory`; a token for it."""
+        return None
+
+    def unroute_memory(self, token: object) -> None:
+        """Undo :meth:`route_memory`."""
+        return None
+
     @abstractmethod
-    def bind_stream(self, stream: RawStream | None) -> object:
+    def bind_stream(self, stream: RawStream | None, *, route: bool = True) -> object:
         """Make ``stream`` the array library's current stream on this thread, and its device
         the current device.
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ..._exceptions import BackendUnavailable, CudaError, InvalidArgument
@@ -27,6 +28,7 @@ from ._cuda_calls import (
 )
 from ._cuda_calls import runtime as _rt
 from ._cuda_pool import SHARED, CudaPool, DevicePool
+from ._torch import TorchMemory, torch_ready
 
 __all__ = ("CudaBackend",)
 
@@ -94,6 +96,7 @@ class CudaStream(RawStream):
         SHARED.streams[self.handle] = self
         self._companion: CudaStream | None = None
         self._torch: Any = None
+        self.memory: TorchMemory | None = None  # PyTorch's pools of the context (adopt)
         self._closed = False
         self.capturing = False
         # Held while a capture begins, and by a free on this stream while it decides between
@@ -256,6 +259,7 @@ class CudaBackend(Backend):
         self._ours: weakref.WeakValueDictionary[int, CudaStream] = weakref.WeakValueDictionary()
         self._closed = False
         self._pool = DevicePool.open(self, device_id)
+        self._book: Any = None  # the ledger's native book, once a context is adopted
 
     def device_memory(self, nbytes: int, stream: Any = None) -> Any:
         """``nbytes`` of device memory (an object with ``ptr``), given back when it dies.
@@ -267,6 +271,29 @@ class CudaBackend(Backend):
         current = stream if stream is not None else cupy.cuda.get_current_stream()
         return self._pool.take(nbytes, self._ours.get(current.ptr))
 
+    @property
+    def pool_handle(self) -> int:
+        """The stream-ordered pool's handle (0 without one, or once closed)."""
+        return self._pool.pool or 0
+
+    def adopt(self, stream: RawStream, ledger: Any, account: Any, pool: Any) -> None:
+        """Charge the PyTorch allocations of the context that owns ``stream`` and ``pool``
+        to ``account``, in ``ledger``'s book (its native book only: PyTorch charges it from
+        C); a Guaranteed context's are carved from its arena."""
+        from .._book import native
+
+        assert isinstance(stream, CudaStream)
+        assert isinstance(pool, CudaPool)
+        book = ledger.book
+        if native is None or not isinstance(book, native.Book):
+            return
+        self._book = book
+        book.set_pool(self.pool_handle)
+        if isinstance(pool._arena, native.Arena):
+            book.set_arena(account.id, pool._arena)
+        memory = TorchMemory(book, account.id, self.device_id, partial(ledger.relieve, account))
+        stream.memory = pool.torch_memory = memory
+
     def _make_room(self) -> None:
         """What an allocation that ran out of device memory does before it tries once more:
         wait for the frees queued on every backend's streams, and trim every pool."""
@@ -276,6 +303,8 @@ class CudaBackend(Backend):
         """Take device memory with ``cudaMalloc`` from now on, and give the pool's unused
         memory back (what ``PYGPUKIT_STREAM_ORDERED=0`` does from the start; the eviction
         benchmark's baseline)."""
+        if self._book is not None:
+            self._book.set_pool(0)
         self._pool.close()
 
     @property
@@ -321,12 +350,27 @@ class CudaBackend(Backend):
     def install_router(self, router: Callable[[int], Any]) -> None:
         cupy.cuda.set_allocator(router)
 
-    def bind_stream(self, stream: RawStream | None) -> object:
+    def route_memory(self, stream: RawStream) -> object:
+        memory = stream.memory if type(stream) is CudaStream else None
+        torch = torch_ready(self.device_id) if memory is not None else None
+        if torch is None or memory is None:
+            return None
+        return (memory, memory.enter(torch))
+
+    def unroute_memory(self, token: object) -> None:
+        if token is not None:
+            memory: TorchMemory
+            routed: Any
+            memory, routed = token  # type: ignore[misc]
+            memory.leave(sys.modules["torch"], routed)
+
+    def bind_stream(self, stream: RawStream | None, *, route: bool = True) -> object:
         # not isinstance: this runs at every task step
         ours = stream if type(stream) is CudaStream else None
         own = ours is not None
         torch: Any = sys.modules.get("torch")
-        torch_on = torch is not None and torch.cuda.is_initialized()
+        governed = torch_ready(self.device_id) if torch is not None else None
+        torch_on = governed is not None or (torch is not None and torch.cuda.is_initialized())
         # Several devices: binding our stream makes our device current (CuPy and PyTorch
         # allocate and launch there), and PyTorch's set_stream makes its stream's device
         # current; either way the thread's device comes back at restore_stream.
@@ -334,6 +378,7 @@ class CudaBackend(Backend):
         here = self.device_id if own else back  # the device of the stream saved as prev
         if own and back is not None and back != self.device_id:
             _rt.setDevice(self.device_id)
+        memory = routed = torch_prev = None
         try:
             prev = cupy.cuda.get_current_stream()
             torch_prev = torch.cuda.current_stream(self.device_id) if torch_on else None
@@ -342,6 +387,9 @@ class CudaBackend(Backend):
                     ours.cp.use()
                 if torch_on:
                     torch.cuda.set_stream(ours.torch_stream())
+                    memory = ours.memory if governed is not None and route else None
+                    if memory is not None:  # its allocations charged to the context
+                        routed = memory.enter(torch)
             elif prev.ptr in self._ours:
                 # Another task's session binding is still on this thread: a task outside
                 # any session must not run on it. (A stream the user chose is kept.)
@@ -349,17 +397,28 @@ class CudaBackend(Backend):
                 if torch_on:
                     torch.cuda.set_stream(torch.cuda.default_stream(self.device_id))
         except BaseException:
+            if torch_prev is not None:
+                torch.cuda.set_stream(torch_prev)
             if back is not None:
                 _rt.setDevice(back)
             raise
-        return (prev, torch_prev, back, here)
+        return (prev, torch_prev, back, here, memory, routed)
 
     def restore_stream(self, token: object) -> None:
         prev: Any
         torch_prev: Any
         back: int | None
         here: int | None
-        prev, torch_prev, back, here = token  # type: ignore[misc]
+        memory: TorchMemory | None
+        routed: Any
+        prev, torch_prev, back, here, memory, routed = token  # type: ignore[misc]
+        try:
+            if memory is not None:
+                memory.leave(sys.modules["torch"], routed)
+        finally:
+            self._restore(prev, torch_prev, back, here)
+
+    def _restore(self, prev: Any, torch_prev: Any, back: int | None, here: int | None) -> None:
         if back is not None and _rt.getDevice() != here:
             _rt.setDevice(here)  # the step switched devices; prev is a stream of `here`
         if cupy.cuda.get_current_stream() is not prev:
@@ -474,6 +533,8 @@ class CudaBackend(Backend):
     def close(self) -> None:
         self._closed = True
         # later allocations (a closed runtime stays CuPy's allocator) use cudaMalloc
+        if self._book is not None:
+            self._book.set_pool(0)
         self._pool.close()
 
 

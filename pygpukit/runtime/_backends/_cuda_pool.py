@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 from ..._exceptions import CudaError, InvalidArgument
 from ..._locks import BookkeepingLock, give_back
-from ._arena import ArenaPool
+from .._book import native
+from ._arena import ArenaPool, fragmented
 from ._base import Grower, Shrinker
 from ._cuda_calls import OUT_OF_MEMORY, cupy, relaxed, translated, warn_unraisable
 from ._cuda_calls import runtime as _rt
@@ -347,6 +348,10 @@ class _Memory(Protocol):
 
     device_id: int
 
+    @property
+    def pool_handle(self) -> int:
+        """The stream-ordered pool's handle (0 without one)."""
+
     def device_memory(self, nbytes: int, stream: Any = None) -> Any:
         """``nbytes`` of device memory for ``stream`` (a CuPy stream; the current one by
         default), given back when the object returned dies."""
@@ -371,15 +376,37 @@ class CudaPool(ArenaPool):
         super().__init__(grow, shrink, arena_bytes, label)
         self._backend = backend
         self._device = backend.device_id
-        with translated(), cupy.cuda.Device(self._device):
-            # on the context's own stream: its free is ordered after the context's work
-            self._base = (
-                backend.device_memory(arena_bytes, stream.cp if stream else None)
-                if arena_bytes
-                else None
-            )
+        self.torch_memory: Any = None  # PyTorch's pools of the context (the backend sets it)
+        self._base_ptr = 0
+        if arena_bytes:
+            with translated(), cupy.cuda.Device(self._device):
+                self._base = self._reserve(arena_bytes, stream)
         self._pool = cupy.cuda.MemoryPool(allocator=self._allocate)
         self.fast_malloc = self._pool.malloc  # type: ignore[method-assign]  # no Python frame
+
+    def _reserve(self, nbytes: int, stream: OrderedStream | None) -> Any:
+        """The reservation's block, on the context's own stream (its free is ordered after
+        the context's work); with the native extension, the arena owns it in C, so that
+        PyTorch's allocator carves the same reservation (``_torch.py``)."""
+        if native is None:
+            base = self._backend.device_memory(nbytes, stream.cp if stream else None)
+            self._base_ptr = base.ptr
+            return base
+        arena = native.Arena(nbytes)
+        pool = self._backend.pool_handle if stream is not None else 0
+        status, self._base_ptr = arena.own_block(pool, stream.handle if stream else 0)
+        if status == OUT_OF_MEMORY:  # the driver's CUDA_ERROR_OUT_OF_MEMORY is 2 as well
+            raise CudaError(
+                f"the device is out of memory for the {nbytes}-byte reservation of context "
+                f"{self._label!r}; memory outside pygpukit's budgets took it — lower vram_limit",
+                status=OUT_OF_MEMORY,
+            )
+        if status:
+            raise CudaError(
+                f"reserving {nbytes} bytes failed: CUDA driver error {status}", status=status
+            )
+        self._arena = arena
+        return arena
 
     def _allocate(self, size: int) -> Any:
         # Called by CuPy's pool only on a cache miss, with the size already rounded.
@@ -391,7 +418,7 @@ class CudaPool(ArenaPool):
                 raise _rt.CUDARuntimeError(OUT_OF_MEMORY)
             grant = _Grant(self._base)
             weakref.finalize(grant, give_back, self._give, offset, size)
-            ptr = self._base.ptr + offset
+            ptr = self._base_ptr + offset
             return cupy.cuda.MemoryPointer(
                 cupy.cuda.UnownedMemory(ptr, size, grant, self._device), 0
             )
@@ -418,7 +445,7 @@ class CudaPool(ArenaPool):
         if not isinstance(exc, cupy.cuda.memory.OutOfMemoryError):
             return exc  # a budget refusal from grow, or anything else: as it is
         if self._arena is not None:  # a Guaranteed reservation, fragmented
-            return self._arena.fragmented(nbytes)
+            return fragmented(self._label, nbytes, self._arena.largest_free, self._arena.size)
         return CudaError(
             f"the device is out of memory for {nbytes} bytes ({exc}); memory outside "
             "pygpukit's budgets (other processes, libraries) took it — lower vram_limit",
@@ -430,3 +457,12 @@ class CudaPool(ArenaPool):
 
     def release_cached(self) -> None:
         self._pool.free_all_blocks()
+        if self.torch_memory is not None:
+            self.torch_memory.trim()
+
+    def close(self) -> None:
+        if self.torch_memory is not None:
+            self.torch_memory.close()
+        if native is not None and isinstance(self._arena, native.Arena):
+            self._arena.forget_stream()  # its free now waits for nothing of ours
+        super().close()

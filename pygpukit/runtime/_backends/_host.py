@@ -451,7 +451,7 @@ class HostBackend(Backend):
     def install_router(self, router: Callable[[int], Any]) -> None:
         self._xp._router = router
 
-    def bind_stream(self, stream: RawStream | None) -> object:
+    def bind_stream(self, stream: RawStream | None, *, route: bool = True) -> object:
         # NumPy work is synchronous: there is no thread-level "current stream" to set.
         return None
 

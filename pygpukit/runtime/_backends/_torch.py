@@ -1,0 +1,254 @@
+"""PyTorch inside contexts: its CUDA allocations charged to the context's budget.
+
+PyTorch's caching allocator takes a pool per (context, thread): a ``torch.cuda.MemPool``
+whose allocator is pygpukit's (``_native.c``: ``pygpukit_torch_alloc``/``_free``), entered on
+the thread at every task step of the context and left afterwards (a pool routes one thread's
+allocations, and PyTorch refuses one pool recording on two threads at once). PyTorch asks it
+for whole segments and caches blocks in them; the segments are charged to the context's
+account in the native book, the same numbers CuPy's allocations are charged to — from C and
+without the GIL, since PyTorch calls it holding its allocator lock (docs/adr/0038). A
+Guaranteed context's segments are carved from its reservation's arena.
+
+A refusal is ``NULL``: PyTorch frees the pool's cached blocks, tries once more, calls its
+out-of-memory observers with its lock released, and raises ``torch.OutOfMemoryError``. The
+observer here runs the ledger's policy for the request (memory-pressure handlers, eviction of
+lower tiers) and keeps the budget error it ends with; :func:`translate` turns the
+``OutOfMemoryError`` into that error — a :class:`~pygpukit.VRAMBudgetExceeded` that is also a
+``torch.OutOfMemoryError`` — where it leaves a task (``submit``) or a session.
+
+This module imports torch only when torch is already imported: nothing here runs for a
+process that does not use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..._exceptions import VRAMBudgetExceeded
+
+__all__ = ("TorchMemory", "torch_ready", "translate")
+
+_log = logging.getLogger("pygpukit")
+
+_ALLOC, _FREE = "pygpukit_torch_alloc", "pygpukit_torch_free"
+_API = (
+    "_cuda_beginAllocateCurrentThreadToPool",
+    "_cuda_endAllocateToPool",
+    "_cuda_releasePool",
+    "_cuda_attach_out_of_memory_observer",
+)
+
+Relieve = Callable[[int], VRAMBudgetExceeded]
+"""``relieve(nbytes)``: run the ledger's policy for a refused request; the error to raise."""
+
+
+class _Process:
+    """What every context's pools share: PyTorch's allocator object on our functions, and
+    whether PyTorch can be governed at all (decided once, when torch is first seen)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.decided = False
+        self.torch: Any = None  # the module, once governed
+        self.allocator: Any = None
+        self.why_not = ""
+        # .memory, .pool: the TorchMemory routed to on this thread and its pool; .error:
+        # the budget error of this thread's last refused allocation, until translated
+        self.local = threading.local()
+        self.error_class: type[VRAMBudgetExceeded] | None = None
+
+
+_P = _Process()
+
+
+def torch_ready(device_id: int) -> Any:
+    """The torch module if PyTorch is imported and its allocations can be charged, else
+    ``None`` (said once in the log, with the reason and the fix)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if _P.decided:
+        return _P.torch
+    with _P.lock:
+        if not _P.decided:
+            _P.torch = _govern(torch, device_id)
+            _P.decided = True
+    return _P.torch
+
+
+def _govern(torch: Any, device_id: int) -> Any:
+    from .._book import native
+
+    reason = ""
+    if native is None:
+        reason = "pygpukit's native extension is not built (install it with a C compiler)"
+    elif not torch.cuda.is_available():
+        reason = (
+            "this PyTorch has no CUDA (a CPU-only build, or no GPU visible to it); install a "
+            "CUDA build of torch that matches the driver"
+        )
+    elif not all(hasattr(torch._C, name) for name in _API) or not hasattr(torch.cuda, "MemPool"):
+        reason = (
+            f"PyTorch {torch.__version__} lacks per-thread memory pools; pygpukit charges "
+            "PyTorch's allocations from torch 2.8 on: upgrade torch"
+        )
+    if reason:
+        _P.why_not = reason
+        _log.warning("PyTorch's CUDA allocations are not charged to contexts: %s", reason)
+        return None
+    torch.cuda.init()  # before the first pool: a pool is made on an initialized device
+    pluggable = torch.cuda.memory.CUDAPluggableAllocator(native.__file__, _ALLOC, _FREE)
+    _P.allocator = pluggable.allocator()
+    torch._C._cuda_attach_out_of_memory_observer(_on_out_of_memory)
+    _P.error_class = type(
+        "VRAMBudgetExceeded",
+        (VRAMBudgetExceeded, torch.OutOfMemoryError),
+        {
+            "__module__": "pygpukit",
+            "__doc__": "A VRAMBudgetExceeded raised for a PyTorch allocation: also a "
+            "torch.OutOfMemoryError, so code that catches PyTorch's out-of-memory error "
+            "catches it too.",
+        },
+    )
+    return torch
+
+
+def _on_out_of_memory(device: int, requested: int, allowed: int, free: int) -> None:
+    """PyTorch's out-of-memory observer: runs on the allocating thread, with PyTorch's
+    allocator lock released (so the ledger's policy may free PyTorch memory)."""
+    from .._book import native
+
+    refusal = native.last_refusal()
+    memory = getattr(_P.local, "memory", None)
+    if refusal is None or memory is None:
+        return  # the device itself is out of memory: PyTorch's own error says so
+    why, nbytes, _account = refusal
+    try:
+        error = memory.refused(why, nbytes)
+    except Exception as exc:  # the observer must not raise into PyTorch's allocator
+        _log.warning("translating a refused PyTorch allocation failed: %r", exc)
+        return
+    _P.local.error = error
+
+
+def translate(exc: BaseException) -> BaseException:
+    """The budget error behind ``exc`` when it is PyTorch's out-of-memory error for a
+    refused allocation on this thread; otherwise ``exc``."""
+    error: BaseException | None = getattr(_P.local, "error", None)
+    if error is None or _P.torch is None or not isinstance(exc, _P.torch.OutOfMemoryError):
+        return exc
+    _P.local.error = None
+    if error.__cause__ is None:
+        error.__cause__ = exc
+    return error
+
+
+class TorchMemory:
+    """One context's PyTorch memory: a pool per thread on pygpukit's allocator.
+
+    :param book: the ledger's native book
+    :param account: the context's line in it
+    :param device_id: the device of the context's stream
+    :param relieve: the ledger's policy for a refused request (see :data:`Relieve`)
+    """
+
+    def __init__(self, book: Any, account: int, device_id: int, relieve: Relieve) -> None:
+        self._book = book
+        self._account = account
+        self._device = device_id
+        self._relieve = relieve
+        self._pools: dict[int, Any] = {}  # thread ident -> torch.cuda.MemPool
+        self._active: dict[int, int] = {}  # thread ident -> how many enters are open
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def enter(self, torch: Any) -> tuple[Any, Any, Any] | None:
+        """Route this thread's PyTorch allocations to the context; the token for leave().
+
+        Nested in another context's routing on this thread (a task run inline inside a
+        session step), that routing is suspended until leave(): PyTorch routes a thread's
+        allocation to the first pool that claims it, which would be the outer one.
+        """
+        from .._book import native
+
+        outer = getattr(_P.local, "memory", None)
+        if outer is self:
+            return None  # already routed here
+        tid = threading.get_ident()
+        pool = self._pools.get(tid)
+        if pool is None:
+            pool = self._new_pool(torch, tid)
+        with self._lock:
+            self._active[tid] = self._active.get(tid, 0) + 1
+        if outer is not None:
+            outer._stop(torch, _P.local.pool)
+        bound = native.bind(self._book, self._account)
+        torch._C._cuda_beginAllocateCurrentThreadToPool(self._device, pool.id)
+        _P.local.memory, _P.local.pool = self, pool
+        return (pool, bound, outer)
+
+    def leave(self, torch: Any, token: tuple[Any, Any, Any] | None) -> None:
+        from .._book import native
+
+        if token is None:
+            return
+        pool, bound, outer = token
+        try:
+            self._stop(torch, pool)
+        finally:
+            native.unbind(bound)
+            tid = threading.get_ident()
+            with self._lock:
+                self._active[tid] -= 1
+            _P.local.memory, _P.local.pool = None, None
+            if outer is not None:  # the routing this one suspended
+                outer_pool = outer._pools.get(tid)
+                if outer_pool is not None:
+                    torch._C._cuda_beginAllocateCurrentThreadToPool(outer._device, outer_pool.id)
+                    _P.local.memory, _P.local.pool = outer, outer_pool
+
+    def _stop(self, torch: Any, pool: Any) -> None:
+        torch._C._cuda_endAllocateToPool(self._device, pool.id)
+        torch._C._cuda_releasePool(self._device, pool.id)
+
+    def _new_pool(self, torch: Any, tid: int) -> Any:
+        pool = torch.cuda.MemPool(_P.allocator)
+        with self._lock:
+            self._pools[tid] = pool
+        return pool
+
+    def refused(self, why: int, nbytes: int) -> VRAMBudgetExceeded:
+        """The error for a refused request of ``nbytes`` (after the ledger's policy ran)."""
+        from .._book import native
+
+        error = self._relieve(nbytes)
+        if why == native.REFUSED_DEVICE:
+            error.add_note(
+                "the budget had room, but the device did not: memory outside pygpukit's "
+                "budgets (other processes, libraries) took it — lower vram_limit"
+            )
+        cls = _P.error_class
+        if cls is not None:
+            error.__class__ = cls
+        return error
+
+    def trim(self) -> None:
+        """Give back the cached segments of pools no thread is using now: their MemPool is
+        dropped (PyTorch frees a dropped pool's cached segments; blocks still in use go
+        once their tensors do) and the thread gets a new one at its next step."""
+        with self._lock:
+            idle = [tid for tid in self._pools if not self._active.get(tid)]
+            dropped = [self._pools.pop(tid) for tid in idle]
+        del dropped  # outside the lock: the frees charge the book
+
+    def close(self) -> None:
+        """The context is gone: drop every pool (it runs no more steps)."""
+        with self._lock:
+            self._closed = True
+            pools = list(self._pools.values())
+            self._pools.clear()
+        del pools
