@@ -245,7 +245,7 @@ async def test_a_launcher_thread_that_cannot_bind_its_stream_fails_its_tasks(
     backend = type(host_rt.backend)
     real = backend.bind_stream
 
-    def bind(self: object, stream: object) -> object:
+    def bind(self: object, stream: object, *, route: bool = True) -> object:
         if threading.current_thread().name.startswith("pygpukit-launcher"):
             raise CudaError("cannot make the device current")
         return real(self, stream)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import CUDA
 
-from pygpukit import MB, QoSPolicy, VRAMBudgetExceeded, context_session
+from pygpukit import MB, InvalidArgument, QoSPolicy, VRAMBudgetExceeded, context_session
 from pygpukit.runtime import Runtime
 
 pytestmark = [
@@ -228,3 +228,41 @@ def test_a_thread_session_binds_and_other_threads_are_not_charged(torch: Any, gr
         assert _held(ctx) >= 32 * MB
     assert seen == [32 * MB]
     del x
+
+
+def test_a_module_is_evicted_for_a_guaranteed_context_and_restored_bit_exact(
+    torch: Any, grt: Runtime
+) -> None:
+    free = grt.ledger.reservable()
+    be = grt.create_context("batch", max_vram=free, qos=QoSPolicy.BEST_EFFORT)
+    with context_session(be):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4096, 4096), torch.nn.LayerNorm(4096), torch.nn.Linear(4096, 512)
+        ).to("cuda")
+        x = torch.randn(4, 4096, device="cuda")
+        before = model(x).detach().clone()
+        weight = model[0].weight  # the Parameter object: it must stay the same one
+    handle = be.evictable(model)
+    nbytes = handle.nbytes
+    assert nbytes >= 4096 * 4096 * 4
+    # a Guaranteed context that needs what BestEffort holds: the module spills
+    g = grt.create_context(
+        "interactive", max_vram=grt.ledger.reservable() + nbytes // 2, qos=QoSPolicy.GUARANTEED
+    )
+    assert not handle.on_device
+    assert _held(be) < nbytes  # its segments went back
+    grt.destroy_context(g)
+    with context_session(be):  # the next session brings it back
+        assert handle.on_device
+        after = model(x)
+    assert model[0].weight is weight
+    assert torch.equal(after, before)
+    assert handle.evictions == 1
+    assert handle.restores == 1
+
+
+def test_evictable_refuses_a_module_on_the_cpu(torch: Any, grt: Runtime) -> None:
+    be = grt.create_context("batch", max_vram=256 * MB, qos=QoSPolicy.BEST_EFFORT)
+    with pytest.raises(InvalidArgument, match=r"on this context's CUDA device \(cuda:0\)"):
+        be.evictable(torch.nn.Linear(4, 4))

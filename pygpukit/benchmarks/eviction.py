@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime import QoSPolicy, Runtime, context_session
+from ..runtime import Evictable, QoSPolicy, Runtime, context_session
 from ._common import Row, bench_main
 
 GIB = 1 << 30
@@ -111,6 +111,7 @@ async def _spill_and_restore(rt: Runtime, args: argparse.Namespace, nbytes: int)
             weights[i : i + part.size] = xp.asarray(part)
     digest = _digest(rt, weights)
     w = be.evictable(weights)
+    assert isinstance(w, Evictable)
     del weights
     cycles = []
     g_bytes = nbytes * 5 // 2  # more than is free while the weights are resident

@@ -20,6 +20,7 @@ from ._context import ExecutionContext as ExecutionContext
 from ._dispatch import Dispatcher as Dispatcher
 from ._dispatch import DispatcherConfig as DispatcherConfig
 from ._evict import Evictable as Evictable
+from ._evict import EvictableModule as EvictableModule
 from ._graph import Graph as Graph
 from ._graph import capture_graph as capture_graph
 from ._health import HealthState as HealthState
@@ -61,6 +62,7 @@ __all__ = (
     "DispatcherConfig",
     "Event",
     "Evictable",
+    "EvictableModule",
     "ExecutionContext",
     "Graph",
     "HandleState",

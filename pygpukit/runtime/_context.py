@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import ContextClosed, _fmt_bytes
-from ._evict import Evictable, Eviction
+from ._evict import Evictable, EvictableModule, Eviction
 from ._tiers import QoSPolicy
 
 if TYPE_CHECKING:
@@ -271,8 +271,9 @@ class ExecutionContext:
         """
         return await self._submit(self, fn, args, kwargs, priority, deadline)
 
-    def evictable(self, array: Any) -> Evictable:
-        """Hand ``array`` (allocated in this context) to the runtime as spillable.
+    def evictable(self, array: Any) -> Evictable | EvictableModule:
+        """Hand ``array`` (allocated in this context) — or a ``torch.nn.Module`` whose
+        parameters and buffers are on this context's device — to the runtime as spillable.
 
         Under pressure from a higher tier its bytes are copied to host memory and its device
         memory freed; the context's next session or task copies them back. Drop your own
@@ -280,7 +281,13 @@ class ExecutionContext:
         referenced elsewhere cannot be evicted. The runtime holds the handle weakly: dropping
         the last reference to it frees the buffer.
 
-        :raises InvalidArgument: a Guaranteed context (never evicted) or not an array
+        A module's handle evicts and restores its parameters and buffers in place (the
+        module object and its ``Parameter`` objects stay the same); keep calling the module
+        itself inside the context's sessions and tasks, which restore it first.
+
+        :raises InvalidArgument: a Guaranteed context (never evicted), or a module with
+            tensors off this device
+        :raises InvalidArgumentType: neither an array nor a module
         """
         self._check_open()
         return self._eviction.add(array)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._backends import Backend, RawPool
     from ._stream import Stream
 
-__all__ = ("Evictable", "EvictableState", "Eviction")
+__all__ = ("Evictable", "EvictableModule", "EvictableState", "Eviction")
 
 
 class EvictableState(enum.Enum):
@@ -120,6 +120,121 @@ class Evictable:
         )
 
 
+class EvictableModule:
+    """A context's spillable PyTorch module: its CUDA parameters and buffers spill to pinned
+    host memory together and come back bit for bit, in place (the ``Parameter`` objects stay
+    the same, only their ``.data`` moves). Call the module through :attr:`module`, or in a
+    session or task of the context, where evicted modules are restored first."""
+
+    __slots__ = (
+        "__weakref__",
+        "_host",
+        "_last_used",
+        "_module",
+        "_owner",
+        "evictions",
+        "last_evict_s",
+        "last_restore_s",
+        "nbytes",
+        "restores",
+        "state",
+    )
+
+    def __init__(self, owner: Eviction, module: Any) -> None:
+        tensors = _module_tensors(module)
+        devices = {t.device for t in tensors}
+        own = getattr(owner._backend, "device_id", None)
+        if len(devices) != 1 or any(d.type != "cuda" or d.index != own for d in devices):
+            where = ", ".join(sorted(str(d) for d in devices)) or "no tensors"
+            raise InvalidArgument(
+                f"evictable() takes a module whose parameters and buffers are all on this "
+                f"context's CUDA device (cuda:{own}); this one has {where}: move it with "
+                f"module.to('cuda:{own}') inside the context's session first"
+            )
+        self._owner = owner
+        self._module = module
+        self._host: list[Any] | None = None
+        self.nbytes = sum(int(t.nbytes) for t in tensors)
+        self.state = EvictableState.RESIDENT
+        self.evictions = 0
+        self.restores = 0
+        self.last_evict_s = 0.0
+        self.last_restore_s = 0.0
+        self._last_used = time.monotonic()
+
+    @property
+    def module(self) -> Any:
+        """The module, restored first if it was evicted."""
+        if self.state is EvictableState.RELEASED:
+            raise InvalidArgument("this evictable was released; make a new one")
+        if self.state is EvictableState.EVICTED:
+            self._owner.restore()
+        self._last_used = time.monotonic()
+        return self._module
+
+    @property
+    def on_device(self) -> bool:
+        return self.state is EvictableState.RESIDENT
+
+    def release(self) -> None:
+        """Stop managing the module (it stays where it is now)."""
+        with self._owner._lock:
+            self._owner._evictables.discard(self)
+            if self.state is EvictableState.EVICTED:
+                self._owner.restore_one(self)
+            self._host = None
+            self.state = EvictableState.RELEASED
+
+    def _evict(self) -> int:
+        torch = sys.modules["torch"]
+        t0 = time.perf_counter()
+        tensors = _module_tensors(self._module)
+        host = self._host or [
+            torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True) for t in tensors
+        ]
+        for t, h in zip(tensors, host, strict=True):
+            h.copy_(t.detach())
+        for t in tensors:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        self._host = host
+        self.last_evict_s = time.perf_counter() - t0
+        self.state = EvictableState.EVICTED
+        self.evictions += 1
+        return self.nbytes
+
+    def _restore(self) -> None:
+        t0 = time.perf_counter()
+        assert self._host is not None
+        # allocated in the context, which Eviction.restore binds: on its stream
+        for t, h in zip(_module_tensors(self._module), self._host, strict=True):
+            t.data = h.to(t.device, non_blocking=False)
+        self.last_restore_s = time.perf_counter() - t0
+        self.state = EvictableState.RESIDENT
+        self.restores += 1
+
+    def __repr__(self) -> str:
+        return (
+            f"<EvictableModule {type(self._module).__name__} of {self._owner.name!r} "
+            f"state={self.state.value} evictions={self.evictions}>"
+        )
+
+
+def _module_tensors(module: Any) -> list[Any]:
+    """The module's parameters and buffers, each once (tied weights share one)."""
+    seen: set[int] = set()
+    out = []
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _is_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
 def _sole_owner(arr: Any) -> bool:
     """Whether dropping the handle's reference would free ``arr``'s memory.
 
@@ -177,22 +292,26 @@ class Eviction:
         # Weak: a handle nobody holds can never be read again, so its buffer (and host
         # copy) go with it, as an array's do — in a destroyed context too, where a strong
         # set would keep the buffers, their charge and so the context alive for good.
-        self._evictables: weakref.WeakSet[Evictable] = weakref.WeakSet()
+        self._evictables: weakref.WeakSet[Evictable | EvictableModule] = weakref.WeakSet()
         self._busy = 0  # sessions and tasks running: nothing may be evicted meanwhile
         self.closed = False
 
-    def add(self, array: Any) -> Evictable:
+    def add(self, array: Any) -> Evictable | EvictableModule:
         """Manage ``array`` as spillable (see :meth:`ExecutionContext.evictable`)."""
         if self.tier is QoSPolicy.GUARANTEED:
             raise InvalidArgument(
                 f"context {self.name!r} is GUARANTEED and is never evicted; keep the array "
                 "as it is, or use a BURSTABLE or BEST_EFFORT context for spillable buffers"
             )
-        if not hasattr(array, "nbytes") or not hasattr(array, "shape"):
+        handle: Evictable | EvictableModule
+        if _is_module(array):
+            handle = EvictableModule(self, array)
+        elif not hasattr(array, "nbytes") or not hasattr(array, "shape"):
             raise InvalidArgumentType(
-                f"evictable() takes a device array, not {type(array).__name__}"
+                f"evictable() takes a device array or a torch.nn.Module, not {type(array).__name__}"
             )
-        handle = Evictable(self, array)
+        else:
+            handle = Evictable(self, array)
         with self._lock:
             self._evictables.add(handle)
         return handle
@@ -235,6 +354,11 @@ class Eviction:
             with self._activate():
                 for handle in evicted:
                     handle._restore()
+
+    def restore_one(self, handle: EvictableModule) -> None:
+        """Bring one evicted handle back (allocations charged to this context)."""
+        with self._lock, self._activate():
+            handle._restore()
 
     def nothing_evicted(self) -> bool:
         """Whether :meth:`enter` would restore nothing (and so cannot take long)."""

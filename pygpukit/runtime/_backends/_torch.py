@@ -165,6 +165,7 @@ class TorchMemory:
         self._active: dict[int, int] = {}  # thread ident -> how many enters are open
         self._lock = threading.Lock()
         self._closed = False
+        self._used = False  # whether a pool was ever made (a trim has something to do)
 
     def enter(self, torch: Any) -> tuple[Any, Any, Any] | None:
         """Route this thread's PyTorch allocations to the context; the token for leave().
@@ -219,6 +220,7 @@ class TorchMemory:
         pool = torch.cuda.MemPool(_P.allocator)
         with self._lock:
             self._pools[tid] = pool
+            self._used = True
         return pool
 
     def refused(self, why: int, nbytes: int) -> VRAMBudgetExceeded:
@@ -238,12 +240,17 @@ class TorchMemory:
 
     def trim(self) -> None:
         """Give back the cached segments of pools no thread is using now: their MemPool is
-        dropped (PyTorch frees a dropped pool's cached segments; blocks still in use go
-        once their tensors do) and the thread gets a new one at its next step."""
+        dropped (the thread gets a new one at its next step), and PyTorch's ``empty_cache``
+        frees the dropped pools' cached segments — also those their live tensors free after
+        the drop (an evicted module's). It gives back PyTorch's own cache too, memory outside
+        every budget."""
         with self._lock:
             idle = [tid for tid in self._pools if not self._active.get(tid)]
             dropped = [self._pools.pop(tid) for tid in idle]
+            used = self._used
         del dropped  # outside the lock: the frees charge the book
+        if used and _P.torch is not None:
+            _P.torch.cuda.empty_cache()
 
     def close(self) -> None:
         """The context is gone: drop every pool (it runs no more steps)."""
