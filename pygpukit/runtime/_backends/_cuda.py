@@ -7,6 +7,7 @@ device memory) alone. Its errors never leave them untranslated: CUDA runtime err
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 import threading
@@ -169,6 +170,8 @@ class CudaStream(RawStream):
             self.cp.synchronize()
         except _rt.CUDARuntimeError:
             pass
+        if self.memory is not None:  # PyTorch's segments go back on this stream, still open
+            self.memory.close()
         # no longer ours: once CuPy destroys it, another stream may get the same handle
         self._backend._ours.pop(self.handle, None)
         SHARED.streams.pop(self.handle, None)
@@ -504,8 +507,14 @@ class CudaBackend(Backend):
             return mem
 
         token = self.bind_stream(stream)
+        torch = torch_ready(self.device_id) if stream.memory is not None else None
         try:
-            with translated(), cupy.cuda.using_allocator(hold):
+            with contextlib.ExitStack() as scope:
+                scope.enter_context(translated())
+                scope.enter_context(cupy.cuda.using_allocator(hold))
+                if torch is not None and stream.memory is not None:
+                    # PyTorch's allocations go to a pool of the graph's own, kept with it
+                    keep.append(scope.enter_context(stream.memory.capturing(torch)))
                 # The watchdog and the completion spin query streams from other threads:
                 # they see a capturing stream as busy instead of querying it.
                 with stream.capture_lock:

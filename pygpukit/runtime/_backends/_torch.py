@@ -22,10 +22,11 @@ process that does not use it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..._exceptions import VRAMBudgetExceeded
@@ -179,6 +180,7 @@ class TorchMemory:
         outer = getattr(_P.local, "memory", None)
         if outer is self:
             return None  # already routed here
+        _P.local.error = None  # a refusal the code caught itself is not this step's
         tid = threading.get_ident()
         pool = self._pools.get(tid)
         if pool is None:
@@ -211,6 +213,33 @@ class TorchMemory:
                 if outer_pool is not None:
                     torch._C._cuda_beginAllocateCurrentThreadToPool(outer._device, outer_pool.id)
                     _P.local.memory, _P.local.pool = outer, outer_pool
+
+    @contextlib.contextmanager
+    def capturing(self, torch: Any) -> Iterator[Any]:
+        """Route this thread's PyTorch allocations to a pool of their own while a graph is
+        captured; the pool (yielded) must live as long as the graph. Blocks the captured
+        work frees go back to that pool, which nothing else allocates from afterwards: no
+        later work can take memory the graph's replays write (PyTorch's own graph pools
+        do the same). Its segments are charged to the context until the pool goes."""
+        from .._book import native
+
+        outer = getattr(_P.local, "memory", None)
+        outer_pool: Any = getattr(_P.local, "pool", None)
+        if outer is not None:
+            outer._stop(torch, outer_pool)
+        pool = torch.cuda.MemPool(_P.allocator)
+        bound = native.bind(self._book, self._account)
+        torch._C._cuda_beginAllocateCurrentThreadToPool(self._device, pool.id)
+        try:
+            yield pool
+        finally:
+            try:
+                torch._C._cuda_endAllocateToPool(self._device, pool.id)
+                torch._C._cuda_releasePool(self._device, pool.id)
+            finally:
+                native.unbind(bound)
+                if outer is not None:
+                    torch._C._cuda_beginAllocateCurrentThreadToPool(outer._device, outer_pool.id)
 
     def _stop(self, torch: Any, pool: Any) -> None:
         torch._C._cuda_endAllocateToPool(self._device, pool.id)
