@@ -36,32 +36,26 @@ class EvictableState(enum.Enum):
     RELEASED = "released"
 
 
-class Evictable:
-    """A context's spillable device array; read it through :attr:`array` each time."""
+class _Handle:
+    """What an array's and a module's handles share: state, counts, last use."""
 
     __slots__ = (
         "__weakref__",
-        "_array",
         "_host",
         "_last_used",
         "_owner",
-        "dtype",
         "evictions",
         "last_evict_s",
         "last_restore_s",
         "nbytes",
         "restores",
-        "shape",
         "state",
     )
 
-    def __init__(self, owner: Eviction, array: Any) -> None:
+    def __init__(self, owner: Eviction, nbytes: int) -> None:
         self._owner = owner
-        self._array = array
         self._host: Any = None
-        self.shape = tuple(array.shape)
-        self.dtype = array.dtype
-        self.nbytes = int(array.nbytes)
+        self.nbytes = nbytes
         self.state = EvictableState.RESIDENT
         self.evictions = 0
         self.restores = 0
@@ -69,20 +63,42 @@ class Evictable:
         self.last_restore_s = 0.0
         self._last_used = time.monotonic()
 
-    @property
-    def array(self) -> Any:
-        """The device array, restored first if it was evicted (inside the context's
-        session or task, where restores happen anyway)."""
+    def _use(self) -> None:
+        """About to hand out what it manages: restored first if it was evicted."""
         if self.state is EvictableState.RELEASED:
             raise InvalidArgument("this evictable was released; make a new one")
         if self.state is EvictableState.EVICTED:
             self._owner.restore()
         self._last_used = time.monotonic()
-        return self._array
 
     @property
     def on_device(self) -> bool:
         return self.state is EvictableState.RESIDENT
+
+    def _evict(self) -> int:
+        raise NotImplementedError
+
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+
+class Evictable(_Handle):
+    """A context's spillable device array; read it through :attr:`array` each time."""
+
+    __slots__ = ("_array", "dtype", "shape")
+
+    def __init__(self, owner: Eviction, array: Any) -> None:
+        super().__init__(owner, int(array.nbytes))
+        self._array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+
+    @property
+    def array(self) -> Any:
+        """The device array, restored first if it was evicted (inside the context's
+        session or task, where restores happen anyway)."""
+        self._use()
+        return self._array
 
     def release(self) -> None:
         """Stop managing the buffer and drop it (device and host copies)."""
@@ -120,25 +136,13 @@ class Evictable:
         )
 
 
-class EvictableModule:
+class EvictableModule(_Handle):
     """A context's spillable PyTorch module: its CUDA parameters and buffers spill to pinned
     host memory together and come back bit for bit, in place (the ``Parameter`` objects stay
     the same, only their ``.data`` moves). Call the module through :attr:`module`, or in a
     session or task of the context, where evicted modules are restored first."""
 
-    __slots__ = (
-        "__weakref__",
-        "_host",
-        "_last_used",
-        "_module",
-        "_owner",
-        "evictions",
-        "last_evict_s",
-        "last_restore_s",
-        "nbytes",
-        "restores",
-        "state",
-    )
+    __slots__ = ("_module",)
 
     def __init__(self, owner: Eviction, module: Any) -> None:
         tensors = _module_tensors(module)
@@ -151,30 +155,14 @@ class EvictableModule:
                 f"context's CUDA device (cuda:{own}); this one has {where}: move it with "
                 f"module.to('cuda:{own}') inside the context's session first"
             )
-        self._owner = owner
+        super().__init__(owner, sum(int(t.nbytes) for t in tensors))
         self._module = module
-        self._host: list[Any] | None = None
-        self.nbytes = sum(int(t.nbytes) for t in tensors)
-        self.state = EvictableState.RESIDENT
-        self.evictions = 0
-        self.restores = 0
-        self.last_evict_s = 0.0
-        self.last_restore_s = 0.0
-        self._last_used = time.monotonic()
 
     @property
     def module(self) -> Any:
         """The module, restored first if it was evicted."""
-        if self.state is EvictableState.RELEASED:
-            raise InvalidArgument("this evictable was released; make a new one")
-        if self.state is EvictableState.EVICTED:
-            self._owner.restore()
-        self._last_used = time.monotonic()
+        self._use()
         return self._module
-
-    @property
-    def on_device(self) -> bool:
-        return self.state is EvictableState.RESIDENT
 
     def release(self) -> None:
         """Stop managing the module (it stays where it is now)."""
@@ -189,7 +177,7 @@ class EvictableModule:
         torch = sys.modules["torch"]
         t0 = time.perf_counter()
         tensors = _module_tensors(self._module)
-        host = self._host or [
+        host: list[Any] = self._host or [
             torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True) for t in tensors
         ]
         for t, h in zip(tensors, host, strict=True):

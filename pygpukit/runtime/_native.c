@@ -774,31 +774,32 @@ static PyObject *Book_drop(BookObject *self, PyObject *arg) {
     return PyBool_FromLong(gone);
 }
 
+/* The (account, n) arguments of charge() and release(). */
+static int account_bytes(BookObject *self, PyObject *const *args, Py_ssize_t nargs,
+                         const char *usage, int *i, long long *n) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (account_arg(self, args[0], i) < 0)
+        return -1;
+    *n = PyLong_AsLongLong(args[1]);
+    return (*n == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
 static PyObject *Book_charge(BookObject *self, PyObject *const *args, Py_ssize_t nargs) {
     /* charge(i, n) -> 1 charged, 0 does not fit, -1 closed */
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "charge(account, n)");
-        return NULL;
-    }
     int i;
-    if (account_arg(self, args[0], &i) < 0)
-        return NULL;
-    long long n = PyLong_AsLongLong(args[1]);
-    if (n == -1 && PyErr_Occurred())
+    long long n;
+    if (account_bytes(self, args, nargs, "charge(account, n)", &i, &n) < 0)
         return NULL;
     return PyLong_FromLong(book_try(self->b, i, n));
 }
 
 static PyObject *Book_release(BookObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "release(account, n)");
-        return NULL;
-    }
     int i;
-    if (account_arg(self, args[0], &i) < 0)
-        return NULL;
-    long long n = PyLong_AsLongLong(args[1]);
-    if (n == -1 && PyErr_Occurred())
+    long long n;
+    if (account_bytes(self, args, nargs, "release(account, n)", &i, &n) < 0)
         return NULL;
     book_release(self->b, i, n);
     Py_RETURN_NONE;
