@@ -121,7 +121,9 @@ class CudaStream(RawStream):
         if self._torch is None:
             import torch
 
-            self._torch = torch.cuda.ExternalStream(self.handle, device=self._backend.device_id)
+            self._torch = torch.cuda.ExternalStream(  # type: ignore[no-untyped-call,unused-ignore]
+                self.handle, device=self._backend.device_id
+            )
         return self._torch
 
     def synchronize(self) -> None:
