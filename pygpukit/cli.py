@@ -77,6 +77,7 @@ def _demo(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         trace=Path(args.trace) if args.trace else None,
         png=Path(args.png) if args.png else None,
+        torch=args.torch,
     )
     return 0
 
@@ -137,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--size", default="auto", choices=("auto", "small", "large"))
     demo.add_argument("--trace", default="pygpukit-demo-trace.json", help="Chrome-trace JSON")
     demo.add_argument("--png", default="pygpukit-demo-timeline.png", help="timeline picture")
+    demo.add_argument(
+        "--torch",
+        action="store_true",
+        help="the assistants on Hugging Face transformers models (GPT-2 -> VITS, PyTorch)",
+    )
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="run the benchmark suite against its baselines")
     bench.add_argument("--backend", choices=("auto", "cuda", "host"), help="default: auto")

@@ -68,7 +68,9 @@ class _Progress:
         )
 
 
-async def _serve(rt: Runtime, requests: dict[str, int], models: Models, tokens: int) -> DemoReport:
+async def _serve(
+    rt: Runtime, requests: dict[str, int], models: Models, tokens: int, torch: bool = False
+) -> DemoReport:
     report = DemoReport()
     t0 = time.monotonic()
     latency_by_ctx: dict[str, list[float]] = defaultdict(list)
@@ -79,9 +81,14 @@ async def _serve(rt: Runtime, requests: dict[str, int], models: Models, tokens: 
         latency_by_ctx[task.context.name].append(task.t_done - task.t_queued)
 
     rt.on_task_done(on_task)
-    pipelines = {
-        service: build_assistant(rt, service, tier, models=models) for service, tier in SERVICES
-    }
+    if torch:  # Hugging Face transformers models on PyTorch
+        from .examples_hf import build_hf_assistant
+
+        pipelines = {service: build_hf_assistant(rt, service, tier) for service, tier in SERVICES}
+    else:
+        pipelines = {
+            service: build_assistant(rt, service, tier, models=models) for service, tier in SERVICES
+        }
     progress = _Progress(sum(requests.values()))
 
     async def one(service: str, i: int) -> None:
@@ -197,14 +204,16 @@ def run_demo(
     tokens: int = 48,
     trace: Path | None = Path("pygpukit-demo-trace.json"),
     png: Path | None = Path("pygpukit-demo-timeline.png"),
+    torch: bool = False,
 ) -> DemoReport:
-    """Run the demo and print its report; see the module docstring."""
+    """Run the demo and print its report; see the module docstring. ``torch``: the
+    assistants on Hugging Face transformers models (GPT-2 → VITS) instead of CuPy ones."""
     requests = requests or {"interactive": 4, "standard": 4, "batch": 8}
     with Runtime(backend=backend) as rt:
         if size == "auto":
             size = "large" if rt.backend.name == "cuda" else "small"
         models = Models.large() if size == "large" else Models.small()
-        report = asyncio.run(_serve(rt, requests, models, tokens))
+        report = asyncio.run(_serve(rt, requests, models, tokens, torch))
         print_report(rt, report)
         if trace is not None:
             write_trace(report, trace)

@@ -185,8 +185,9 @@ def _speak(tts: Any, text: str) -> Any:
     import torch
 
     device = next(tts.parameters()).device
+    ids = _ids(text, str(device))
     with torch.inference_mode():
-        wave = tts(_ids(text, str(device))).waveform[0]
+        wave = tts(ids, attention_mask=torch.ones_like(ids)).waveform[0]
     return wave.float().cpu().numpy()
 
 

@@ -84,10 +84,16 @@ def create_app(
     dispatcher: DispatcherConfig | None = None,
     timeout_s: float = 30.0,
     admission: AdmissionConfig | None = AdmissionConfig(),
+    models: str = "tiny",
+    weights: str | None = None,
 ) -> FastAPI:
     """The app.
 
     :param dispatcher: overrides the runtime's caps and queue bounds
+    :param models: ``tiny`` (pygpukit's CuPy models) or ``hf`` (Hugging Face transformers
+        models on PyTorch: GPT-2, VITS, ViT; needs torch and transformers)
+    :param weights: with ``hf``, a directory of checkpoints (``save_hf_weights``) loaded with
+        ``local_files_only=True``; random weights without it
     :param timeout_s: each request's deadline, from when its route starts
     :param admission: how much of each pipeline runs at once (``None``: all of it)
     """
@@ -96,7 +102,15 @@ def create_app(
         if dispatcher is not None:
             assert isinstance(rt.policy, Dispatcher)  # the runtime's default policy
             rt.policy.config = dispatcher
-        pipes: dict[str, Any] = {s: build_assistant(rt, s, tier) for s, tier in SERVICES.items()}
+        if models == "hf":
+            from pygpukit.examples_hf import build_hf_assistant, build_hf_describe
+
+            pipes: dict[str, Any] = {
+                s: build_hf_assistant(rt, s, tier, weights=weights) for s, tier in SERVICES.items()
+            }
+            pipes["describe"] = build_hf_describe(rt, weights=weights)
+            return pipes
+        pipes = {s: build_assistant(rt, s, tier) for s, tier in SERVICES.items()}
         pipes["describe"] = build_describe(rt)
         return pipes
 
@@ -166,9 +180,16 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", default="auto", help="auto, cuda or host")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take")
+    p.add_argument(
+        "--models",
+        default="tiny",
+        choices=("tiny", "hf"),
+        help="tiny: pygpukit's CuPy models; hf: Hugging Face transformers models on PyTorch",
+    )
+    p.add_argument("--weights", help="with --models hf: checkpoints saved by save_hf_weights")
     a = p.parse_args()
     uvicorn.run(
-        create_app(backend=a.backend, timeout_s=a.timeout),
+        create_app(backend=a.backend, timeout_s=a.timeout, models=a.models, weights=a.weights),
         host=a.host,
         port=a.port,
         log_level="warning",
