@@ -135,3 +135,12 @@ async def test_a_view_of_the_buffer_keeps_it_from_being_evicted(small: Runtime) 
     del view
     rt.create_context("g", max_vram=40 * MB, qos=QoSPolicy.GUARANTEED)
     assert not w.on_device
+
+
+def test_evictable_refuses_a_module_on_the_host_backend(host_rt: Runtime) -> None:
+    torch = pytest.importorskip("torch")
+    be = host_rt.create_context("batch", max_vram=64 * MB, qos=QoSPolicy.BEST_EFFORT)
+    with pytest.raises(
+        InvalidArgument, match=r"^evictable\(\) takes a torch.nn.Module on the CUDA"
+    ):
+        be.evictable(torch.nn.Linear(4, 4))

@@ -147,6 +147,11 @@ class EvictableModule(_Handle):
     def __init__(self, owner: Eviction, module: Any) -> None:
         tensors = _module_tensors(module)
         devices = {t.device for t in tensors}
+        if owner._backend.name != "cuda":
+            raise InvalidArgument(
+                "evictable() takes a torch.nn.Module on the CUDA backend only: on the host "
+                "backend PyTorch runs on the CPU, where there is no device memory to free"
+            )
         own = getattr(owner._backend, "device_id", None)
         if len(devices) != 1 or any(d.type != "cuda" or d.index != own for d in devices):
             where = ", ".join(sorted(str(d) for d in devices)) or "no tensors"
