@@ -108,9 +108,13 @@ def _bench(args: argparse.Namespace) -> int:
         write(data, args.output)
         return 0
     only = [n.strip() for n in args.only.split(",")] if args.only else None
-    result = run_suite(only, backend=args.backend or "auto", quick=args.quick)
-    if args.json:
-        dump(result, args.json)
+    path = args.json
+    result = run_suite(
+        only,
+        backend=args.backend or "auto",
+        quick=args.quick,
+        after_each=(lambda run: dump(run, path)) if path else None,
+    )
     if args.report is not None:
         write(result, args.output)
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from ._common import Row
@@ -59,13 +60,19 @@ QUICK: dict[str, list[str]] = {
 
 
 def run_suite(
-    only: list[str] | None = None, *, backend: str = "auto", quick: bool = False
+    only: list[str] | None = None,
+    *,
+    backend: str = "auto",
+    quick: bool = False,
+    after_each: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmarks named in ``only`` (all by default) and print their rows.
 
     :param only: benchmark names (:data:`NAMES`), in the order to run them
     :param backend: ``auto``, ``cuda`` or ``host``
     :param quick: small sizes (a smoke test; nothing is judged on the host backend anyway)
+    :param after_each: called with the run so far after each benchmark (the CLI writes the
+        JSON there, so that a run cut short keeps what it measured)
     :return: the run, self-described: ``environment`` (device, backend, versions, day,
         commit), ``command``, each benchmark's ``results``, the ``summary`` rows and each
         benchmark's ``bounds`` (what bounds a miss)
@@ -80,17 +87,6 @@ def run_suite(
 
         raise InvalidArgument(f"unknown benchmark(s) {unknown}; choose from {list(NAMES)}")
     env = environment(backend)
-    results: dict[str, Any] = {}
-    bounds: dict[str, str] = {}
-    rows: list[Row] = []
-    for name in names:
-        module = importlib.import_module(f".{name}", __name__)
-        print(f"== {name} ==", flush=True)
-        args = ["--backend", backend, *(QUICK if quick else FULL)[name]]
-        results[name] = module.main(args)
-        rows += module.summary(results[name])
-        bounds[name] = module.BOUNDS
-    print_rows(rows)
     command = ["pygpukit bench"]
     if backend != "auto":
         command.append(f"--backend {backend}")
@@ -98,13 +94,28 @@ def run_suite(
         command.append(f"--only {','.join(names)}")
     if quick:
         command.append("--quick")
-    return {
+    results: dict[str, Any] = {}
+    bounds: dict[str, str] = {}
+    rows: list[Row] = []
+    run: dict[str, Any] = {
         "environment": env,
         "command": " ".join(command),
         "results": results,
-        "summary": [r.as_dict() for r in rows],
+        "summary": [],
         "bounds": bounds,
     }
+    for name in names:
+        module = importlib.import_module(f".{name}", __name__)
+        print(f"== {name} ==", flush=True)
+        args = ["--backend", backend, *(QUICK if quick else FULL)[name]]
+        results[name] = module.main(args)
+        rows += module.summary(results[name])
+        bounds[name] = module.BOUNDS
+        run["summary"] = [r.as_dict() for r in rows]
+        if after_each is not None:
+            after_each(run)
+    print_rows(rows)
+    return run
 
 
 def print_rows(rows: list[Row]) -> None:
