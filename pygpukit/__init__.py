@@ -30,8 +30,10 @@ from .runtime import ExecutionContext as ExecutionContext
 from .runtime import Graph as Graph
 from .runtime import QoSPolicy as QoSPolicy
 from .runtime import Runtime as Runtime
+from .runtime import Step as Step
 from .runtime import Stream as Stream
 from .runtime import capture_graph as capture_graph
+from .runtime import capture_step as capture_step
 from .runtime import context_session as context_session
 from .runtime import current_context as current_context
 from .runtime import current_stream as current_stream
@@ -62,10 +64,12 @@ __all__ = (
     "QoSPolicy",
     "QueueFull",
     "Runtime",
+    "Step",
     "Stream",
     "VRAMBudgetExceeded",
     "__version__",
     "capture_graph",
+    "capture_step",
     "context_session",
     "current_context",
     "current_stream",

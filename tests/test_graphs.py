@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pygpukit import MB, InvalidArgument, QoSPolicy, capture_graph, context_session
+from pygpukit import (
+    MB,
+    InvalidArgument,
+    QoSPolicy,
+    capture_graph,
+    capture_step,
+    context_session,
+)
 from pygpukit.models import LMConfig, TinyLM
 from pygpukit.models.layers import to_host
 from pygpukit.models.lm import encode
@@ -94,3 +101,19 @@ async def test_generate_with_graphs_yields_the_same_tokens(rt: Runtime) -> None:
     assert len(eager) == 24 and eager == first == again
     spares = lm._spare_steps
     assert len(spares) == 1 and len(spares[0]._graphs) == 1  # kept, with its graph
+
+
+def test_capture_step_replays_a_fixed_shape_step_on_new_inputs(rt: Runtime) -> None:
+    ctx = rt.create_context("step", max_vram=64 * MB)
+    xp = rt.xp
+    with context_session(ctx):
+        w = xp.arange(16, dtype=xp.float32).reshape(4, 4)
+        step = capture_step(lambda x: x @ w + 1, xp.ones((2, 4), dtype=xp.float32))
+        for k in (2.0, 3.0):
+            x = xp.full((2, 4), k, dtype=xp.float32)
+            got = step(x)
+            ctx.stream.synchronize()
+            assert float(abs(got - (x @ w + 1)).max()) == 0.0
+        with pytest.raises(InvalidArgument, match="captured with 1 input"):
+            step(x, x)
+        step.close()

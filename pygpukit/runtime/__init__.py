@@ -22,7 +22,9 @@ from ._dispatch import DispatcherConfig as DispatcherConfig
 from ._evict import Evictable as Evictable
 from ._evict import EvictableModule as EvictableModule
 from ._graph import Graph as Graph
+from ._graph import Step as Step
 from ._graph import capture_graph as capture_graph
+from ._graph import capture_step as capture_step
 from ._health import HealthState as HealthState
 from ._health import RuntimeHealth as RuntimeHealth
 from ._launcher import LauncherConfig as LauncherConfig
@@ -77,11 +79,13 @@ __all__ = (
     "Runtime",
     "RuntimeHealth",
     "SchedulingPolicy",
+    "Step",
     "Stream",
     "Task",
     "TaskState",
     "bind_each_step",
     "capture_graph",
+    "capture_step",
     "check_reservation",
     "context_session",
     "current_context",

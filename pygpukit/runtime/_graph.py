@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ._backends import RawGraph
     from ._stream import Stream
 
-__all__ = ("Graph", "capture_graph")
+__all__ = ("Graph", "Step", "capture_graph", "capture_step")
 
 
 class Graph:
@@ -86,3 +86,61 @@ def capture_graph(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Graph
     rt = ctx.runtime
     call = functools.partial(fn, *args, **kwargs) if args or kwargs else fn
     return Graph(rt.backend.capture(ctx.stream.raw, call), ctx)
+
+
+class Step:
+    """A fixed-shape step replayed from a graph: ``step(*inputs)`` copies the inputs into the
+    buffers the capture read, launches the graph and returns its outputs — the same objects
+    every call, overwritten by the next one (copy what you keep)."""
+
+    __slots__ = ("_inputs", "_out", "graph")
+
+    def __init__(self, graph: Graph, inputs: list[Any], out: dict[str, Any]) -> None:
+        self.graph = graph
+        self._inputs = inputs
+        self._out = out
+
+    def __call__(self, *inputs: Any) -> Any:
+        if len(inputs) != len(self._inputs):
+            raise InvalidArgument(
+                f"this step was captured with {len(self._inputs)} input(s), not {len(inputs)}"
+            )
+        for buffer, value in zip(self._inputs, inputs, strict=True):
+            _copy_into(buffer, value)
+        self.graph.launch()
+        return self._out["value"]
+
+    def close(self) -> None:
+        """Free the graph and its buffers (see :meth:`Graph.close`)."""
+        self.graph.close()
+
+
+def _copy_into(buffer: Any, value: Any) -> None:
+    if hasattr(buffer, "copy_"):  # a torch tensor
+        buffer.copy_(value)
+    else:  # CuPy or NumPy
+        buffer[...] = value
+
+
+def capture_step(fn: Callable[..., Any], /, *inputs: Any) -> Step:
+    """Capture a model's repeated step — ``fn(*inputs)`` on fixed-shape arrays or tensors —
+    as a :class:`Step` that replays it with one launch (a decode step of a model with a
+    static cache, say): several eager models on launcher threads then stop taking turns at
+    the GIL to launch their kernels one by one.
+
+    ``fn`` runs once eagerly first (so that libraries create their handles and workspaces
+    outside the capture) on copies of ``inputs``, which become the step's input buffers.
+    Its memory, PyTorch's included, is charged to the current context and kept until
+    :meth:`Step.close`. Random-number kernels replay the numbers drawn at capture: sample
+    from device-side state that the step itself advances.
+
+    :raises InvalidArgument: no context is current (see :func:`capture_graph`)
+    """
+    buffers = [x.clone() if hasattr(x, "clone") else x.copy() for x in inputs]
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        out["value"] = fn(*buffers)
+
+    body()  # eager: handles, workspaces, first-call compilation
+    return Step(capture_graph(body), buffers, out)
