@@ -15,6 +15,7 @@ alloc          7: budgeted, routed allocate/free vs the raw CuPy pool
 eviction       8: BestEffort spill and restore bandwidth vs raw pinned copies
 stages         9: framework overhead per pipeline stage
 torch_memory   10: PyTorch allocation in a context vs its own allocator; binding cost
+torch_models   11: four PyTorch models decoding at once; a Guaranteed step under a flood
 =============  =======================================================================
 
 The JSON describes its run (:func:`pygpukit.benchmarks.report.environment`: device,
@@ -43,6 +44,7 @@ NAMES = (
     "eviction",
     "stages",
     "torch_memory",
+    "torch_models",
 )
 
 FULL: dict[str, list[str]] = {name: [] for name in NAMES}
@@ -56,6 +58,7 @@ QUICK: dict[str, list[str]] = {
     "eviction": ["--gib", "0.03125", "--cycles", "2"],
     "stages": ["--n", "50"],
     "torch_memory": ["--n", "200"],
+    "torch_models": ["--tokens", "8", "--samples", "8"],
 }
 
 
