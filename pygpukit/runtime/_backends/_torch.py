@@ -101,10 +101,15 @@ def _govern(torch: Any, device_id: int) -> Any:
         _P.why_not = reason
         _log.warning("PyTorch's CUDA allocations are not charged to contexts: %s", reason)
         return None
-    torch.cuda.init()  # before the first pool: a pool is made on an initialized device
-    pluggable = torch.cuda.memory.CUDAPluggableAllocator(native.__file__, _ALLOC, _FREE)
-    _P.allocator = pluggable.allocator()
-    torch._C._cuda_attach_out_of_memory_observer(_on_out_of_memory)
+    try:
+        torch.cuda.init()  # before the first pool: a pool is made on an initialized device
+        pluggable = torch.cuda.memory.CUDAPluggableAllocator(native.__file__, _ALLOC, _FREE)
+        _P.allocator = pluggable.allocator()
+        torch._C._cuda_attach_out_of_memory_observer(_on_out_of_memory)
+    except Exception as exc:  # a broken install must not break every task step
+        _P.why_not = f"setting up PyTorch's pools failed: {exc!r}"
+        _log.warning("PyTorch's CUDA allocations are not charged to contexts: %s", _P.why_not)
+        return None
     _P.error_class = type(
         "VRAMBudgetExceeded",
         (VRAMBudgetExceeded, torch.OutOfMemoryError),
