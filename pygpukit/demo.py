@@ -37,6 +37,7 @@ SERVICES = (
 @dataclass
 class DemoReport:
     wall_s: float = 0.0
+    warmup_s: float = 0.0  # one request per service first: kernel compilation on a first run
     spans: list[tuple[str, str, float, float]] = field(default_factory=list)
     latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     first_audio: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
@@ -72,7 +73,6 @@ async def _serve(
     rt: Runtime, requests: dict[str, int], models: Models, tokens: int, torch: bool = False
 ) -> DemoReport:
     report = DemoReport()
-    t0 = time.monotonic()
     latency_by_ctx: dict[str, list[float]] = defaultdict(list)
 
     def on_task(task: Task) -> None:
@@ -80,7 +80,6 @@ async def _serve(
         report.spans.append((task.context.name, name, task.t_launched - t0, task.t_done - t0))
         latency_by_ctx[task.context.name].append(task.t_done - task.t_queued)
 
-    rt.on_task_done(on_task)
     if torch:  # Hugging Face transformers models on PyTorch
         from .examples_hf import build_hf_assistant
 
@@ -89,6 +88,10 @@ async def _serve(
         pipelines = {
             service: build_assistant(rt, service, tier, models=models) for service, tier in SERVICES
         }
+    report.warmup_s = await _warm_up(rt, pipelines)
+    before = {ctx.name: ctx.usage() for ctx in rt.contexts}  # the table counts serving only
+    t0 = time.monotonic()
+    rt.on_task_done(on_task)
     progress = _Progress(sum(requests.values()))
 
     async def one(service: str, i: int) -> None:
@@ -120,20 +123,37 @@ async def _serve(
                 "used": u.used,
                 "peak": u.peak,
                 "budget": u.max,
-                "tasks": u.tasks,
+                "tasks": u.tasks - before[ctx.name].tasks,
                 "p50_ms": _pct(lat, 50) * 1e3,
                 "p99_ms": _pct(lat, 99) * 1e3,
-                "gpu_s": u.gpu_time_s,
+                "gpu_s": u.gpu_time_s - before[ctx.name].gpu_time_s,
                 "first_audio_ms": _pct(report.first_audio[service], 50) * 1e3,
             }
         )
     return report
 
 
+async def _warm_up(rt: Runtime, pipelines: dict[str, Any]) -> float:
+    """One short request per service before the measured ones: on a first run on a GPU the
+    models' kernels compile here (CuPy keeps them in its per-user cache for later runs)."""
+    where = ""
+    if rt.backend.name == "cuda":
+        import cupy
+
+        where = f"; CuPy caches them in {cupy.cuda.compiler.get_cache_dir()}"
+    print(f"warming up (a first run on a GPU compiles its kernels{where}) ...", file=sys.stderr)
+    start = time.perf_counter()
+    for service, pipeline in pipelines.items():
+        await pipeline.run({"prompt": f"Warm up {service}.", "max_new_tokens": 4})
+    took = time.perf_counter() - start
+    print(f"warm-up done in {took:.2f} s", file=sys.stderr)
+    return took
+
+
 def print_report(rt: Runtime, report: DemoReport) -> None:
     print(
         f"\npygpukit demo on {rt.device.name} ({rt.backend.name} backend), "
-        f"{report.wall_s:.2f} s wall"
+        f"{report.wall_s:.2f} s wall serving, after a {report.warmup_s:.2f} s warm-up"
     )
     head = (
         f"{'context':<18} {'tier':<12} {'used':>9} {'peak':>9} {'budget':>9} {'tasks':>6} "
