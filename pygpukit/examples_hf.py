@@ -13,8 +13,9 @@ call runs through ``ctx.submit`` on the context's launcher thread, where its act
 KV cache are charged too. Text goes in and out as bytes (ids 4 to 259): there is no tokenizer
 to download.
 
-Needs ``pip install torch transformers``; importing this module imports neither until a
-builder runs.
+Its stages are registered as ``<service>_hf_llm`` and so on, beside the CuPy examples'
+``<service>_llm``. Needs ``pip install torch transformers``; importing this module imports
+neither until a builder runs.
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def build_hf_assistant(
     tts = _load(rt, tts_ctx, "tts", models, weights, 2)
     rate = int(tts.config.sampling_rate)
 
-    @stage(f"{service}_llm", context=llm_ctx)
+    @stage(f"{service}_hf_llm", context=llm_ctx)
     async def generate(inp: Prompt) -> AsyncIterator[Sentence]:
         decoder = _Decoder(lm, inp.prompt, inp.max_new_tokens)
         while True:  # one launcher task per sentence: the loop stays free meanwhile
@@ -236,7 +237,7 @@ def build_hf_assistant(
                 return
             yield Sentence(text=text)
 
-    @stage(f"{service}_tts", context=tts_ctx)
+    @stage(f"{service}_hf_tts", context=tts_ctx)
     async def speak(inp: Sentence) -> Audio:
         samples = await tts_ctx.submit(_speak, tts, inp.text, priority=_priority())
         return Audio(text=inp.text, samples=samples, sample_rate=rate)
@@ -273,12 +274,12 @@ def build_hf_describe(
     def respond_text(prompt: str, n: int) -> str:
         return "".join(_generate(lm, prompt, n))
 
-    @stage(f"{service}_llm", context=ctxs["llm"])
+    @stage(f"{service}_hf_llm", context=ctxs["llm"])
     async def respond(inp: Prompt) -> Sentence:
         text = await ctxs["llm"].submit(respond_text, inp.prompt, inp.max_new_tokens)
         return Sentence(text=text)
 
-    @stage(f"{service}_vision", context=ctxs["vision"])
+    @stage(f"{service}_hf_vision", context=ctxs["vision"])
     async def look(inp: ImageRequest) -> Caption:
         return Caption(caption=await ctxs["vision"].submit(_caption, vit, inp.seed, image_size))
 
@@ -286,11 +287,11 @@ def build_hf_describe(
         text: str
         caption: str
 
-    @stage(f"{service}_combine")
+    @stage(f"{service}_hf_combine")
     async def combine(inp: Combined) -> Sentence:
         return Sentence(text=f"{inp.text}. {inp.caption}")
 
-    @stage(f"{service}_tts", context=ctxs["tts"])
+    @stage(f"{service}_hf_tts", context=ctxs["tts"])
     async def speak(inp: Sentence) -> Audio:
         samples = await ctxs["tts"].submit(_speak, tts, inp.text)
         return Audio(text=inp.text, samples=samples, sample_rate=rate)

@@ -16,6 +16,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+SERVER = Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "server.py"
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -59,3 +62,29 @@ def test_saved_weights_load_back_the_same(tmp_path: Path) -> None:
         loaded = _make(role, HFModels.small(), tmp_path, seed)
         for a, b in zip(fresh.state_dict().values(), loaded.state_dict().values(), strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.anyio
+async def test_the_example_server_serves_the_transformers_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import httpx
+
+    monkeypatch.setenv("PYGPUKIT_BACKEND", "host")
+    spec = importlib.util.spec_from_file_location("example_server_hf", SERVER)
+    assert spec is not None and spec.loader is not None
+    server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(server)
+    app = server.create_app(models="hf")
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        r = await client.post("/assistant/interactive", json={"prompt": "hi", "max_new_tokens": 24})
+        assert r.status_code == 200, r.text
+        reply = r.json()
+        assert len(reply["sentences"]) == 2 and reply["audio_seconds"] > 0
+        assert sorted(reply["timings_ms"]) == ["interactive_hf_llm", "interactive_hf_tts"]
+        r = await client.post("/describe", json={"prompt": "Describe this image"})
+        assert r.status_code == 200, r.text
