@@ -296,7 +296,9 @@ class CudaBackend(Backend):
         book.set_pool(self.pool_handle)
         if isinstance(pool._arena, native.Arena):
             book.set_arena(account.id, pool._arena)
-        memory = TorchMemory(book, account.id, self.device_id, partial(ledger.relieve, account))
+        memory = TorchMemory(
+            account.name, book, account.id, self.device_id, partial(ledger.relieve, account)
+        )
         stream.memory = pool.torch_memory = memory
 
     def _make_room(self) -> None:

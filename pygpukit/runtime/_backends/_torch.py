@@ -29,13 +29,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..._exceptions import VRAMBudgetExceeded
+from ..._exceptions import ContextClosed, CudaError, VRAMBudgetExceeded
 
 __all__ = ("TorchMemory", "torch_ready", "translate")
 
 _log = logging.getLogger("pygpukit")
 
 _ALLOC, _FREE = "pygpukit_torch_alloc", "pygpukit_torch_free"
+_OUT_OF_MEMORY = 2  # CUDA's out-of-memory status (runtime and driver alike)
 _API = (
     "_cuda_beginAllocateCurrentThreadToPool",
     "_cuda_endAllocateToPool",
@@ -134,11 +135,9 @@ def _on_out_of_memory(device: int, requested: int, allowed: int, free: int) -> N
         return  # the device itself is out of memory: PyTorch's own error says so
     why, nbytes, _account = refusal
     try:
-        error = memory.refused(why, nbytes)
+        _P.local.error = memory.refused(why, nbytes)
     except Exception as exc:  # the observer must not raise into PyTorch's allocator
         _log.warning("translating a refused PyTorch allocation failed: %r", exc)
-        return
-    _P.local.error = error
 
 
 def translate(exc: BaseException) -> BaseException:
@@ -156,13 +155,17 @@ def translate(exc: BaseException) -> BaseException:
 class TorchMemory:
     """One context's PyTorch memory: a pool per thread on pygpukit's allocator.
 
+    :param name: the context's name (for errors)
     :param book: the ledger's native book
     :param account: the context's line in it
     :param device_id: the device of the context's stream
     :param relieve: the ledger's policy for a refused request (see :data:`Relieve`)
     """
 
-    def __init__(self, book: Any, account: int, device_id: int, relieve: Relieve) -> None:
+    def __init__(
+        self, name: str, book: Any, account: int, device_id: int, relieve: Relieve
+    ) -> None:
+        self._name = name
         self._book = book
         self._account = account
         self._device = device_id
@@ -257,19 +260,25 @@ class TorchMemory:
             self._used = True
         return pool
 
-    def refused(self, why: int, nbytes: int) -> VRAMBudgetExceeded:
-        """The error for a refused request of ``nbytes`` (after the ledger's policy ran)."""
+    def refused(self, why: int, nbytes: int) -> BaseException | None:
+        """The error for a refused request of ``nbytes``: over budget (after the ledger's
+        policy ran), the context destroyed, or the device itself out of memory."""
         from .._book import native
 
-        error = self._relieve(nbytes)
+        if why == native.REFUSED_CLOSED:
+            return ContextClosed(self._name)
         if why == native.REFUSED_DEVICE:
-            error.add_note(
-                "the budget had room, but the device did not: memory outside pygpukit's "
-                "budgets (other processes, libraries) took it — lower vram_limit"
+            return CudaError(
+                f"the device is out of memory for {nbytes} bytes of context {self._name!r} "
+                "although its budget had room; memory outside pygpukit's budgets (other "
+                "processes, libraries) took it — lower vram_limit",
+                status=_OUT_OF_MEMORY,
             )
-        cls = _P.error_class
-        if cls is not None:
-            error.__class__ = cls
+        if why != native.REFUSED_BUDGET:
+            return None  # not one of ours
+        error = self._relieve(nbytes)
+        if _P.error_class is not None:
+            error.__class__ = _P.error_class
         return error
 
     def trim(self) -> None:
