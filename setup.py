@@ -24,9 +24,11 @@ if sys.platform.startswith("linux"):
     ext_modules.append(
         Extension(
             "pygpukit.runtime._native",
-            sources=["pygpukit/runtime/_native.c"],
+            sources=["pygpukit/runtime/_native.c", "pygpukit/runtime/_memory.c"],
+            depends=["pygpukit/runtime/_memory.h"],
             libraries=["dl", "pthread"],
-            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
+            # hidden: only the module's init and PyTorch's two entry points are exported
+            extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fvisibility=hidden"],
             optional=True,
         )
     )

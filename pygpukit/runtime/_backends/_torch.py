@@ -1,7 +1,7 @@
 """PyTorch inside contexts: its CUDA allocations charged to the context's budget.
 
 PyTorch's caching allocator takes a pool per (context, thread): a ``torch.cuda.MemPool``
-whose allocator is pygpukit's (``_native.c``: ``pygpukit_torch_alloc``/``_free``), entered on
+whose allocator is pygpukit's (``_memory.c``: ``pygpukit_torch_alloc``/``_free``), entered on
 the thread at every task step of the context and left afterwards (a pool routes one thread's
 allocations, and PyTorch refuses one pool recording on two threads at once). PyTorch asks it
 for whole segments and caches blocks in them; the segments are charged to the context's
