@@ -35,6 +35,7 @@ __all__ = (
     "Sentence",
     "build_assistant",
     "build_describe",
+    "describe_graph",
     "save_assistant_weights",
 )
 
@@ -200,18 +201,29 @@ def build_describe(
 
         return Caption(caption=await ctxs["vision"].submit(caption, inp.seed))
 
-    class Combined(BaseModel):
-        text: str
-        caption: str
-
-    @stage(f"{service}_combine")
-    async def combine(inp: Combined) -> Sentence:
-        return Sentence(text=f"{inp.text}. {inp.caption}")
-
     @stage(f"{service}_tts", context=ctxs["tts"])
     async def speak(inp: Sentence) -> Audio:
         samples = await ctxs["tts"].submit(tts.synthesize, inp.text)
         return Audio(text=inp.text, samples=samples, sample_rate=models.tts.sample_rate)
+
+    return describe_graph(rt, service, respond, look, speak, combine_name=f"{service}_combine")
+
+
+class _Combined(BaseModel):
+    text: str
+    caption: str
+
+
+def describe_graph(
+    rt: Runtime, service: str, respond: Any, look: Any, speak: Any, *, combine_name: str
+) -> Pipeline:
+    """The seed's graph on three stages: ``respond`` (Prompt → Sentence) and ``look``
+    (ImageRequest → Caption) in parallel, their outputs joined into one Sentence by a stage
+    named ``combine_name``, then ``speak`` (Sentence → Audio)."""
+
+    @stage(combine_name)
+    async def combine(inp: _Combined) -> Sentence:
+        return Sentence(text=f"{inp.text}. {inp.caption}")
 
     request = {f: f"$input.{f}" for f in ("prompt", "max_new_tokens")}
     p = Pipeline(service, runtime=rt)

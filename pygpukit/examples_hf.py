@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .examples import Audio, Caption, ImageRequest, Prompt, Sentence
+from .examples import Audio, Caption, ImageRequest, Prompt, Sentence, describe_graph
 from .pipeline import Pipeline, current_request, stage
 from .runtime import ExecutionContext, QoSPolicy, Runtime, context_session
 
@@ -254,8 +254,6 @@ def build_hf_describe(
 ) -> Pipeline:
     """The seed's example on transformers models: GPT-2 and ViT in parallel, then VITS on
     the combined text."""
-    from pydantic import BaseModel
-
     models = models or HFModels.small()
     ctxs = {
         role: _context(rt, f"{service}-{role}", tier, 512 << 20)
@@ -283,23 +281,9 @@ def build_hf_describe(
     async def look(inp: ImageRequest) -> Caption:
         return Caption(caption=await ctxs["vision"].submit(_caption, vit, inp.seed, image_size))
 
-    class Combined(BaseModel):
-        text: str
-        caption: str
-
-    @stage(f"{service}_hf_combine")
-    async def combine(inp: Combined) -> Sentence:
-        return Sentence(text=f"{inp.text}. {inp.caption}")
-
     @stage(f"{service}_hf_tts", context=ctxs["tts"])
     async def speak(inp: Sentence) -> Audio:
         samples = await ctxs["tts"].submit(_speak, tts, inp.text)
         return Audio(text=inp.text, samples=samples, sample_rate=rate)
 
-    request = {f: f"$input.{f}" for f in ("prompt", "max_new_tokens")}
-    p = Pipeline(service, runtime=rt)
-    p.add(respond, id="llm", inputs=request)
-    p.add(look, id="vision", inputs={**request, "seed": "$input.seed"})
-    p.add(combine, id="combine", inputs={"text": "llm.text", "caption": "vision.caption"})
-    p.add(speak, id="tts", inputs={"text": "combine.text"})
-    return p.output("tts").build()
+    return describe_graph(rt, service, respond, look, speak, combine_name=f"{service}_hf_combine")
