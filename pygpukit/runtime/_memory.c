@@ -79,8 +79,6 @@ static void plain_free(CUdeviceptr p) {
 
 /* ---- the arena --------------------------------------------------------------------------- */
 
-
-
 arena_t *arena_new(int64_t size) {
     arena_t *a = calloc(1, sizeof *a);
     if (!a)
@@ -202,8 +200,6 @@ int64_t arena_largest(arena_t *a) {
 }
 
 /* ---- the book ------------------------------------------------------------------------------ */
-
-
 
 void book_unref(book_t *b) {
     if (atomic_fetch_sub(&b->refs, 1) != 1)
@@ -348,12 +344,10 @@ static __thread int tls_account = -1;
 static __thread int tls_refused = REFUSED_NONE;
 static __thread int64_t tls_refused_size = 0;
 static __thread int tls_refused_account = -1;
-static __thread book_t *tls_refused_book = NULL;
 
 static void *refuse(int why, size_t size) {
     tls_refused = why;
     tls_refused_size = (int64_t)size;
-    tls_refused_book = tls_book;
     tls_refused_account = tls_account;
     return NULL;
 }
@@ -446,7 +440,6 @@ __attribute__((visibility("default"))) void pygpukit_torch_free(void *ptr, size_
     book_release(b, blk.account, blk.size);
     book_unref(b);
 }
-
 
 /* ---- what the Python types need --------------------------------------------------------- */
 

@@ -16,11 +16,11 @@
  * Python object and every range PyTorch still holds have gone.
  *
  * PyTorch: pygpukit_torch_alloc / pygpukit_torch_free are a CUDAPluggableAllocator's
- * functions (runtime/_torch.py makes one torch.cuda.MemPool on them per context and thread).
+ * functions (runtime/_backends/_torch.py makes one torch.cuda.MemPool on them per context and
+ * thread).
  * The account charged is the calling thread's binding (bind()); a refusal returns NULL, which
  * PyTorch turns into torch.OutOfMemoryError after freeing the pool's cached blocks and trying
  * once more; the refusal is remembered per thread so that the error can be translated.
- *
  */
 #ifndef PYGPUKIT_MEMORY_H
 #define PYGPUKIT_MEMORY_H
