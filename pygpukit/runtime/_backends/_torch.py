@@ -31,7 +31,7 @@ from typing import Any
 
 from ..._exceptions import ContextClosed, CudaError, VRAMBudgetExceeded
 
-__all__ = ("TorchMemory", "torch_ready", "translate")
+__all__ = ("TorchMemory", "torch_ready", "translate", "why_not")
 
 _log = logging.getLogger("pygpukit")
 
@@ -80,6 +80,11 @@ def torch_ready(device_id: int) -> Any:
             _P.torch = _govern(torch, device_id)
             _P.decided = True
     return _P.torch
+
+
+def why_not() -> str:
+    """Why PyTorch's allocations are not charged (empty while they are, or undecided)."""
+    return _P.why_not
 
 
 def _govern(torch: Any, device_id: int) -> Any:
