@@ -13,19 +13,8 @@ from ._exceptions import _fmt_bytes
 
 def _pytorch_row(rt: Any) -> str:
     """Whether PyTorch's CUDA allocations would be charged to contexts, and if not, why."""
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return "not installed"
-    import torch
-
-    from .runtime._backends import _torch
-
-    if rt.backend.name != "cuda":
-        return f"{torch.__version__}, on the CPU with the host backend (not charged)"
-    if _torch.torch_ready(rt.device.device_id) is None:
-        return f"{torch.__version__}, not charged: {_torch.why_not()}"
-    return f"{torch.__version__}, its CUDA allocations charged to contexts"
+    charged, why = rt.pytorch_charged()
+    return "its CUDA allocations charged to contexts" if charged else f"not charged: {why}"
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from conftest import CUDA
 
+from pygpukit.runtime import Runtime
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -55,3 +57,14 @@ def test_bench_report_refuses_what_it_cannot_render(tmp_path: Path) -> None:
         assert proc.stderr.startswith("pygpukit: error: ") and message in proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "page.md").exists()
+
+
+def test_info_says_whether_pytorch_is_charged_and_why_not(host_rt: Runtime) -> None:
+    import importlib.util
+
+    charged, why = host_rt.pytorch_charged()
+    assert not charged
+    if importlib.util.find_spec("torch") is None:
+        assert why == "torch is not installed"
+    else:
+        assert why == "on the host backend PyTorch runs on the CPU"

@@ -329,6 +329,24 @@ class Runtime:
         self.tasks.listeners.append(listener)
         return listener
 
+    def pytorch_charged(self) -> tuple[bool, str]:
+        """Whether PyTorch's CUDA allocations in this runtime's sessions and tasks are
+        charged to their contexts, and if not, why. Imports torch if it is installed (and
+        sets up its pools, as the first task step with torch imported would)."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return False, "torch is not installed"
+        import torch  # noqa: F401  (governed once imported)
+
+        from ._backends import _torch
+
+        if self.backend.name != "cuda":
+            return False, "on the host backend PyTorch runs on the CPU"
+        if _torch.torch_ready(self.device.device_id) is None:
+            return False, _torch.why_not()
+        return True, ""
+
     # -- lifetime ---------------------------------------------------------------------------
     def health(self) -> RuntimeHealth:
         """Whether the runtime can still run work, from what it knows already: nothing is
