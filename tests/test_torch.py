@@ -56,6 +56,7 @@ def _held(ctx: Any) -> int:
 def test_a_tensor_in_a_session_is_charged_to_the_context_on_its_stream(
     torch: Any, grt: Runtime
 ) -> None:
+    assert grt.pytorch_charged() == (True, "")
     ctx = grt.create_context("tts", max_vram=512 * MB)
     other = grt.create_context("other", max_vram=512 * MB)
     assert _held(ctx) == 0
