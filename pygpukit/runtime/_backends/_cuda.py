@@ -281,6 +281,10 @@ class CudaBackend(Backend):
         """The stream-ordered pool's handle (0 without one, or once closed)."""
         return self._pool.pool or 0
 
+    def own_block(self, arena: Any, stream: Any) -> tuple[int, int]:
+        """Give a native Arena its block (a Guaranteed reservation), on ``stream``."""
+        return self._pool.own(arena, stream)
+
     def adopt(self, stream: RawStream, ledger: Any, account: Any, pool: Any) -> None:
         """Charge the PyTorch allocations of the context that owns ``stream`` and ``pool``
         to ``account``, in ``ledger``'s book (its native book only: PyTorch charges it from

@@ -177,6 +177,23 @@ class DevicePool:
             SHARED.make_room()  # without the lock: it trims every pool, this one included
         return SHARED.malloc(self.device_id, nbytes)
 
+    def own(self, arena: Any, owner: OrderedStream | None) -> tuple[int, int]:
+        """Give ``arena`` (a native Arena, which frees it) its block of device memory:
+        ``(status, address)``. From the pool on ``owner`` as :meth:`take` does, made room
+        for once on out-of-memory; from ``cuMemAlloc`` without a pool or a stream."""
+        status, address = self._own_once(arena, owner)
+        if status == OUT_OF_MEMORY:
+            SHARED.make_room()  # without the lock: it trims every pool, this one included
+            status, address = self._own_once(arena, owner)
+        return status, address
+
+    def _own_once(self, arena: Any, owner: OrderedStream | None) -> tuple[int, int]:
+        # Under the lock: a pool destroyed on another thread is never allocated from.
+        with self.lock, cupy.cuda.Device(self.device_id):
+            pool = self.pool if owner is not None and not owner.captured() else None
+            status, address = arena.own_block(pool or 0, owner.handle if owner else 0)
+            return int(status), int(address)
+
     def close(self) -> None:
         """Give the idle memory back to the driver; the pool itself goes once the last of
         its allocations is freed (the driver defers the destruction until then)."""
@@ -348,9 +365,8 @@ class _Memory(Protocol):
 
     device_id: int
 
-    @property
-    def pool_handle(self) -> int:
-        """The stream-ordered pool's handle (0 without one)."""
+    def own_block(self, arena: Any, stream: OrderedStream | None) -> tuple[int, int]:
+        """Give ``arena`` (a native Arena) its block: ``(status, address)``."""
 
     def device_memory(self, nbytes: int, stream: Any = None) -> Any:
         """``nbytes`` of device memory for ``stream`` (a CuPy stream; the current one by
@@ -393,8 +409,7 @@ class CudaPool(ArenaPool):
             self._base_ptr = base.ptr
             return base
         arena = native.Arena(nbytes)
-        pool = self._backend.pool_handle if stream is not None else 0
-        status, self._base_ptr = arena.own_block(pool, stream.handle if stream else 0)
+        status, self._base_ptr = self._backend.own_block(arena, stream)
         if status == OUT_OF_MEMORY:  # the driver's CUDA_ERROR_OUT_OF_MEMORY is 2 as well
             raise CudaError(
                 f"the device is out of memory for the {nbytes}-byte reservation of context "
