@@ -118,3 +118,27 @@ def test_arena_best_fit_and_coalescing(make: type | None) -> None:
     assert arena.take(41) is None
     with pytest.raises(ValueError, match="at least one byte"):
         arena.take(0)
+
+
+def test_native_and_python_arenas_agree_on_random_operations() -> None:
+    if native is None:
+        pytest.skip("the native extension is not built")
+    from pygpukit.runtime._backends._arena import Arena
+
+    rng = random.Random(11)
+    arenas = [Arena(1 << 20), native.Arena(1 << 20)]
+    taken: list[tuple[int, int]] = []
+    for _ in range(4000):
+        if taken and rng.random() < 0.45:
+            offset, n = taken.pop(rng.randrange(len(taken)))
+            for a in arenas:
+                a.give(offset, n)
+        else:
+            n = rng.choice([512, 4096, rng.randrange(1, 64) * 512, rng.randrange(1, 300_000)])
+            offsets = {a.take(n) for a in arenas}
+            assert len(offsets) == 1, n  # the same best fit
+            (offset,) = offsets
+            if offset is not None:
+                taken.append((offset, n))
+        assert arenas[0].used == arenas[1].used
+        assert arenas[0].largest_free == arenas[1].largest_free
