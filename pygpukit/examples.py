@@ -37,6 +37,7 @@ __all__ = (
     "build_describe",
     "describe_graph",
     "save_assistant_weights",
+    "tier_context",
 )
 
 
@@ -103,7 +104,8 @@ def _submit_priority() -> int:
     return 0 if request is None else request.priority
 
 
-def _context(rt: Runtime, name: str, tier: QoSPolicy, max_vram: int) -> ExecutionContext:
+def tier_context(rt: Runtime, name: str, tier: QoSPolicy, max_vram: int) -> ExecutionContext:
+    """A context of ``tier``; a Burstable one has half its budget as its base."""
     base = max_vram // 2 if tier is QoSPolicy.BURSTABLE else None
     return rt.create_context(name, max_vram=max_vram, base_vram=base, qos=tier)
 
@@ -131,8 +133,8 @@ def build_assistant(
     or loaded from ``weights``/lm.npz and tts.npz), and the streaming pipeline
     ``<service>``: Prompt → Sentence* → Audio*."""
     models = models or Models.small()
-    llm_ctx = _context(rt, f"{service}-llm", tier, max_vram)
-    tts_ctx = _context(rt, f"{service}-tts", tier, max_vram)
+    llm_ctx = tier_context(rt, f"{service}-llm", tier, max_vram)
+    tts_ctx = tier_context(rt, f"{service}-tts", tier, max_vram)
     with context_session(llm_ctx):
         if weights is None:
             lm = TinyLM(models.lm, xp=rt.xp, seed=1)
@@ -172,7 +174,7 @@ def build_describe(
     """The seed's example: LLM and vision in parallel, then TTS on the combined text."""
     models = models or Models.small()
     ctxs = {
-        role: _context(rt, f"{service}-{role}", tier, 256 << 20)
+        role: tier_context(rt, f"{service}-{role}", tier, 256 << 20)
         for role, tier in (
             ("llm", QoSPolicy.GUARANTEED),
             ("vision", QoSPolicy.BURSTABLE),

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .examples import Audio, Caption, ImageRequest, Prompt, Sentence, describe_graph
+from .examples import (
+    Audio,
+    Caption,
+    ImageRequest,
+    Prompt,
+    Sentence,
+    describe_graph,
+    tier_context,
+)
 from .pipeline import Pipeline, current_request, stage
 from .runtime import ExecutionContext, QoSPolicy, Runtime, context_session
 
@@ -204,11 +212,6 @@ def _caption(vit: Any, seed: int, image_size: int) -> str:
     return " ".join(_WORDS[i % len(_WORDS)] for i in picks)
 
 
-def _context(rt: Runtime, name: str, tier: QoSPolicy, max_vram: int) -> ExecutionContext:
-    base = max_vram // 2 if tier is QoSPolicy.BURSTABLE else None
-    return rt.create_context(name, max_vram=max_vram, base_vram=base, qos=tier)
-
-
 def build_hf_assistant(
     rt: Runtime,
     service: str,
@@ -222,8 +225,8 @@ def build_hf_assistant(
     model (random, or from ``weights``), and the streaming pipeline ``<service>``:
     Prompt → Sentence* → Audio*."""
     models = models or HFModels.small()
-    llm_ctx = _context(rt, f"{service}-llm", tier, max_vram)
-    tts_ctx = _context(rt, f"{service}-tts", tier, max_vram)
+    llm_ctx = tier_context(rt, f"{service}-llm", tier, max_vram)
+    tts_ctx = tier_context(rt, f"{service}-tts", tier, max_vram)
     lm = _load(rt, llm_ctx, "lm", models, weights, 1)
     tts = _load(rt, tts_ctx, "tts", models, weights, 2)
     rate = int(tts.config.sampling_rate)
@@ -256,7 +259,7 @@ def build_hf_describe(
     the combined text."""
     models = models or HFModels.small()
     ctxs = {
-        role: _context(rt, f"{service}-{role}", tier, 512 << 20)
+        role: tier_context(rt, f"{service}-{role}", tier, 512 << 20)
         for role, tier in (
             ("llm", QoSPolicy.GUARANTEED),
             ("vision", QoSPolicy.BURSTABLE),

@@ -161,11 +161,6 @@ class Ledger:
         """Memory a new reservation could take now."""
         return self._shared_free()
 
-    def account(self, id: int) -> Account | None:
-        """The open account whose line in the book is ``id``."""
-        with self._lock:
-            return next((a for a in self._accounts if a.id == id), None)
-
     # -- accounts -----------------------------------------------------------------------
     def open(self, name: str, tier: QoSPolicy, max_vram: int, base_vram: int) -> Account:
         """Open an account, reserving what its tier promises.

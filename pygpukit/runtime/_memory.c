@@ -596,10 +596,3 @@ int torch_last_refusal(int64_t *size, int *account) {
     tls_refused = REFUSED_NONE;
     return why;
 }
-
-size_t torch_live_blocks(void) {
-    pthread_mutex_lock(&blocks_lock);
-    size_t n = blocks_live;
-    pthread_mutex_unlock(&blocks_lock);
-    return n;
-}

@@ -96,7 +96,6 @@ void book_set_pool(book_t *b, CUpool pool);
 
 void torch_bind(book_t *b, int i, book_t **prev_book, int *prev_account);
 int torch_last_refusal(int64_t *size, int *account); /* a REFUSED_* reason, forgotten */
-size_t torch_live_blocks(void);
 
 void *pygpukit_torch_alloc(size_t size, int device, void *stream);
 void pygpukit_torch_free(void *ptr, size_t size, int device, void *stream);

@@ -375,20 +375,12 @@ static PyObject *mod_last_refusal(PyObject *m, PyObject *unused) {
     return Py_BuildValue("(iLi)", why, (long long)size, account);
 }
 
-static PyObject *mod_live_blocks(PyObject *m, PyObject *unused) {
-    (void)m;
-    (void)unused;
-    return PyLong_FromSize_t(torch_live_blocks());
-}
-
 static PyMethodDef mod_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))mod_bind, METH_FASTCALL,
      "bind(book, account) -> token: charge this thread's PyTorch allocations to account"},
     {"unbind", (PyCFunction)mod_unbind, METH_O, "unbind(token): the binding before bind()"},
     {"last_refusal", (PyCFunction)mod_last_refusal, METH_NOARGS,
      "last_refusal() -> None | (why, size, account)"},
-    {"live_blocks", (PyCFunction)mod_live_blocks, METH_NOARGS,
-     "blocks PyTorch holds from these functions now"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..._exceptions import ContextClosed, CudaError, VRAMBudgetExceeded
+from .._book import native
 
 __all__ = ("TorchMemory", "torch_ready", "translate", "why_not")
 
@@ -88,8 +89,6 @@ def why_not() -> str:
 
 
 def _govern(torch: Any, device_id: int) -> Any:
-    from .._book import native
-
     reason = ""
     if native is None:
         reason = "pygpukit's native extension is not built (install it with a C compiler)"
@@ -132,8 +131,6 @@ def _govern(torch: Any, device_id: int) -> Any:
 def _on_out_of_memory(device: int, requested: int, allowed: int, free: int) -> None:
     """PyTorch's out-of-memory observer: runs on the allocating thread, with PyTorch's
     allocator lock released (so the ledger's policy may free PyTorch memory)."""
-    from .._book import native
-
     refusal = native.last_refusal()
     memory = getattr(_P.local, "memory", None)
     if refusal is None or memory is None:
@@ -178,7 +175,6 @@ class TorchMemory:
         self._pools: dict[int, Any] = {}  # thread ident -> torch.cuda.MemPool
         self._active: dict[int, int] = {}  # thread ident -> how many enters are open
         self._lock = threading.Lock()
-        self._closed = False
         self._used = False  # whether a pool was ever made (a trim has something to do)
 
     def enter(self, torch: Any) -> tuple[Any, Any, Any] | None:
@@ -188,8 +184,6 @@ class TorchMemory:
         session step), that routing is suspended until leave(): PyTorch routes a thread's
         allocation to the first pool that claims it, which would be the outer one.
         """
-        from .._book import native
-
         outer = getattr(_P.local, "memory", None)
         if outer is self:
             return None  # already routed here
@@ -208,8 +202,6 @@ class TorchMemory:
         return (pool, bound, outer)
 
     def leave(self, torch: Any, token: tuple[Any, Any, Any] | None) -> None:
-        from .._book import native
-
         if token is None:
             return
         pool, bound, outer = token
@@ -234,8 +226,6 @@ class TorchMemory:
         work frees go back to that pool, which nothing else allocates from afterwards: no
         later work can take memory the graph's replays write (PyTorch's own graph pools
         do the same). Its segments are charged to the context until the pool goes."""
-        from .._book import native
-
         outer = getattr(_P.local, "memory", None)
         outer_pool: Any = getattr(_P.local, "pool", None)
         if outer is not None:
@@ -268,8 +258,6 @@ class TorchMemory:
     def refused(self, why: int, nbytes: int) -> BaseException | None:
         """The error for a refused request of ``nbytes``: over budget (after the ledger's
         policy ran), the context destroyed, or the device itself out of memory."""
-        from .._book import native
-
         if why == native.REFUSED_CLOSED:
             return ContextClosed(self._name)
         if why == native.REFUSED_DEVICE:
@@ -303,7 +291,6 @@ class TorchMemory:
     def close(self) -> None:
         """The context is gone: drop every pool (it runs no more steps)."""
         with self._lock:
-            self._closed = True
             pools = list(self._pools.values())
             self._pools.clear()
         del pools
