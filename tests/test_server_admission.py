@@ -138,7 +138,8 @@ async def test_a_request_that_cannot_finish_in_time_is_refused_when_it_arrives()
         for _ in range(5):
             tg.start_soon(_serve, admission, 0.05)
     s = admission.statistics()
-    assert s.service_s is not None and s.service_s >= 0.05
+    # uvloop rounds timers to whole milliseconds, so a 0.05 s sleep may end ~1 ms early
+    assert s.service_s is not None and s.service_s >= 0.045
     # behind the one running: a slot in ~0.05 s, then ~0.05 s of serving
     err, waited = await _refused_behind_one(admission, 0.08)
     assert waited < 0.05, "refused only after waiting"
