@@ -5,8 +5,9 @@ Three assistant services share the device: ``interactive`` (Guaranteed contexts)
 sentence by sentence (models with random weights). Batch requests are sent first, then the
 others, all concurrently. At the end it prints a per-context table — VRAM used / peak /
 budget, tasks, task latency p50 / p99, GPU time, time to first audio — and writes a
-timeline of every GPU task as Chrome-trace JSON (open it in https://ui.perfetto.dev) and,
-where matplotlib is installed, as a PNG.
+timeline of every GPU task (:meth:`Runtime.trace`: device times, a row per context) as
+Chrome-trace JSON (open it in https://ui.perfetto.dev) and, where matplotlib is installed,
+as a PNG.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from ._exceptions import _fmt_bytes
 from .examples import Models, audio_seconds, build_assistant
 from .pipeline import PipelineResult
-from .runtime import QoSPolicy, Runtime, Task
+from .runtime import QoSPolicy, Runtime, Task, Trace
 
 __all__ = ("DemoReport", "run_demo")
 
@@ -38,7 +39,7 @@ SERVICES = (
 class DemoReport:
     wall_s: float = 0.0
     warmup_s: float = 0.0  # one request per service first: kernel compilation on a first run
-    spans: list[tuple[str, str, float, float]] = field(default_factory=list)
+    trace: Trace | None = None  # every GPU task served (Runtime.trace)
     latency: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     first_audio: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     audio_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -76,8 +77,6 @@ async def _serve(
     latency_by_ctx: dict[str, list[float]] = defaultdict(list)
 
     def on_task(task: Task) -> None:
-        name = getattr(task.fn, "__qualname__", getattr(task.fn, "__name__", "task"))
-        report.spans.append((task.context.name, name, task.t_launched - t0, task.t_done - t0))
         latency_by_ctx[task.context.name].append(task.t_done - task.t_queued)
 
     if torch:  # Hugging Face transformers models on PyTorch
@@ -90,7 +89,6 @@ async def _serve(
         }
     report.warmup_s = await _warm_up(rt, pipelines)
     before = {ctx.name: ctx.usage() for ctx in rt.contexts}  # the table counts serving only
-    t0 = time.monotonic()
     rt.on_task_done(on_task)
     progress = _Progress(sum(requests.values()))
 
@@ -109,7 +107,8 @@ async def _serve(
     start = time.perf_counter()
     order = [("batch", i) for i in range(requests["batch"])]
     order += [(s, i) for s in ("interactive", "standard") for i in range(requests[s])]
-    await asyncio.gather(*(one(s, i) for s, i in order))
+    with rt.trace() as report.trace:
+        await asyncio.gather(*(one(s, i) for s, i in order))
     report.wall_s = time.perf_counter() - start
 
     for ctx in rt.contexts:
@@ -177,23 +176,6 @@ def print_report(rt: Runtime, report: DemoReport) -> None:
         )
 
 
-def write_trace(report: DemoReport, path: Path) -> None:
-    """Chrome-trace JSON: one row per context, one slice per GPU task."""
-    events = [
-        {
-            "name": name,
-            "cat": "gpu-task",
-            "ph": "X",
-            "pid": 1,
-            "tid": ctx,
-            "ts": start * 1e6,
-            "dur": max(0.0, end - start) * 1e6,
-        }
-        for ctx, name, start, end in report.spans
-    ]
-    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
-
-
 def write_png(report: DemoReport, path: Path) -> bool:
     try:
         import matplotlib
@@ -202,10 +184,11 @@ def write_png(report: DemoReport, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = sorted({s[0] for s in report.spans})
+    spans = [] if report.trace is None else report.trace.spans
+    rows = sorted({s[0] for s in spans})
     fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * len(rows)))
     for y, ctx in enumerate(rows):
-        bars = [(s[2], max(s[3] - s[2], 1e-4)) for s in report.spans if s[0] == ctx]
+        bars = [(s[2], max(s[3] - s[2], 1e-4)) for s in spans if s[0] == ctx]
         ax.broken_barh(bars, (y - 0.4, 0.8))
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("seconds")
@@ -235,8 +218,8 @@ def run_demo(
         models = Models.large() if size == "large" else Models.small()
         report = asyncio.run(_serve(rt, requests, models, tokens, torch))
         print_report(rt, report)
-        if trace is not None:
-            write_trace(report, trace)
+        if trace is not None and report.trace is not None:
+            trace.write_text(json.dumps(report.trace.chrome()))
             print(f"timeline: {trace} (open in https://ui.perfetto.dev)")
         if png is not None and write_png(report, png):
             print(f"timeline picture: {png}")

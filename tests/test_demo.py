@@ -33,8 +33,18 @@ def test_demo_runs_under_a_minute_and_writes_its_timeline(tmp_path: Path) -> Non
         assert f"{service:<12} requests" in out
     assert "16/16 requests" in proc.stderr  # the progress bar reached the end
     trace = json.loads((tmp_path / "pygpukit-demo-trace.json").read_text())
-    tids = {e["tid"] for e in trace["traceEvents"]}
-    assert tids == {
-        f"{s}-{r}" for s in ("interactive", "standard", "batch") for r in ("llm", "tts")
+    events = trace["traceEvents"]
+    rows = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert set(rows.values()) == {
+        f"{s}-{r} ({tier})"
+        for s, tier in (
+            ("interactive", "GUARANTEED"),
+            ("standard", "BURSTABLE"),
+            ("batch", "BEST_EFFORT"),
+        )
+        for r in ("llm", "tts")
     }
-    assert all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
+    slices = [e for e in events if e["ph"] == "X"]
+    assert {e["tid"] for e in slices} == set(rows)
+    assert all(e["dur"] >= 0 and e["args"]["context"] == rows[e["tid"]].split()[0] for e in slices)
+    assert trace["otherData"]["pygpukit"]["tasks"] == len(slices)

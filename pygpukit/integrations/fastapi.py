@@ -28,6 +28,11 @@ Dependencies are checked when the app starts: one naming a context or pipeline t
 ``setup`` did not create stops the startup (a misconfigured server must not blame its
 clients with 422s).
 
+``GET /metrics`` (mounted by :meth:`Pygpukit.install`) answers Prometheus metrics read from
+the runtime when scraped (:mod:`pygpukit.observe.metrics`). A request carrying a W3C
+``traceparent`` header continues that trace in its pipeline runs' and tasks' spans, once
+spans are on (:func:`pygpukit.observe.instrument`).
+
 ``GET /health`` (mounted by :meth:`Pygpukit.install`) answers 200 ``{"status": "ok", ...}``
 while the runtime runs work, and 503 ``{"status": "unhealthy", "error", "detail"}`` once its
 device faulted (a CUDA context never recovers: point a Kubernetes liveness probe at it and
@@ -48,7 +53,7 @@ from typing import Any
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
@@ -70,6 +75,8 @@ from .._exceptions import (
     QueueFull,
     VRAMBudgetExceeded,
 )
+from ..observe._otel import attach_remote_parent, detach
+from ..observe.metrics import CONTENT_TYPE, render
 from ..pipeline import Pipeline
 from ..runtime import ExecutionContext, HealthState, Runtime
 from ..runtime.checks import check_name
@@ -215,9 +222,14 @@ class _InFlight:
             await self.app(scope, receive, send)
             return
         self.owner.in_flight += 1
+        # a caller's trace continues into the request's pipeline runs and tasks (when
+        # instrumented: pygpukit.observe.instrument)
+        trace = attach_remote_parent(scope.get("headers") or [])
         try:
             await self.app(scope, receive, send)
         finally:
+            if trace is not None:
+                detach(trace)
             self.owner._request_done()
 
 
@@ -308,21 +320,34 @@ class Pygpukit:
                 f"{sorted(self.pipelines)}); create them in setup() or fix the names"
             )
 
-    def install(self, app: FastAPI, *, health_path: str | None = "/health") -> None:
+    def install(
+        self,
+        app: FastAPI,
+        *,
+        health_path: str | None = "/health",
+        metrics_path: str | None = "/metrics",
+    ) -> None:
         """Add the error handlers (every error body ``{"error", "detail"}``), the in-flight
-        counter used to drain on shutdown, and the health endpoint.
+        counter used to drain on shutdown, and the health and metrics endpoints.
 
         :param health_path: where ``GET`` answers :meth:`health_response`; ``None`` mounts
             nothing
-        :raises InvalidArgument: ``health_path`` does not start with ``/``
+        :param metrics_path: where ``GET`` answers the Prometheus metrics of the runtime,
+            the pipelines and their admissions (:meth:`metrics_response`); ``None`` mounts
+            nothing
+        :raises InvalidArgument: a path does not start with ``/``
         """
-        if health_path is not None:
-            check_name(health_path, "health_path")
-            if not health_path.startswith("/"):
-                raise InvalidArgument(
-                    f"health_path must start with '/', not {health_path!r}; e.g. '/health', "
-                    "or None to mount no health endpoint"
-                )
+        for knob, path, example in (
+            ("health_path", health_path, "/health"),
+            ("metrics_path", metrics_path, "/metrics"),
+        ):
+            if path is not None:
+                check_name(path, knob)
+                if not path.startswith("/"):
+                    raise InvalidArgument(
+                        f"{knob} must start with '/', not {path!r}; e.g. {example!r}, "
+                        "or None to mount no such endpoint"
+                    )
 
         async def pygpukit_error(request: Request, exc: Exception) -> JSONResponse:
             return self._answer(exc)
@@ -356,6 +381,18 @@ class Pygpukit:
                 return self.health_response()
 
             app.add_api_route(health_path, health, methods=["GET"], include_in_schema=False)
+        if metrics_path is not None:
+
+            async def metrics() -> Response:  # quick (a few ms): read on the loop
+                return self.metrics_response()
+
+            app.add_api_route(metrics_path, metrics, methods=["GET"], include_in_schema=False)
+
+    def metrics_response(self) -> Response:
+        """What ``GET /metrics`` answers: the Prometheus text of the runtime's contexts and
+        device, every pipeline's runs and this server's admissions
+        (:mod:`pygpukit.observe.metrics`)."""
+        return Response(render(self._runtime, self.admissions), media_type=CONTENT_TYPE)
 
     def _answer(self, exc: Exception) -> JSONResponse:
         error = _answerable(exc)

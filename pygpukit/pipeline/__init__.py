@@ -26,6 +26,8 @@ from ._stage import Stage as Stage
 from ._stage import StageRegistry as StageRegistry
 from ._stage import registry as registry
 from ._stage import stage as stage
+from ._stats import PipelineStatistics as PipelineStatistics
+from ._stats import pipeline_statistics as pipeline_statistics
 
 __all__ = (
     "Array",
@@ -33,6 +35,7 @@ __all__ = (
     "Pipeline",
     "PipelineResult",
     "PipelineSpec",
+    "PipelineStatistics",
     "PipelineStream",
     "RequestInfo",
     "Stage",
@@ -40,6 +43,7 @@ __all__ = (
     "StageSpec",
     "StageTiming",
     "current_request",
+    "pipeline_statistics",
     "registry",
     "stage",
 )

@@ -40,10 +40,12 @@ from typing import Any
 import anyio
 from pydantic import BaseModel
 
+from .. import _telemetry
 from .._exceptions import DeadlineExceeded
 from ..runtime import bind_each_step, context_session, hook_running_loop, steps_are_bound
 from ._plan import INPUT, Node, Plan
 from ._result import PipelineResult, RequestInfo, StageTiming, request_var
+from ._stats import stats_for
 
 __all__ = ("collect", "drive")
 
@@ -132,6 +134,18 @@ class _Run:
         self.outputs: list[BaseModel] = []  # output items, when not sent to a sink
         self.sink: Callable[..., Any] | None = None  # awaitable; sends ("item", model)
         self.failures: list[tuple[str, Exception]] = []  # (stage id, error), as they failed
+        self.stats = stats_for(plan.name)
+        self.ended = False  # its outcome is counted (and its span ended)
+        self.span: Any = None
+        if _telemetry.tracer is not None:
+            self.span = _telemetry.tracer.start_span(
+                "pygpukit.pipeline",
+                attributes={
+                    "pygpukit.pipeline": plan.name,
+                    "pygpukit.tier": "" if info.tier is None else info.tier.name,
+                    "pygpukit.priority": info.priority,
+                },
+            )
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -234,14 +248,31 @@ class _Run:
         if clock.start is None:
             clock.start = self.now()
         session = context_session(node.ctx) if node.ctx is not None else contextlib.nullcontext()
-        async with session:
-            if node.stage.streaming:
-                async with contextlib.aclosing(node.stage.fn(inp)) as gen:
-                    async for out in gen:
-                        await emit(out)
-            else:
-                await emit(await node.stage.fn(inp))
+        span = contextlib.nullcontext() if self.span is None else self._stage_span(node)
+        with span:
+            async with session:
+                if node.stage.streaming:
+                    async with contextlib.aclosing(node.stage.fn(inp)) as gen:
+                        async for out in gen:
+                            await emit(out)
+                else:
+                    await emit(await node.stage.fn(inp))
         clock.end = self.now()
+
+    def _stage_span(self, node: Node) -> contextlib.AbstractContextManager[Any]:
+        """The span of one stage call, current while it runs (the ``submit`` spans of the
+        stage nest in it), a child of the run's span."""
+        from opentelemetry import trace
+
+        return _telemetry.tracer.start_as_current_span(  # type: ignore[no-any-return]
+            "pygpukit.stage",
+            context=trace.set_span_in_context(self.span),
+            attributes={
+                "pygpukit.pipeline": self.plan.name,
+                "pygpukit.stage": node.id,
+                "pygpukit.context": "" if node.ctx is None else node.ctx.name,
+            },
+        )
 
     async def _chain(self, chain: list[Node]) -> None:
         deadline = self.info.deadline
@@ -267,8 +298,9 @@ class _Run:
                     await self._inline_chain(chain)
                 if scope.cancelled_caught:
                     raise self._late()
-        except BaseException:
+        except BaseException as exc:
             self.release()  # a traceback keeping this run alive keeps no stage's output
+            self.end(exc)
             raise
         output = self.outputs if self.plan.nodes[self.plan.output].per_item else self.outputs[0]
         return self.result(output)
@@ -365,16 +397,35 @@ class _Run:
 
     def result(self, output: Any) -> PipelineResult:
         out_clock = self.clocks[self.plan.output]
-        return PipelineResult(
+        result = PipelineResult(
             output=output,
             timings={i: c.freeze() for i, c in self.clocks.items()},
             first_output_s=out_clock.first,
             elapsed_s=self.now(),
         )
+        stats = self.stats
+        for stage_id, clock in self.clocks.items():
+            if clock.start is not None and clock.end is not None:
+                stats.stage(stage_id).observe(clock.end - clock.start)
+        if result.first_output_s is not None:
+            stats.first_output_s.observe(result.first_output_s)
+        stats.elapsed_s.observe(result.elapsed_s)
+        self.end(None)
+        return result
+
+    def end(self, exc: BaseException | None) -> None:
+        """Count how the run ended (``exc``: what it raised), once; end its span."""
+        if self.ended:
+            return
+        self.ended = True
+        self.stats.runs[_telemetry.outcome(exc)] += 1
+        if self.span is not None:
+            _telemetry.end_span(self.span, exc)
 
 
 def _check_deadline(plan: Plan, info: RequestInfo) -> None:
     if info.deadline is not None and info.deadline <= time.monotonic():
+        stats_for(plan.name).runs["deadline_exceeded"] += 1
         raise DeadlineExceeded(f"pipeline {plan.name!r}", late_s=time.monotonic() - info.deadline)
 
 
@@ -430,10 +481,15 @@ async def drive(plan: Plan, request: BaseModel, info: RequestInfo) -> AsyncGener
                         tg.cancel_scope.cancel()
             finally:
                 _drain(recv)  # output items nobody will take
+    except BaseException as exc:  # the caller was cancelled
+        run.end(exc)
+        raise
     finally:
         run.release()
     if closed:
+        run.end(GeneratorExit())  # the caller stopped reading: cancelled
         return
     if error is not None:
+        run.end(error)
         raise error
     yield run.result(None)

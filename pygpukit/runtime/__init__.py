@@ -51,6 +51,7 @@ from ._tasks import SchedulingPolicy as SchedulingPolicy
 from ._tasks import Task as Task
 from ._tasks import TaskState as TaskState
 from ._tiers import QoSPolicy as QoSPolicy
+from ._trace import Trace as Trace
 
 __all__ = (
     "COMPLETION_CAPACITY",
@@ -83,6 +84,7 @@ __all__ = (
     "Stream",
     "Task",
     "TaskState",
+    "Trace",
     "bind_each_step",
     "capture_graph",
     "capture_step",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import ContextClosed, _fmt_bytes
+from .._stats import Histogram
 from ._evict import Evictable, EvictableModule, Eviction
 from ._tiers import QoSPolicy
 
@@ -47,6 +48,14 @@ class ContextUsage:
     :ivar queued: tasks waiting to launch now
     :ivar in_flight: tasks launched whose GPU work has not finished
     :ivar gpu_time_s: GPU time of finished tasks, measured with events on the stream
+    :ivar cancelled: tasks taken out of the queue before they launched (their caller was
+        cancelled, or the context destroyed)
+    :ivar expired: tasks whose deadline passed before they could launch
+    :ivar queue_full: ``submit`` calls refused with :class:`~pygpukit.QueueFull`
+    :ivar evictions: buffers spilled to host memory to make room for another context
+    :ivar evicted_bytes: the bytes those spills freed on the device
+    :ivar restores: spilled buffers brought back
+    :ivar refusals: allocations refused with :class:`~pygpukit.VRAMBudgetExceeded`
     """
 
     name: str
@@ -63,22 +72,50 @@ class ContextUsage:
     queued: int = 0
     in_flight: int = 0
     gpu_time_s: float = 0.0
+    cancelled: int = 0
+    expired: int = 0
+    queue_full: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    restores: int = 0
+    refusals: int = 0
 
 
 class _Stats:
-    __slots__ = ("failed", "gpu_ms", "sessions", "submitted", "tasks")
+    """A context's task counters and histograms (``_stats.py`` says why without a lock)."""
+
+    __slots__ = (
+        "cancelled",
+        "expired",
+        "failed",
+        "gpu_ms",
+        "gpu_s",
+        "queue_full",
+        "queue_wait",
+        "sessions",
+        "submitted",
+        "tasks",
+    )
 
     def __init__(self) -> None:
         self.sessions = 0
         self.submitted = 0
         self.tasks = 0
         self.failed = 0
+        self.cancelled = 0
+        self.expired = 0
+        self.queue_full = 0
         self.gpu_ms = 0.0
+        self.queue_wait = Histogram()  # seconds from submit to launch
+        self.gpu_s = Histogram()  # seconds of GPU time per finished task
 
-    def record_task(self, gpu_ms: float, *, failed: bool) -> None:
+    def record_task(self, gpu_ms: float, queue_wait_s: float | None, *, failed: bool) -> None:
         self.tasks += 1
         self.failed += failed
         self.gpu_ms += gpu_ms
+        self.gpu_s.observe(gpu_ms / 1e3)
+        if queue_wait_s is not None:
+            self.queue_wait.observe(queue_wait_s)
 
 
 class Owner(Protocol):
@@ -229,6 +266,13 @@ class ExecutionContext:
             queued=queued,
             in_flight=in_flight,
             gpu_time_s=self._stats.gpu_ms / 1e3,
+            cancelled=self._stats.cancelled,
+            expired=self._stats.expired,
+            queue_full=self._stats.queue_full,
+            evictions=self._eviction.evictions,
+            evicted_bytes=self._eviction.evicted_bytes,
+            restores=self._eviction.restores,
+            refusals=a.refusals,
         )
 
     def record_event(self) -> Event:

@@ -262,7 +262,10 @@ class Eviction:
         "_pool",
         "_stream",
         "closed",
+        "evicted_bytes",
+        "evictions",
         "name",
+        "restores",
         "tier",
     )
 
@@ -288,6 +291,10 @@ class Eviction:
         self._evictables: weakref.WeakSet[Evictable | EvictableModule] = weakref.WeakSet()
         self._busy = 0  # sessions and tasks running: nothing may be evicted meanwhile
         self.closed = False
+        # in all, for usage() and the metrics (written under the lock)
+        self.evictions = 0
+        self.evicted_bytes = 0
+        self.restores = 0
 
     def add(self, array: Any) -> Evictable | EvictableModule:
         """Manage ``array`` as spillable (see :meth:`ExecutionContext.evictable`)."""
@@ -327,7 +334,10 @@ class Eviction:
             for handle in resident:
                 if freed >= want:
                     break
-                freed += handle._evict()
+                spilled = handle._evict()  # 0: still referenced elsewhere, kept
+                freed += spilled
+                self.evictions += spilled > 0
+                self.evicted_bytes += spilled
             if freed:
                 self._pool.release_cached()  # hand the freed blocks back to the device
             return freed
@@ -347,11 +357,13 @@ class Eviction:
             with self._activate():
                 for handle in evicted:
                     handle._restore()
+                    self.restores += 1
 
     def restore_one(self, handle: EvictableModule) -> None:
         """Bring one evicted handle back (allocations charged to this context)."""
         with self._lock, self._activate():
             handle._restore()
+            self.restores += 1
 
     def nothing_evicted(self) -> bool:
         """Whether :meth:`enter` would restore nothing (and so cannot take long)."""

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .._exceptions import ContextClosed, InvalidArgument, InvalidArgumentType
+from .. import _telemetry
+from .._exceptions import ContextClosed, InvalidArgument, InvalidArgumentType, QueueFull
 from ._backends._torch import translate
 from ._completion import checkpoint
 from ._context import ContextState, ExecutionContext, _current
 from ._oneshot import Oneshot, running_library
-from ._tasks import Task
+from ._tasks import Task, TaskState
 from .checks import check_deadline, check_priority
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ._batches import Batch
     from ._completion import CompletionBridge
     from ._tasks import PartitionPolicy, SchedulingPolicy
+    from ._trace import DeviceClock
 
 __all__ = ("LauncherConfig", "TaskRunner")
 
@@ -380,6 +382,9 @@ class _Launcher:
                 gpu_ms = start.elapsed_ms(end)
             except Exception:
                 gpu_ms = 0.0
+            clock = self.runner.device_clock  # set while a trace records (_trace.py)
+            if clock is not None:
+                task.t_gpu_start, task.t_gpu_end = clock.at(start), clock.at(end)
             self._events += (start, end)  # both complete: safe to record again
             _note(self._gpu_s, task.cost_key, gpu_ms / 1e3)  # for _quick
         self._finish(task, box, box.error or device_error, gpu_ms=gpu_ms)
@@ -399,7 +404,8 @@ class _Launcher:
         if entered:
             ctx._eviction.leave()  # its GPU work is over: the buffers may be evicted again
         task.gpu_ms = gpu_ms
-        ctx._stats.record_task(gpu_ms, failed=error is not None)
+        waited = task.t_launched - task.t_queued if task.t_launched else None
+        ctx._stats.record_task(gpu_ms, waited, failed=error is not None)
         runner = self.runner
         partitions = runner.partitions
         if ctx.partition is not None and partitions is not None and gpu_ms:
@@ -460,6 +466,9 @@ class TaskRunner:
         #: ``listener(task)`` is called as each submitted task finishes (timelines, metrics);
         #: it runs on the thread that drains completions, so it must be quick.
         self.listeners: list[Callable[[Task], None]] = []
+        #: set while a trace records: turns a task's events into times on the policy's
+        #: clock (``Task.t_gpu_start`` / ``t_gpu_end``)
+        self.device_clock: DeviceClock | None = None
         policy.bind(self._launch, self._over_share)
 
     def _over_share(self, task: Task) -> bool:
@@ -509,24 +518,41 @@ class TaskRunner:
         task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
         if self.inlines:
             task.cost_key = _cost_key(fn)  # once: the launch and the launcher both use it
+        span = None if _telemetry.tracer is None else _telemetry.start_task_span(task)
+        stats = ctx._stats
         self._local.submitting = task
         try:
             policy.enqueue(task)
+        except BaseException as exc:
+            stats.queue_full += isinstance(exc, QueueFull)
+            if span is not None:
+                _telemetry.end_task_span(span, task, exc)
+            raise
         finally:
             self._local.submitting = None
-        ctx._stats.submitted += 1
+        stats.submitted += 1
         try:
             if one.done():  # finished inline: still a scheduling point, as awaits are
                 await checkpoint()
             if deadline is None:
-                return await one.wait(again=False)
-            with anyio.move_on_after(max(0.0, deadline - policy.clock())):
-                return await one.wait()
-            policy.expire(task)  # no-op if it launched meanwhile
-            return await one.wait()
-        except BaseException:
+                value = await one.wait(again=False)
+            else:
+                with anyio.move_on_after(max(0.0, deadline - policy.clock())) as scope:
+                    value = await one.wait()
+                if scope.cancelled_caught:
+                    policy.expire(task)  # no-op if it launched meanwhile
+                    value = await one.wait()
+        except BaseException as exc:
             policy.cancel(task)  # before launch: out of the queue; after: no-op
+            # never launched: counted here (a launched task is counted when it finishes)
+            stats.cancelled += task.state is TaskState.CANCELLED
+            stats.expired += task.state is TaskState.EXPIRED
+            if span is not None:
+                _telemetry.end_task_span(span, task, exc)
             raise
+        if span is not None:
+            _telemetry.end_task_span(span, task, None)
+        return value
 
     def context_closed(self, ctx: ExecutionContext) -> None:
         """Fail ``ctx``'s queued tasks and stop its launcher thread (after what it runs)."""

@@ -53,6 +53,7 @@ class Account:
         "name",
         "owner",
         "reclaim",
+        "refusals",
         "release_hook",
         "tier",
         "trim",
@@ -68,6 +69,7 @@ class Account:
         self.reclaim: Callable[[int], int] = _none_freed
         self.charge_hook: Callable[[int], None] = _ignore  # partition memory limits
         self.release_hook: Callable[[int], None] = _ignore
+        self.refusals = 0  # allocations refused with VRAMBudgetExceeded
 
     @property
     def held(self) -> int:
@@ -139,6 +141,7 @@ class Ledger:
         self.unscoped = Account(self.book, self.book.open(capacity, 0, 0), None, None)
         self._accounts.append(self.unscoped)
         self.handlers: list[PressureHandler] = []
+        self.rejections = 0  # reservations refused with AdmissionRejected
         # whether this thread is running handlers now: their own allocations skip them
         self._consulting = threading.local()
 
@@ -179,6 +182,7 @@ class Ledger:
                 reserve, self._shared_free(), self.capacity, tier=tier, knob=knob
             )
             if not verdict.fits:
+                self.rejections += 1
                 raise AdmissionRejected(f"context {name!r}", verdict.reason)
             account = Account(self.book, self.book.open(max_vram, base_vram, reserve), name, tier)
             self._accounts.append(account)
@@ -255,6 +259,7 @@ class Ledger:
                 "room has been made since the allocation was refused (cached memory given "
                 "back, lower tiers evicted): the same allocation fits now"
             )
+            a.refusals += 1
         return error
 
     def _fits(self, a: Account, n: int) -> bool:
@@ -300,6 +305,7 @@ class Ledger:
             )
             error.__cause__ = failure
             error.__suppress_context__ = True
+        a.refusals += 1
         return error
 
     def _consult(

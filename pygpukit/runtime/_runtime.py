@@ -8,6 +8,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .._exceptions import (
@@ -29,6 +30,7 @@ from ._session import hook_running_loop, register_binder, unregister_binder
 from ._stream import Event, Stream
 from ._tasks import PartitionPolicy, SchedulingPolicy, Task
 from ._tiers import QoSPolicy
+from ._trace import Trace
 from .checks import check_bytes, check_instance, check_name
 
 __all__ = ("Runtime",)
@@ -328,6 +330,23 @@ class Runtime:
             raise InvalidArgumentType("on_task_done() takes a callable listener")
         self.tasks.listeners.append(listener)
         return listener
+
+    def trace(self, path: str | Path | None = None, *, max_tasks: int = 100_000) -> Trace:
+        """Record every task that finishes while the returned :class:`Trace` is open::
+
+            with rt.trace("run.json"):
+                await serve()
+
+        writes a Chrome / Perfetto trace (https://ui.perfetto.dev): a row per context, a
+        slice per task spanning its GPU work (device times from its events), with its
+        tier, stream, queue wait and GPU time. ``path=None`` keeps it in memory only
+        (:meth:`Trace.chrome`). At most ``max_tasks`` are kept, the oldest dropped first.
+        Recording costs each task two event reads.
+
+        :raises InvalidArgument: a trace is already recording on this runtime
+        """
+        self._check_open()
+        return Trace(self, path, max_tasks)
 
     def pytorch_charged(self) -> tuple[bool, str]:
         """Whether PyTorch's CUDA allocations in this runtime's sessions and tasks are

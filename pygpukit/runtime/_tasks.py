@@ -48,6 +48,8 @@ class Task:
         "seq",
         "state",
         "t_done",
+        "t_gpu_end",
+        "t_gpu_start",
         "t_launched",
         "t_queued",
         "tier",
@@ -75,6 +77,9 @@ class Task:
         self.state = TaskState.QUEUED
         self.seq = 0
         self.t_queued = self.t_launched = self.t_done = 0.0
+        # when its GPU work began and ended, on the policy's clock: set while a trace
+        # records (Runtime.trace), else 0
+        self.t_gpu_start = self.t_gpu_end = 0.0
         self.gpu_ms = 0.0
         self.cost_key: Any = None  # what the launcher knows fn by (inline and batching)
 
