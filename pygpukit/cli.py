@@ -1,4 +1,4 @@
-"""``pygpukit info``, ``pygpukit demo``, ``pygpukit bench`` and ``pygpukit soak``."""
+"""``pygpukit info``, ``demo``, ``bench``, ``soak`` and ``top``."""
 
 from __future__ import annotations
 
@@ -134,6 +134,22 @@ def _soak(args: argparse.Namespace) -> int:
     return 0 if from_arguments(args)["ok"] else 1
 
 
+def _top(args: argparse.Namespace) -> int:
+    from ._exceptions import InvalidArgument
+    from .observe.top import run_top
+
+    if args.interval <= 0:
+        raise InvalidArgument(f"--interval must be positive seconds, not {args.interval}")
+    url = args.url if "://" in args.url else f"http://{args.url}"
+    if not url.rstrip("/").endswith("/metrics"):
+        url = url.rstrip("/") + "/metrics"
+    try:
+        return run_top(url, interval=args.interval, once=args.once)
+    except OSError as exc:  # --once against a server that is not there
+        print(f"pygpukit: error: cannot read {url}: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pygpukit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_arguments(soak)
     soak.set_defaults(func=_soak)
+    top = sub.add_parser(
+        "top", help="a live view of a running server's contexts, from its /metrics (q quits)"
+    )
+    top.add_argument("url", help="the server, e.g. 127.0.0.1:8000 or http://host:8000/metrics")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(func=_top)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
