@@ -42,6 +42,7 @@ from pygpukit.runtime import (  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 SERVER = Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "server.py"
+DASHBOARD = Path(__file__).resolve().parents[1] / "examples" / "grafana" / "pygpukit-dashboard.json"
 MiB = 1 << 20
 CTX = {"context", "tier", "device", "partition"}
 
@@ -383,3 +384,23 @@ def test_a_closed_runtime_reports_no_context_metrics() -> None:
     assert "# TYPE pygpukit_pipeline_runs counter" in text  # the process's pipelines stay
     names = {name for name, _ in parse(text)}
     assert not {n for n in names if n.startswith(("pygpukit_context_", "pygpukit_device_"))}
+
+
+async def test_the_grafana_dashboard_names_only_metrics_we_export() -> None:
+    import json
+    import re
+
+    from pygpukit.integrations._admission import Admission, AdmissionConfig
+
+    dashboard = json.loads(DASHBOARD.read_text())  # noqa: ASYNC240 (a small file)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for e in exprs for m in re.findall(r"\bpygpukit_[a-z_]+", e)}
+    with Runtime(backend="host") as rt:
+        rt.create_context("metrics-stage", 4 * MiB)
+        await Pipeline.chain("dash-pipe", _double, runtime=rt).build().run({"x": 1})
+        admissions = {"dash-pipe": Admission("dash-pipe", AdmissionConfig())}
+        exported = {name for name, _ in parse(render(rt, admissions).decode())}
+    assert len(named) >= 15
+    assert named <= exported, f"the dashboard queries metrics nobody exports: {named - exported}"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
