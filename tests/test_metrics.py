@@ -392,7 +392,7 @@ async def test_the_grafana_dashboard_names_only_metrics_we_export() -> None:
 
     from pygpukit.integrations._admission import Admission, AdmissionConfig
 
-    dashboard = json.loads(DASHBOARD.read_text())  # noqa: ASYNC240 (a small file)
+    dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     named = {m for e in exprs for m in re.findall(r"\bpygpukit_[a-z_]+", e)}
     with Runtime(backend="host") as rt:
