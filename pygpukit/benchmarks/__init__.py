@@ -16,6 +16,7 @@ eviction       8: BestEffort spill and restore bandwidth vs raw pinned copies
 stages         9: framework overhead per pipeline stage
 torch_memory   10: PyTorch allocation in a context vs its own allocator; binding cost
 torch_models   11: four PyTorch models decoding at once; a Guaranteed step under a flood
+observe        12: submit cost with metrics scraped, a trace recording, spans on
 =============  =======================================================================
 
 The JSON describes its run (:func:`pygpukit.benchmarks.report.environment`: device,
@@ -45,6 +46,7 @@ NAMES = (
     "stages",
     "torch_memory",
     "torch_models",
+    "observe",
 )
 
 FULL: dict[str, list[str]] = {name: [] for name in NAMES}
@@ -59,6 +61,7 @@ QUICK: dict[str, list[str]] = {
     "stages": ["--n", "50"],
     "torch_memory": ["--n", "200"],
     "torch_models": ["--tokens", "8", "--samples", "8"],
+    "observe": ["--n", "512", "--rounds", "2"],
 }
 
 
