@@ -13,6 +13,8 @@
 - ``POST /describe`` — the seed's LLM + vision → TTS pipeline.
 - ``GET /usage`` — every context's memory and task counters.
 - ``GET /admission`` — each pipeline's admission: its limit, running, waiting, refused.
+- ``GET /metrics`` — Prometheus metrics of the contexts, pipelines and admissions
+  (``pygpukit top 127.0.0.1:8000`` shows them live).
 - ``GET /health`` — 200 ``{"status": "ok", ...}`` while the runtime is usable; 503
   ``{"status": "unhealthy", ...}`` once the GPU faulted (the process must be restarted: point
   a liveness probe here), while shutting down, or before startup.

@@ -75,8 +75,8 @@ from .._exceptions import (
     QueueFull,
     VRAMBudgetExceeded,
 )
-from ..observe._otel import attach_remote_parent, detach
 from ..observe.metrics import CONTENT_TYPE, render
+from ..observe.otel import attach_remote_parent, detach
 from ..pipeline import Pipeline
 from ..runtime import ExecutionContext, HealthState, Runtime
 from ..runtime.checks import check_name

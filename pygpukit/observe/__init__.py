@@ -7,8 +7,8 @@ Nothing here is imported by the runtime: the metrics read its state when scraped
 spans are off until :func:`instrument` turns them on.
 """
 
-from ._otel import instrument as instrument
-from ._otel import instrumented as instrumented
-from ._otel import uninstrument as uninstrument
+from .otel import instrument as instrument
+from .otel import instrumented as instrumented
+from .otel import uninstrument as uninstrument
 
 __all__ = ("instrument", "instrumented", "uninstrument")

@@ -33,15 +33,21 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .._exceptions import InvalidArgument, InvalidArgumentType
 from .._stats import Histogram
 from ..pipeline import pipeline_statistics
 from ..runtime import HealthState, Runtime
 
-if TYPE_CHECKING:
-    from ..integrations._admission import Admission
+
+class Admission(Protocol):
+    """What the metrics read of a server's admission (the FastAPI integration's
+    ``Admission``): ``statistics()`` with ``limit``, ``running``, ``waiting``,
+    ``admitted`` and ``refused``."""
+
+    def statistics(self) -> Any: ...
+
 
 __all__ = (
     "CONTENT_TYPE",
@@ -62,7 +68,7 @@ OUTCOMES = ("ok", "failed", "cancelled", "deadline_exceeded", "queue_full")
 _CTX = ("context", "tier", "device", "partition")
 
 RuntimeSource = Runtime | Callable[[], Runtime | None]
-AdmissionSource = Callable[[], Mapping[str, "Admission"]]
+AdmissionSource = Callable[[], Mapping[str, Admission]]
 Buckets = list[tuple[float, int]]
 
 
@@ -152,8 +158,9 @@ def _runtime_families(rt: Runtime) -> list[Family]:
             tasks.add((*labels, outcome), n)
         for key, family in counters:
             family.add(labels, getattr(u, key))
-        _add(wait, labels, ctx._stats.queue_wait)
-        _add(gpu, labels, ctx._stats.gpu_s)
+        waited, ran = ctx.task_histograms()
+        _add(wait, labels, waited)
+        _add(gpu, labels, ran)
     out = [f for _, f in memory] + [queued, in_flight, tasks] + [f for _, f in counters]
     out += [wait, gpu]
 

@@ -275,6 +275,11 @@ class ExecutionContext:
             refusals=a.refusals,
         )
 
+    def task_histograms(self) -> tuple[Histogram, Histogram]:
+        """The live histograms of this context's finished tasks, in seconds: how long each
+        waited from ``submit`` to launch, and its GPU time (for metrics: read, never write)."""
+        return self._stats.queue_wait, self._stats.gpu_s
+
     def record_event(self) -> Event:
         """An event at the current end of this context's stream."""
         self._check_open()

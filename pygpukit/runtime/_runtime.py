@@ -346,7 +346,7 @@ class Runtime:
         :raises InvalidArgument: a trace is already recording on this runtime
         """
         self._check_open()
-        return Trace(self, path, max_tasks)
+        return Trace(self.tasks, self.backend, self.device, path, max_tasks)
 
     def pytorch_charged(self) -> tuple[bool, str]:
         """Whether PyTorch's CUDA allocations in this runtime's sessions and tasks are

@@ -19,14 +19,23 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._exceptions import InvalidArgument, InvalidArgumentType
 from ._tasks import Task, TaskState
 
 if TYPE_CHECKING:
-    from ._backends import Backend
-    from ._runtime import Runtime
+    from ._backends import Backend, DeviceInfo
+    from ._tasks import SchedulingPolicy
+
+
+class Runner(Protocol):
+    """What a trace needs of the runtime's task runner (``_launcher.TaskRunner``)."""
+
+    device_clock: DeviceClock | None
+    listeners: list[Callable[[Task], None]]
+    policy: SchedulingPolicy
+
 
 __all__ = ("DeviceClock", "Trace")
 
@@ -64,7 +73,14 @@ class Trace:
     :ivar dropped: tasks left out because the buffer was full (the oldest go first)
     """
 
-    def __init__(self, runtime: Runtime, path: str | Path | None, max_tasks: int) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        backend: Backend,
+        device: DeviceInfo,
+        path: str | Path | None,
+        max_tasks: int,
+    ) -> None:
         if path is not None and not isinstance(path, str | Path):
             raise InvalidArgumentType(f"trace() takes a file path or None, not {path!r}")
         if not isinstance(max_tasks, int) or isinstance(max_tasks, bool) or max_tasks < 1:
@@ -72,7 +88,9 @@ class Trace:
                 f"max_tasks must be a positive int, not {max_tasks!r}: the most tasks the "
                 "trace keeps (the oldest are dropped beyond it)"
             )
-        self._runtime = runtime
+        self._runner = runner
+        self._backend = backend
+        self._device = device
         self.path = None if path is None else Path(path)
         self._tasks: deque[tuple[Any, ...]] = deque(maxlen=max_tasks)
         self._seen = 0
@@ -84,12 +102,12 @@ class Trace:
         return self._seen - len(self._tasks)
 
     def __enter__(self) -> Trace:
-        runner = self._runtime.tasks
+        runner = self._runner
         if runner.device_clock is not None:
             raise InvalidArgument(
                 "a trace is already recording on this runtime; end it before starting another"
             )
-        runner.device_clock = clock = DeviceClock(self._runtime.backend, runner.policy.clock)
+        runner.device_clock = clock = DeviceClock(self._backend, runner.policy.clock)
         self._t0 = clock.t0
         runner.listeners.append(self._record)
         self._open = True
@@ -108,7 +126,7 @@ class Trace:
         if not self._open:
             return
         self._open = False
-        runner = self._runtime.tasks
+        runner = self._runner
         runner.device_clock = None
         runner.listeners.remove(self._record)
         if self.path is not None:
@@ -136,11 +154,11 @@ class Trace:
 
     def chrome(self) -> dict[str, Any]:
         """The trace as a Chrome trace JSON object."""
-        rt = self._runtime
-        pid = rt.device.device_id
+        device = self._device
+        pid = device.device_id
         rows: dict[str, int] = {}
         events: list[dict[str, Any]] = [
-            _meta("process_name", pid, 0, f"{rt.device.name} ({rt.backend.name}, device {pid})")
+            _meta("process_name", pid, 0, f"{device.name} ({device.backend}, device {pid})")
         ]
         for task in list(self._tasks):
             name, tier, stream, fn, priority, queued, launched, start, end, done, gpu_ms, ok = task
