@@ -404,3 +404,23 @@ async def test_the_grafana_dashboard_names_only_metrics_we_export() -> None:
     assert named <= exported, f"the dashboard queries metrics nobody exports: {named - exported}"
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_a_metrics_path_must_be_a_path_and_none_mounts_nothing() -> None:
+    from fastapi import FastAPI
+
+    from pygpukit import InvalidArgument
+    from pygpukit.integrations.fastapi import Pygpukit
+
+    with pytest.raises(
+        InvalidArgument,
+        match=r"^metrics_path must start with '/', not 'metrics'; e\.g\. '/metrics', or None "
+        r"to mount no metrics endpoint$",
+    ):
+        Pygpukit(backend="host").install(FastAPI(), metrics_path="metrics")
+    app = FastAPI()
+    Pygpukit(backend="host").install(app, metrics_path=None)
+    assert "/metrics" not in {getattr(r, "path", None) for r in app.routes}
+    app = FastAPI()
+    Pygpukit(backend="host").install(app, metrics_path="/stats/prometheus")
+    assert "/stats/prometheus" in {getattr(r, "path", None) for r in app.routes}

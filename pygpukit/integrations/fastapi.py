@@ -337,16 +337,13 @@ class Pygpukit:
             nothing
         :raises InvalidArgument: a path does not start with ``/``
         """
-        for knob, path, example in (
-            ("health_path", health_path, "/health"),
-            ("metrics_path", metrics_path, "/metrics"),
-        ):
+        for what, path in (("health", health_path), ("metrics", metrics_path)):
             if path is not None:
-                check_name(path, knob)
+                check_name(path, f"{what}_path")
                 if not path.startswith("/"):
                     raise InvalidArgument(
-                        f"{knob} must start with '/', not {path!r}; e.g. {example!r}, "
-                        "or None to mount no such endpoint"
+                        f"{what}_path must start with '/', not {path!r}; e.g. '/{what}', "
+                        f"or None to mount no {what} endpoint"
                     )
 
         async def pygpukit_error(request: Request, exc: Exception) -> JSONResponse:
