@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from .._exceptions import ContextClosed, _fmt_bytes
 from .._stats import Histogram
 from ._evict import Evictable, EvictableModule, Eviction
 from ._tiers import QoSPolicy
+from .checks import check_bytes
 
 if TYPE_CHECKING:
     from ._backends import Backend, DeviceInfo, RawPool
@@ -340,6 +342,21 @@ class ExecutionContext:
         """
         self._check_open()
         return self._eviction.add(array)
+
+    def evict(self, nbytes: int | None = None) -> int:
+        """Spill this context's evictable buffers and modules (:meth:`evictable`) to host
+        memory now, least recently used first, until ``nbytes`` are freed on the device
+        (all of them with ``None``); its next session or task brings them back. For a
+        caller that knows what it will need next — a model server paging out the models it
+        has not used lately before loading another.
+
+        :returns: the bytes freed: 0 while a session or task of the context runs (nothing
+            is evicted from under running work) or when nothing is resident
+        :raises InvalidArgument: ``nbytes`` is not positive
+        """
+        self._check_open()
+        want = sys.maxsize if nbytes is None else check_bytes(nbytes, "nbytes")
+        return self._eviction.reclaim(want)
 
     def close(self) -> None:
         """Destroy the context (same as ``destroy_context``); idempotent."""

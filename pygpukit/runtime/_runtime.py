@@ -50,6 +50,10 @@ class Runtime:
         ``"cuda"`` or ``"host"``
     :param vram_limit: bytes the runtime may hand out; by default the device's free memory
         at start (less 256 MiB of headroom on CUDA)
+    :param vram_share: instead of ``vram_limit``, the share of the device's *total* memory
+        the runtime may hand out (``0 < share <= 1``; at most what is free at start): what
+        one of several processes sharing a GPU gets, e.g. a Ray Serve replica's
+        ``num_gpus`` fraction
     :param bridge: the completion bridge (the process-wide one by default)
     :param policy: decides when submitted tasks launch; by default a
         :class:`~pygpukit.runtime.Dispatcher` (one queue by tier, priority, arrival; caps;
@@ -64,6 +68,7 @@ class Runtime:
         backend: str = "auto",
         *,
         vram_limit: int | None = None,
+        vram_share: float | None = None,
         bridge: CompletionBridge | None = None,
         policy: SchedulingPolicy | None = None,
         launcher: LauncherConfig | None = None,
@@ -76,6 +81,8 @@ class Runtime:
             check_instance(launcher, LauncherConfig, "launcher", "e.g. LauncherConfig(batch_us=0)")
         if vram_limit is not None:  # before anything is made
             vram_limit = check_bytes(vram_limit, "vram_limit")
+        if vram_share is not None:
+            vram_share = _check_share(vram_share, vram_limit)
         policy = Dispatcher() if policy is None else policy
         cls: Any = backend_class(resolve_backend_name(backend))
         self.backend: Backend = cls(device_id)
@@ -88,7 +95,9 @@ class Runtime:
         except BaseException:
             self.backend.close()  # nothing else is made yet
             raise
-        free, _total = self.backend.mem_get_info()
+        free, total = self.backend.mem_get_info()
+        if vram_share is not None:
+            vram_limit = int(total * vram_share)
         if vram_limit is None:
             capacity = free - CUDA_HEADROOM if self.backend.name == "cuda" else free
         else:
@@ -409,6 +418,21 @@ class Runtime:
             f"<Runtime backend={self.backend.name} device={self.device.name!r} "
             f"contexts={len(self._contexts)} {'closed' if self._closed else 'open'}>"
         )
+
+
+def _check_share(share: object, vram_limit: int | None) -> float:
+    if vram_limit is not None:
+        raise InvalidArgument(
+            "give vram_limit (bytes) or vram_share (a share of the device), not both"
+        )
+    if isinstance(share, bool) or not isinstance(share, int | float):
+        raise InvalidArgumentType(f"vram_share must be a number, not {share!r}")
+    if not 0 < share <= 1:
+        raise InvalidArgument(
+            f"vram_share must be more than 0 and at most 1 (a share of the device's memory), "
+            f"not {share!r}; e.g. vram_share=0.5"
+        )
+    return float(share)
 
 
 def _releaser(partitions: PartitionPolicy, partition: str) -> Callable[[int], None]:
