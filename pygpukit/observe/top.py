@@ -65,6 +65,26 @@ class Snapshot:
     faults: float = 0.0
 
 
+# metric -> the field of Context (or Snapshot) its value goes to
+_CONTEXT_VALUES = {
+    "pygpukit_context_memory_held_bytes": "held",
+    "pygpukit_context_memory_budget_bytes": "budget",
+    "pygpukit_tasks_queued": "queued",
+    "pygpukit_tasks_in_flight": "in_flight",
+    "pygpukit_task_gpu_seconds_sum": "gpu_s",
+}
+_CONTEXT_BUCKETS = {
+    "pygpukit_task_gpu_seconds_bucket": "gpu",
+    "pygpukit_task_queue_wait_seconds_bucket": "wait",
+}
+_DEVICE_VALUES = {
+    "pygpukit_device_memory_managed_bytes": "managed",
+    "pygpukit_device_memory_available_bytes": "available",
+    "pygpukit_completions_total": "completions",
+    "pygpukit_device_faults_total": "faults",
+}
+
+
 def scrape(url: str, timeout: float = 2.0) -> Snapshot:
     """Fetch and read ``url`` (a Prometheus text endpoint of pygpukit)."""
     try:
@@ -84,32 +104,16 @@ def scrape(url: str, timeout: float = 2.0) -> Snapshot:
             if "context" in labels:
                 ctx = contexts[labels["context"]]
                 ctx.name, ctx.tier = labels["context"], labels.get("tier", "")
-                if name == "pygpukit_context_memory_held_bytes":
-                    ctx.held = value
-                elif name == "pygpukit_context_memory_budget_bytes":
-                    ctx.budget = value
-                elif name == "pygpukit_tasks_queued":
-                    ctx.queued = value
-                elif name == "pygpukit_tasks_in_flight":
-                    ctx.in_flight = value
+                if name in _CONTEXT_VALUES:
+                    setattr(ctx, _CONTEXT_VALUES[name], value)
+                elif name in _CONTEXT_BUCKETS:
+                    getattr(ctx, _CONTEXT_BUCKETS[name])[float(labels["le"])] = value
                 elif name == "pygpukit_tasks_total" and labels["outcome"] in ("ok", "failed"):
                     ctx.tasks += value
-                elif name == "pygpukit_task_gpu_seconds_sum":
-                    ctx.gpu_s = value
-                elif name == "pygpukit_task_gpu_seconds_bucket":
-                    ctx.gpu[float(labels["le"])] = value
-                elif name == "pygpukit_task_queue_wait_seconds_bucket":
-                    ctx.wait[float(labels["le"])] = value
+            elif name in _DEVICE_VALUES:
+                setattr(snap, _DEVICE_VALUES[name], value)
             elif name == "pygpukit_device_info":
                 snap.device = f"{labels['name']} ({labels['backend']}, device {labels['device']})"
-            elif name == "pygpukit_device_memory_managed_bytes":
-                snap.managed = value
-            elif name == "pygpukit_device_memory_available_bytes":
-                snap.available = value
-            elif name == "pygpukit_completions_total":
-                snap.completions = value
-            elif name == "pygpukit_device_faults_total":
-                snap.faults = value
     snap.contexts = dict(contexts)
     return snap
 
