@@ -1,10 +1,10 @@
 """Histograms the hot paths can afford: fixed bucket bounds, one bisect and two additions
 per observation, read whole by whoever asks (the Prometheus collector, ``pygpukit top``).
 
-Counts are kept without a lock, as the runtime's other per-context counters are: each
-histogram is written by the thread that finishes its context's tasks (or runs its
-pipeline), so two writers meet only when a device error and a completion finish tasks of
-one context at the same moment, and then one observation may be lost.
+Counts are kept without a lock, as the runtime's other per-context counters are: a
+context's tasks finish on the thread that drains completions, and only now and then
+elsewhere (a task run inline on the loop thread, one failed by the watchdog or at launch),
+so two writers rarely meet; when they do, one observation may be lost.
 """
 
 from __future__ import annotations

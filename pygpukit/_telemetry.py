@@ -40,8 +40,9 @@ def _is_cancellation(exc: BaseException) -> bool:
     return type(exc).__name__ == "Cancelled" and type(exc).__module__.startswith("trio")
 
 
-def start_task_span(task: Any) -> Any:
-    """A span for one ``submit`` (call only while :data:`tracer` is set)."""
+def start_task_span(tracer: Any, task: Any) -> Any:
+    """A span for one ``submit``, from ``tracer`` (:data:`tracer`, read once by the
+    caller)."""
     return tracer.start_span(
         "pygpukit.submit",
         attributes={

@@ -96,6 +96,80 @@ def test_a_model_pool_refuses_guaranteed_models() -> None:
         ModelPool(rt, lambda model_id: None, max_vram=MiB, qos=QoSPolicy.GUARANTEED)
 
 
+MODEL_BYTES = 40 * MiB  # three fit in a 128 MiB share; a fourth pages one out
+
+
+def _weights(xp: Any, model_id: str) -> Any:
+    seed = int.from_bytes(hashlib.sha256(model_id.encode()).digest()[:4], "little")
+    values = np.random.default_rng(seed).random(MODEL_BYTES // 4, dtype=np.float32)
+    out = xp.empty(values.shape, dtype=np.float32)
+    out[...] = values
+    return out
+
+
+def test_a_model_pool_pages_the_least_recently_used_out_and_back() -> None:
+    async def main() -> None:
+        with Runtime(backend="host", vram_limit=128 * MiB) as rt:
+            pool = ModelPool(rt, lambda m: _weights(rt.xp, m), max_vram=MODEL_BYTES + MiB)
+
+            async def digest(model_id: str) -> str:
+                loaded = await pool.get(model_id)
+                async with loaded.session() as weights:
+                    return hashlib.sha256(np.asarray(weights).tobytes()).hexdigest()
+
+            first = {m: await digest(m) for m in "abc"}
+            await digest("d")
+            assert pool.resident() == {"a": False, "b": True, "c": True, "d": True}
+            assert await digest("a") == first["a"]
+            assert pool.resident() == {"b": False, "c": True, "d": True, "a": True}
+            # a model in use is not paged out for another: c stays while its block runs
+            c = await pool.get("c")
+            async with c.session():
+                assert await digest("b") == first["b"]
+                assert pool.resident()["c"]
+            await pool.unload("b")
+            assert "b" not in pool and "model-b" not in {x.name for x in rt.contexts}
+            loaded = await pool.get("d")
+            await pool.unload("d")
+            with pytest.raises(InvalidArgument, match="was unloaded"):
+                async with loaded.session():
+                    pass
+
+    from pygpukit import InvalidArgument
+
+    asyncio.run(main())
+
+
+class _Local(Replica):
+    def setup(self, rt: Runtime) -> None:
+        rt.create_context("g", MiB, qos=QoSPolicy.GUARANTEED)
+
+
+def test_autoscaling_stats_count_waits_per_window_and_survive_a_destroyed_context() -> None:
+    async def main() -> None:
+        replica = _Local()  # outside Ray: the whole (host) device
+        try:
+            ctx = replica.runtime.get_context("g")
+            for _ in range(5):
+                await ctx.submit(time.sleep, 0.001)
+            stats = replica.record_autoscaling_stats()
+            assert stats["GUARANTEED_queued"] == 0 and stats["GUARANTEED_wait_p99_s"] >= 0
+            ctx.close()  # its counts go with it; a new one starts from nothing
+            again = replica.runtime.create_context("g", MiB, qos=QoSPolicy.GUARANTEED)
+            from pygpukit.runtime import Dispatcher, DispatcherConfig
+
+            assert isinstance(replica.runtime.policy, Dispatcher)
+            replica.runtime.policy.config = DispatcherConfig(context_in_flight=1)
+            await asyncio.gather(*(again.submit(time.sleep, 0.02) for _ in range(4)))
+            stats = replica.record_autoscaling_stats()
+            assert stats["GUARANTEED_wait_p99_s"] >= 0.02  # the last of four waited 3 x 20 ms
+            assert replica.record_autoscaling_stats()["GUARANTEED_wait_p99_s"] == 0.0
+        finally:
+            del replica
+
+    asyncio.run(main())
+
+
 # -- on a local cluster ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
@@ -151,17 +225,6 @@ def test_a_replica_over_its_share_is_refused_while_its_neighbour_goes_on(cluster
     assert usage["hog"]["refusals"] == 1 and usage["hog"]["held"] == share * 3 // 4
     serve.delete("hog-a")
     serve.delete("hog-b")
-
-
-MODEL_BYTES = 40 * MiB  # three fit in a 128 MiB share; a fourth pages one out
-
-
-def _weights(xp: Any, model_id: str) -> Any:
-    seed = int.from_bytes(hashlib.sha256(model_id.encode()).digest()[:4], "little")
-    values = np.random.default_rng(seed).random(MODEL_BYTES // 4, dtype=np.float32)
-    out = xp.empty(values.shape, dtype=np.float32)
-    out[...] = values
-    return out
 
 
 class Zoo(Replica):

@@ -137,3 +137,19 @@ async def test_one_trace_at_a_time_and_bad_arguments(host_rt: Runtime) -> None:
     with pytest.raises(InvalidArgumentType, match="file path or None"):
         host_rt.trace(3)  # type: ignore[arg-type]
     assert host_rt.tasks.device_clock is None and not host_rt.tasks.listeners
+
+
+async def test_a_clock_that_fails_leaves_no_task_waiting(host_rt: Runtime) -> None:
+    class Broken:
+        def at(self, event: Any) -> float:
+            raise RuntimeError("the device went away")
+
+    ctx = host_rt.create_context("untimed", MiB)
+    host_rt.tasks.device_clock = Broken()  # type: ignore[assignment]
+    try:
+        with anyio.fail_after(10):
+            assert await ctx.submit(lambda: 7) == 7
+    finally:
+        host_rt.tasks.device_clock = None
+    u = ctx.usage()
+    assert (u.tasks, u.in_flight, u.gpu_time_s) == (1, 0, 0.0)

@@ -222,10 +222,11 @@ class _InFlight:
             await self.app(scope, receive, send)
             return
         self.owner.in_flight += 1
-        # a caller's trace continues into the request's pipeline runs and tasks (when
-        # instrumented: pygpukit.observe.instrument)
-        trace = attach_remote_parent(scope.get("headers") or [])
+        trace = None
         try:
+            # a caller's trace continues into the request's pipeline runs and tasks (when
+            # instrumented: pygpukit.observe.instrument)
+            trace = attach_remote_parent(scope.get("headers") or [])
             await self.app(scope, receive, send)
         finally:
             if trace is not None:

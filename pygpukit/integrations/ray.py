@@ -55,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
         "pip install 'pygpukit-async[ray]'"
     ) from exc
 
+import anyio
 from pydantic import BaseModel, Field
 
 from .._exceptions import InvalidArgument, InvalidArgumentType, VRAMBudgetExceeded
@@ -117,13 +118,14 @@ def request_meta(
 
 
 def gpu_fraction() -> float | None:
-    """The GPU fraction Ray assigned to the calling replica (its ``num_gpus``), or ``None``
-    outside Ray or without a GPU assigned."""
+    """The share of one GPU Ray assigned to the calling replica (its ``num_gpus``, at most
+    1: a replica of several GPUs has all of the one its runtime uses), or ``None`` outside
+    Ray or without a GPU assigned."""
     if not ray.is_initialized():
         return None
     assigned = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]
     share = assigned.get("GPU")
-    return float(share) if share else None
+    return min(1.0, float(share)) if share else None
 
 
 class Replica:
@@ -155,7 +157,7 @@ class Replica:
             raise
         self._reporter: asyncio.Task[None] | None = None
         self._gauges: dict[str, Any] | None = None
-        self._last_waits: dict[str, list[tuple[float, int]]] = {}
+        self._last_waits: dict[ExecutionContext, list[tuple[float, int]]] = {}
 
     def setup(self, runtime: Runtime) -> Mapping[str, Pipeline] | None:
         """Create the replica's contexts and pipelines; return the pipelines by name."""
@@ -190,25 +192,26 @@ class Replica:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Per tier, tasks queued and in flight now, and the p99 queue wait (seconds) of
-        the tasks that launched since the last call — for Ray Serve's custom autoscaling
+        the tasks that finished since the last call — for Ray Serve's custom autoscaling
         policies (``AutoscalingConfig(policy=...)``), keyed ``"<TIER>_queued"``,
         ``"<TIER>_in_flight"``, ``"<TIER>_wait_p99_s"``."""
         stats: dict[str, float] = {}
-        waits: dict[str, dict[float, int]] = {}
+        windows: dict[str, dict[float, int]] = {}  # tier -> bound -> waits since last call
+        last, self._last_waits = self._last_waits, {}
         for ctx in self.runtime.contexts:
             u, tier = ctx.usage(), ctx.qos.name
             stats[f"{tier}_queued"] = stats.get(f"{tier}_queued", 0.0) + u.queued
             stats[f"{tier}_in_flight"] = stats.get(f"{tier}_in_flight", 0.0) + u.in_flight
-            waited, _ = ctx.task_histograms()
-            merged = waits.setdefault(tier, {})
-            for bound, n in waited.cumulative():
-                merged[bound] = merged.get(bound, 0) + n
-        for tier, merged in waits.items():
-            now = sorted(merged.items())
-            before = dict(self._last_waits.get(tier, []))
-            window = [(b, n - before.get(b, 0)) for b, n in now]
-            self._last_waits[tier] = now
-            p99 = quantile(window, 0.99)
+            now = ctx.task_histograms()[0].cumulative()
+            # per context, by the context object: one destroyed (and one made again under
+            # its name) starts from nothing rather than going negative
+            before = dict(last.get(ctx, []))
+            self._last_waits[ctx] = now
+            window = windows.setdefault(tier, {})
+            for bound, n in now:
+                window[bound] = window.get(bound, 0) + max(0, n - before.get(bound, 0))
+        for tier, window in windows.items():
+            p99 = quantile(sorted(window.items()), 0.99)
             stats[f"{tier}_wait_p99_s"] = 0.0 if p99 is None else p99
         return stats
 
@@ -276,13 +279,19 @@ class LoadedModel:
     async def session(self) -> AsyncIterator[Any]:
         """``async with loaded.session() as model:`` — the model on the device, in its
         context's session (its stream and budget bound), for the block; the models used
-        longest ago are paged out first where it needs the room. Call it per request: an
-        object ``@serve.multiplexed`` cached is paged in here, not by the cache.
+        longest ago are paged out first where it needs the room (all the others, if that
+        was not enough). Call it per request: an object ``@serve.multiplexed`` cached is
+        paged in here, not by the cache. Paging runs on a worker thread, off the loop.
 
-        :raises VRAMBudgetExceeded: it does not fit even with every other model paged out
+        :raises VRAMBudgetExceeded: it does not fit even with every other model not in use
+            paged out
         """
-        await self._pool._page_in(self)
-        async with context_session(self.context):
+        pool = self._pool
+        async with contextlib.AsyncExitStack() as stack:
+            async with pool._lock:  # no other request pages models meanwhile
+                await pool._page_in(self)
+                # entered before the lock goes: a session pins the model on the device
+                await stack.enter_async_context(context_session(self.context))
             yield self.model
 
     @property
@@ -357,7 +366,7 @@ class ModelPool:
             if loaded is not None:
                 self._models.move_to_end(model_id)
                 return loaded
-            self._make_room(self.max_vram, keep=model_id)
+            await self._make_room(self.max_vram, keep=model_id)
             ctx = self.runtime.create_context(f"model-{model_id}", self.max_vram, qos=self.tier)
             try:
                 handle = await self._load(ctx, model_id)
@@ -368,43 +377,66 @@ class ModelPool:
             return loaded
 
     async def _page_in(self, loaded: LoadedModel) -> None:
-        async with self._lock:
-            if self._models.get(loaded.model_id) is not loaded:
-                raise InvalidArgument(
-                    f"model {loaded.model_id!r} was unloaded from this pool; get() it again"
-                )
-            self._models.move_to_end(loaded.model_id)
-            if not loaded.on_device:
-                self._make_room(loaded.nbytes, keep=loaded.model_id)
+        """Bring ``loaded`` back if it was paged out (call with the lock held)."""
+        if self._models.get(loaded.model_id) is not loaded:
+            raise InvalidArgument(
+                f"model {loaded.model_id!r} was unloaded from this pool; get() it again"
+            )
+        self._models.move_to_end(loaded.model_id)
+        if loaded.on_device:
+            return
+        for attempt in (1, 2):
+            # room first (the models used longest ago), then the copy back, both off the
+            # event loop: they synchronize streams and copy whole models
+            await self._make_room(loaded.nbytes if attempt == 1 else None, keep=loaded.model_id)
+            try:
+                await anyio.to_thread.run_sync(_enter_and_leave, loaded.context)
+                return
+            except VRAMBudgetExceeded:
+                if attempt == 2:
+                    raise
 
     async def _load(self, ctx: ExecutionContext, model_id: str) -> Any:
         for attempt in (1, 2):
             try:
-                async with context_session(ctx):
-                    return ctx.evictable(self.load(model_id))
+                return await anyio.to_thread.run_sync(self._load_here, ctx, model_id)
             except VRAMBudgetExceeded:
                 # the estimate was short (another context grew meanwhile): page out every
                 # other model, then try once more
-                if attempt == 2 or not self._make_room(None, keep=model_id):
+                if attempt == 2 or not await self._make_room(None, keep=model_id):
                     raise
         raise AssertionError("unreachable")
 
-    def _make_room(self, need: int | None, *, keep: str) -> int:
+    def _load_here(self, ctx: ExecutionContext, model_id: str) -> Any:
+        with context_session(ctx):  # this worker thread's session: charged to ctx
+            return ctx.evictable(self.load(model_id))
+
+    async def _make_room(self, need: int | None, *, keep: str) -> int:
         """Page out models, least recently used first, until ``need`` bytes are free (all of
-        them but ``keep`` with ``None``); returns the bytes freed."""
+        them but ``keep`` with ``None``); returns the bytes freed. Models in use are kept."""
+        return await anyio.to_thread.run_sync(self._make_room_here, need, keep)
+
+    def _make_room_here(self, need: int | None, keep: str) -> int:
         freed = 0
         for model_id, loaded in list(self._models.items()):
             if need is not None and self.runtime.available_vram() >= need:
                 break
             if model_id != keep and loaded.on_device:
-                freed += loaded.context.evict()
+                freed += loaded.context.evict()  # 0 while a request uses it
         return freed
 
-    def unload(self, model_id: str) -> None:
-        """Forget a model and destroy its context."""
-        loaded = self._models.pop(model_id, None)
-        if loaded is not None:
-            loaded.context.close()
+    async def unload(self, model_id: str) -> None:
+        """Forget a model and destroy its context (after the pool's other work: do not
+        unload a model a request is using)."""
+        async with self._lock:
+            loaded = self._models.pop(model_id, None)
+            if loaded is not None:
+                loaded.context.close()
+
+
+def _enter_and_leave(ctx: ExecutionContext) -> None:
+    with context_session(ctx):  # entering the context brings its buffers back
+        pass
 
 
 def remote_stage(

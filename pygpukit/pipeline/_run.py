@@ -137,8 +137,9 @@ class _Run:
         self.stats = stats_for(plan.name)
         self.ended = False  # its outcome is counted (and its span ended)
         self.span: Any = None
-        if _telemetry.tracer is not None:
-            self.span = _telemetry.tracer.start_span(
+        self.tracer = _telemetry.tracer  # read once: spans may be turned off meanwhile
+        if self.tracer is not None:
+            self.span = self.tracer.start_span(
                 "pygpukit.pipeline",
                 attributes={
                     "pygpukit.pipeline": plan.name,
@@ -264,7 +265,7 @@ class _Run:
         stage nest in it), a child of the run's span."""
         from opentelemetry import trace
 
-        return _telemetry.tracer.start_as_current_span(  # type: ignore[no-any-return]
+        return self.tracer.start_as_current_span(  # type: ignore[no-any-return]
             "pygpukit.stage",
             context=trace.set_span_in_context(self.span),
             attributes={

@@ -54,7 +54,8 @@ class ContextUsage:
         cancelled, or the context destroyed)
     :ivar expired: tasks whose deadline passed before they could launch
     :ivar queue_full: ``submit`` calls refused with :class:`~pygpukit.QueueFull`
-    :ivar evictions: buffers spilled to host memory to make room for another context
+    :ivar evictions: buffers spilled to host memory (to make room for another context,
+        or by :meth:`ExecutionContext.evict`)
     :ivar evicted_bytes: the bytes those spills freed on the device
     :ivar restores: spilled buffers brought back
     :ivar refusals: allocations refused with :class:`~pygpukit.VRAMBudgetExceeded`

@@ -380,11 +380,12 @@ class _Launcher:
         if device_error is None:
             try:
                 gpu_ms = start.elapsed_ms(end)
-            except Exception:
+                clock = self.runner.device_clock  # set while a trace records (_trace.py)
+                if clock is not None:
+                    task.t_gpu_start = clock.at(start)
+                    task.t_gpu_end = task.t_gpu_start + gpu_ms / 1e3
+            except Exception:  # the task is finished all the same, untimed
                 gpu_ms = 0.0
-            clock = self.runner.device_clock  # set while a trace records (_trace.py)
-            if clock is not None:
-                task.t_gpu_start, task.t_gpu_end = clock.at(start), clock.at(end)
             self._events += (start, end)  # both complete: safe to record again
             _note(self._gpu_s, task.cost_key, gpu_ms / 1e3)  # for _quick
         self._finish(task, box, box.error or device_error, gpu_ms=gpu_ms)
@@ -478,6 +479,7 @@ class TaskRunner:
     def _launch(self, task: Task) -> None:
         ctx = task.context
         if ctx.state is ContextState.CLOSED:  # destroyed between submit() and launch
+            ctx._stats.cancelled += 1  # never ran: as a task its destroy_context took out
             self.policy.finished(task, None, ContextClosed(ctx.name))
             return
         launcher = self._launchers.get(ctx)
@@ -518,7 +520,8 @@ class TaskRunner:
         task = Task(ctx, ctx.qos, fn, args, kwargs, priority, deadline, one.set)
         if self.inlines:
             task.cost_key = _cost_key(fn)  # once: the launch and the launcher both use it
-        span = None if _telemetry.tracer is None else _telemetry.start_task_span(task)
+        tracer = _telemetry.tracer  # read once: another thread may turn spans off
+        span = None if tracer is None else _telemetry.start_task_span(tracer, task)
         stats = ctx._stats
         self._local.submitting = task
         try:

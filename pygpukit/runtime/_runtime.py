@@ -51,9 +51,9 @@ class Runtime:
     :param vram_limit: bytes the runtime may hand out; by default the device's free memory
         at start (less 256 MiB of headroom on CUDA)
     :param vram_share: instead of ``vram_limit``, the share of the device's *total* memory
-        the runtime may hand out (``0 < share <= 1``; at most what is free at start): what
-        one of several processes sharing a GPU gets, e.g. a Ray Serve replica's
-        ``num_gpus`` fraction
+        (less the 256 MiB of headroom on CUDA) the runtime may hand out (``0 < share <=
+        1``; at most what is free at start): what one of several processes sharing a GPU
+        gets, e.g. a Ray Serve replica's ``num_gpus`` fraction
     :param bridge: the completion bridge (the process-wide one by default)
     :param policy: decides when submitted tasks launch; by default a
         :class:`~pygpukit.runtime.Dispatcher` (one queue by tier, priority, arrival; caps;
@@ -96,8 +96,9 @@ class Runtime:
             self.backend.close()  # nothing else is made yet
             raise
         free, total = self.backend.mem_get_info()
-        if vram_share is not None:
-            vram_limit = int(total * vram_share)
+        if vram_share is not None:  # of what a runtime may use: the headroom stays out
+            usable = total - CUDA_HEADROOM if self.backend.name == "cuda" else total
+            vram_limit = int(max(0, usable) * vram_share)
         if vram_limit is None:
             capacity = free - CUDA_HEADROOM if self.backend.name == "cuda" else free
         else:
@@ -352,7 +353,8 @@ class Runtime:
         (:meth:`Trace.chrome`). At most ``max_tasks`` are kept, the oldest dropped first.
         Recording costs each task two event reads.
 
-        :raises InvalidArgument: a trace is already recording on this runtime
+        :raises InvalidArgument: a trace is already recording on this runtime (when the
+            ``with`` block is entered)
         """
         self._check_open()
         return Trace(self.tasks, self.backend, self.device, path, max_tasks)

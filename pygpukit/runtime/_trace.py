@@ -4,9 +4,12 @@ Each task already records an event on its context's stream before its function r
 one after the work it enqueued (that is how its GPU time is measured). CUDA events say how
 far apart two of them are, not when either ran, so a trace starts by recording one *origin*
 event on a stream of its own, waiting for it, and reading the policy's clock: from then on
-an event's time is the origin's plus the device time between the two. The times are on the
-clock the tasks' queue times are on, so one file shows a task's wait and its GPU work; they
-read late by as long as the wait for the origin took to return (microseconds).
+a task's start is the origin's time plus the device time between the two, and its end its
+start plus its GPU time (read from its own two events). The times are on the clock the
+tasks' queue times are on, so one file shows a task's wait and its GPU work; they read late
+by as long as the wait for the origin took to return (microseconds). CUDA reports elapsed
+time as a 32-bit float of milliseconds, so a start read far from the origin is coarse —
+about 8 µs after 100 s, 0.25 ms after an hour — while each duration stays exact.
 
 Recording costs the launcher two elapsed-time reads per task and the listener one tuple
 appended to a bounded buffer; the JSON is built when the trace ends.
@@ -56,6 +59,9 @@ class DeviceClock:
         finally:
             stream.close()
         self._origin = origin
+
+    def close(self) -> None:
+        self._origin.close()
 
     def at(self, event: Any) -> float:
         """The time ``event`` (timing, recorded after the origin, complete) completed."""
@@ -127,8 +133,10 @@ class Trace:
             return
         self._open = False
         runner = self._runner
-        runner.device_clock = None
+        clock, runner.device_clock = runner.device_clock, None
         runner.listeners.remove(self._record)
+        if clock is not None:
+            clock.close()
         if self.path is not None:
             self.path.write_text(json.dumps(self.chrome()))
 
