@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 from clocks import FakeClock
@@ -12,6 +15,18 @@ from pygpukit import scheduler
 from pygpukit.runtime import Runtime
 
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example(relative: str, name: str) -> ModuleType:
+    """Import the example file ``ROOT/relative`` as module ``name`` (registered in
+    ``sys.modules``: dataclasses and pickling look a module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _gpu() -> bool:

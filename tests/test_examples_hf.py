@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_example
 
 from pygpukit.runtime import QoSPolicy, Runtime
 
@@ -14,9 +15,6 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
     reason="torch and transformers are not installed",
 )
-
-
-SERVER = Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "server.py"
 
 
 @pytest.fixture
@@ -71,10 +69,7 @@ async def test_the_example_server_serves_the_transformers_models(
     import httpx
 
     monkeypatch.setenv("PYGPUKIT_BACKEND", "host")
-    spec = importlib.util.spec_from_file_location("example_server_hf", SERVER)
-    assert spec is not None and spec.loader is not None
-    server = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(server)
+    server = load_example("examples/pipelines/server.py", "example_server_hf")
     app = server.create_app(models="hf")
     transport = httpx.ASGITransport(app=app)
     async with (

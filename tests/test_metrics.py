@@ -3,7 +3,6 @@ move with the work done, and what a scrape costs."""
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import threading
 import time
@@ -15,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import load_example
 from pydantic import BaseModel
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -41,7 +41,6 @@ from pygpukit.runtime import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.anyio
-SERVER = Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "server.py"
 DASHBOARD = Path(__file__).resolve().parents[1] / "examples" / "grafana" / "pygpukit-dashboard.json"
 MiB = 1 << 20
 CTX = {"context", "tier", "device", "partition"}
@@ -101,11 +100,7 @@ def ctx_labels(ctx: Any) -> dict[str, str]:
 
 
 def _server_module() -> Any:
-    spec = importlib.util.spec_from_file_location("example_server_metrics", SERVER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("examples/pipelines/server.py", "example_server_metrics")
 
 
 async def test_the_example_servers_metrics_parse_agree_with_usage_and_count_requests(

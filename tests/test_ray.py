@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import load_example
 from pydantic import BaseModel
 
 from pygpukit import PipelineValidationError, QoSPolicy, VRAMBudgetExceeded
@@ -34,7 +33,6 @@ from pygpukit.integrations.ray import (  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 MiB = 1 << 20
 HOST_VRAM = 256 * MiB  # each replica's "device"; half of it is a 0.5-GPU replica's share
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ray" / "assistant.py"
 
 
 # -- without a cluster ------------------------------------------------------------------
@@ -267,11 +265,7 @@ def test_a_multiplexed_model_is_paged_out_and_restored_bit_exact(cluster: None) 
 
 
 def test_the_example_serves_two_tiers_across_two_deployments(cluster: None) -> None:
-    spec = importlib.util.spec_from_file_location("ray_assistant_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = load_example("examples/ray/assistant.py", "ray_assistant_example")
     ray.cloudpickle.register_pickle_by_value(example)
     options = {"ray_actor_options": {"num_gpus": 0.5, "num_cpus": 0}}
     speaker = serve.deployment(example.Speaker, **options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import load_example
 
 from pygpukit.runtime import DispatcherConfig
 
@@ -29,11 +29,7 @@ def anyio_backend() -> str:  # FastAPI/starlette run on asyncio here
 
 
 def _server_module() -> Any:
-    spec = importlib.util.spec_from_file_location("example_server", SERVER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("examples/pipelines/server.py", "example_server")
 
 
 async def _client(app: Any, *, raise_errors: bool = True) -> Any:

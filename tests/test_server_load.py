@@ -3,25 +3,17 @@ at once (streams dropped mid-way, malformed bodies), on 127.0.0.1 only."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-LOAD = Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "load.py"
+from conftest import load_example
 
 
 def _load_module() -> Any:
-    spec = importlib.util.spec_from_file_location("example_load", LOAD)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_example("examples/pipelines/load.py", "example_load")
 
 
 @pytest.mark.slow
