@@ -46,10 +46,6 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper bound, observations at most it)`` per bucket, ``inf`` last."""
         return list(zip(self.edges, accumulate(self.counts), strict=True))

@@ -13,7 +13,11 @@ from typing import Any
 
 from ._exceptions import DeadlineExceeded, QueueFull
 
-__all__ = ("end_span", "end_task_span", "outcome", "start_task_span", "tracer")
+__all__ = ("OUTCOMES", "end_span", "end_task_span", "outcome", "start_task_span", "tracer")
+
+#: how a task or a pipeline run can end: what :func:`outcome` answers, and the metrics'
+#: ``outcome`` label
+OUTCOMES = ("ok", "failed", "cancelled", "deadline_exceeded", "queue_full")
 
 #: an ``opentelemetry.trace.Tracer`` while instrumented, else ``None``
 tracer: Any = None

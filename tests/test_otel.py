@@ -65,9 +65,7 @@ async def second(inp: Num) -> Half:
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrument(provider)
+    instrument(_provider_of(exporter))
     try:
         yield exporter
     finally:
@@ -178,13 +176,18 @@ def _provider_of(exporter: InMemorySpanExporter) -> Any:
     return provider
 
 
-async def test_nothing_is_traced_until_instrumented() -> None:
+async def test_nothing_is_traced_until_instrumented_or_once_uninstrumented() -> None:
     assert not instrumented() and _telemetry.tracer is None
     exporter = InMemorySpanExporter()
+    instrument(_provider_of(exporter))
     with _runtime() as rt:
         pipe = Pipeline.chain("otel-off", first, second, runtime=rt).build()
         await pipe.run({"x": 1})
-    assert exporter.get_finished_spans() == ()
+        assert len(exporter.get_finished_spans()) == 5  # a run, two stages, two submits
+        uninstrument()
+        assert not instrumented()
+        await pipe.run({"x": 1})
+    assert len(exporter.get_finished_spans()) == 5  # none more
 
 
 @pytest.fixture

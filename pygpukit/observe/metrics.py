@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from .._exceptions import InvalidArgument, InvalidArgumentType
 from .._stats import Histogram
+from .._telemetry import OUTCOMES
 from ..pipeline import pipeline_statistics
 from ..runtime import HealthState, Runtime
 
@@ -62,8 +63,6 @@ __all__ = (
 #: the exposition format :func:`render` writes
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: how a task or a pipeline run can end (the ``outcome`` label)
-OUTCOMES = ("ok", "failed", "cancelled", "deadline_exceeded", "queue_full")
 
 _CTX = ("context", "tier", "device", "partition")
 

@@ -143,18 +143,20 @@ class Trace:
     def _record(self, task: Task) -> None:  # on the thread that finishes tasks
         ctx = task.context
         self._seen += 1
+        if task.t_gpu_end:
+            start, end = task.t_gpu_start - self._t0, task.t_gpu_end - self._t0
+        else:  # no device times (its stream failed): the host's view instead
+            start, end = task.t_launched - self._t0, task.t_done - self._t0
         self._tasks.append(
             (
                 ctx.name,
+                getattr(task.fn, "__qualname__", type(task.fn).__name__),
+                start,
+                end,
                 ctx.qos,
                 ctx.stream.id,
-                getattr(task.fn, "__qualname__", type(task.fn).__name__),
                 task.priority,
-                task.t_queued,
-                task.t_launched,
-                task.t_gpu_start,
-                task.t_gpu_end,
-                task.t_done,
+                task.t_launched - task.t_queued,
                 task.gpu_ms,
                 task.state is TaskState.DONE,
             )
@@ -168,15 +170,12 @@ class Trace:
         events: list[dict[str, Any]] = [
             _meta("process_name", pid, 0, f"{device.name} ({device.backend}, device {pid})")
         ]
-        for task in list(self._tasks):
-            name, tier, stream, fn, priority, queued, launched, start, end, done, gpu_ms, ok = task
+        for name, fn, start, end, tier, stream, priority, waited, gpu_ms, ok in list(self._tasks):
             tid = rows.get(name)
             if tid is None:
                 tid = rows[name] = len(rows) + 1
                 events.append(_meta("thread_name", pid, tid, f"{name} ({tier.name})"))
                 events.append(_meta("thread_sort_index", pid, tid, tier.rank * 10_000 + tid))
-            if not end:  # no device times (its stream failed): the host's view instead
-                start, end = launched, done
             events.append(
                 {
                     "name": fn,
@@ -184,14 +183,14 @@ class Trace:
                     "ph": "X",
                     "pid": pid,
                     "tid": tid,
-                    "ts": round((start - self._t0) * 1e6, 3),
+                    "ts": round(start * 1e6, 3),
                     "dur": round(max(0.0, end - start) * 1e6, 3),
                     "args": {
                         "context": name,
                         "tier": tier.name,
                         "stream": stream,
                         "priority": priority,
-                        "queue_wait_ms": round((launched - queued) * 1e3, 4),
+                        "queue_wait_ms": round(waited * 1e3, 4),
                         "gpu_ms": round(gpu_ms, 4),
                         "outcome": "ok" if ok else "failed",
                     },
@@ -207,12 +206,7 @@ class Trace:
     def spans(self) -> list[tuple[str, str, float, float]]:
         """``(context, task, start, end)`` per recorded task, in seconds since the trace
         began (device times where known)."""
-        out = []
-        for name, _t, _s, fn, _p, _q, launched, start, end, done, _g, _ok in list(self._tasks):
-            if not end:
-                start, end = launched, done
-            out.append((name, fn, start - self._t0, end - self._t0))
-        return out
+        return [task[:4] for task in list(self._tasks)]
 
 
 def _meta(kind: str, pid: int, tid: int, value: object) -> dict[str, Any]:
