@@ -1,9 +1,10 @@
 """Builds the optional native parts: the completion bridge (pygpukit.runtime._cbridge) and
 the memory book with PyTorch's allocator on it (pygpukit.runtime._native).
 
-The extension is plain C with no CUDA headers: it finds ``cuLaunchHostFunc`` in the
-driver library at run time, so it compiles on machines without a GPU. If no C compiler is
-available the build goes on without it and pygpukit uses its pure-Python bridge.
+Both are plain C with no CUDA headers: they find the driver's functions in the driver
+library at run time, so they compile on machines without a GPU. If no C compiler is
+available the build goes on without them: pygpukit then uses its pure-Python bridge and a
+Python memory book, and PyTorch's allocations are not charged to contexts.
 """
 
 import sys

@@ -142,3 +142,46 @@ def test_native_and_python_arenas_agree_on_random_operations() -> None:
                 taken.append((offset, n))
         assert arenas[0].used == arenas[1].used
         assert arenas[0].largest_free == arenas[1].largest_free
+
+
+def _has_gpu() -> bool:
+    from conftest import CUDA
+
+    return CUDA
+
+
+@pytest.mark.skipif(native is None, reason="the native extension is not built")
+@pytest.mark.skipif(_has_gpu(), reason="checks the refusals a machine without a driver gives")
+def test_pytorchs_allocator_entry_points_refuse_with_the_reason_and_charge_nothing() -> None:
+    """PyTorch calls these two C functions; without a GPU every allocation is refused, each
+    for its reason, which the thread can read once."""
+    import ctypes
+
+    lib = ctypes.CDLL(native.__file__)
+    alloc, free = lib.pygpukit_torch_alloc, lib.pygpukit_torch_free
+    alloc.restype, alloc.argtypes = (
+        ctypes.c_void_p,
+        [ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p],
+    )
+    free.restype = None
+    free.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    book = native.Book(100 * MiB)
+    a = book.open(10 * MiB, 0, 0)
+    assert alloc(MiB, 0, None) is None
+    assert native.last_refusal()[0] == 4  # unbound: this thread charges no account
+    assert native.last_refusal() is None  # read once
+    token = native.bind(book, a)
+    try:
+        assert alloc(11 * MiB, 0, None) is None
+        assert native.last_refusal() == (1, 11 * MiB, a)  # over its budget
+        assert alloc(MiB, 0, None) is None
+        assert native.last_refusal() == (3, MiB, a)  # the device (no driver) refused it
+        held, peak = book.state(a)[:2]
+        assert held == 0  # charged, then given back when the device refused
+        assert peak == MiB  # the charge came first
+        book.close(a)
+        assert alloc(MiB, 0, None) is None
+        assert native.last_refusal() == (2, MiB, a)  # its context is closed
+        free(None, 0, 0, None)  # PyTorch may free a null block: nothing happens
+    finally:
+        native.unbind(token)

@@ -216,12 +216,16 @@ static int64_t over(int64_t held, int64_t reserved) {
     return held > reserved ? held - reserved : 0;
 }
 
-/* What account i could still get (call with the lock held). */
-int64_t available_locked(book_t *b, int i) {
-    account_t *a = &b->acc[i];
+/* Memory no reservation holds and no burst uses (call with the lock held). */
+static int64_t shared_free_locked(const book_t *b) {
     int64_t shared = b->capacity - b->reserved_total - b->shared_used;
-    if (shared < 0)
-        shared = 0;
+    return shared > 0 ? shared : 0;
+}
+
+/* What account i could still get (call with the lock held). */
+static int64_t available_locked(book_t *b, int i) {
+    account_t *a = &b->acc[i];
+    int64_t shared = shared_free_locked(b);
     int64_t from_reservation = a->reserved > a->held ? a->reserved - a->held : 0;
     int64_t room = from_reservation + shared;
     int64_t budget = a->max_vram - a->held;
@@ -281,8 +285,13 @@ static size_t slot_of(CUdeviceptr p, size_t cap) {
     return (size_t)(h >> 17) & (cap - 1);
 }
 
+/* Rebuild the table for the blocks alive now, freed-slot markers dropped: sized from the
+ * live blocks, not from the old size, so a process that sees ever new addresses (with few
+ * alive at once) keeps a small table rather than doubling it at every rebuild. */
 static int blocks_grow(void) {
-    size_t cap = blocks_cap ? blocks_cap * 2 : 1024;
+    size_t cap = 1024;
+    while (cap < (blocks_live + 1) * 4)
+        cap *= 2;
     block_t *grown = calloc(cap, sizeof(block_t));
     if (!grown)
         return -1;
@@ -519,7 +528,7 @@ void book_close(book_t *b, int i) {
     pthread_mutex_lock(&b->lock);
     account_t *a = &b->acc[i];
     if (!a->closed) {
-        b->shared_used += over(a->held, 0) - over(a->held, a->reserved);
+        b->shared_used += a->held - over(a->held, a->reserved);
         b->reserved_total -= a->reserved;
         a->reserved = 0;
         a->closed = 1;
@@ -559,10 +568,9 @@ account_t book_state(book_t *b, int i) {
 
 void book_totals(book_t *b, int64_t *capacity, int64_t *reserved, int64_t *shared_free) {
     pthread_mutex_lock(&b->lock);
-    int64_t shared = b->capacity - b->reserved_total - b->shared_used;
     *capacity = b->capacity;
     *reserved = b->reserved_total;
-    *shared_free = shared > 0 ? shared : 0;
+    *shared_free = shared_free_locked(b);
     pthread_mutex_unlock(&b->lock);
 }
 

@@ -112,11 +112,6 @@ static PyObject *Arena_get_largest(ArenaObject *self, void *c) {
     return PyLong_FromLongLong(arena_largest(self->a));
 }
 
-static PyObject *Arena_get_base(ArenaObject *self, void *c) {
-    (void)c;
-    return PyLong_FromUnsignedLongLong(self->a->base);
-}
-
 static PyMethodDef Arena_methods[] = {
     {"take", (PyCFunction)Arena_take, METH_O,
      "take(n): the offset of n free bytes (smallest fitting range), or None"},
@@ -133,7 +128,6 @@ static PyGetSetDef Arena_getset[] = {
     {"used", (getter)Arena_get_used, NULL, "bytes taken", NULL},
     {"size", (getter)Arena_get_size, NULL, "bytes in all", NULL},
     {"largest_free", (getter)Arena_get_largest, NULL, "the longest free range", NULL},
-    {"base", (getter)Arena_get_base, NULL, "the block's device address (0: none)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from ..._exceptions import InvalidArgument, VRAMBudgetExceeded
+from ..._exceptions import BudgetReason, InvalidArgument, VRAMBudgetExceeded
 from ..._locks import BookkeepingLock
 from ._base import Grower, RawPool, Shrinker
 
@@ -100,7 +100,7 @@ class Arena:
 def fragmented(label: str | None, n: int, largest_free: int, size: int) -> VRAMBudgetExceeded:
     """The error for ``n`` bytes that a reservation's budget has room for but no free range
     of its arena does (``largest_free`` is the longest)."""
-    return VRAMBudgetExceeded(label, n, largest_free, size, "its reserved memory is fragmented")
+    return VRAMBudgetExceeded(label, n, largest_free, size, BudgetReason.FRAGMENTED)
 
 
 class ArenaPool(RawPool):
