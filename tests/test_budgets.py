@@ -19,8 +19,22 @@ from pygpukit import (
 )
 from pygpukit._locks import BookkeepingLock, give_back
 from pygpukit.lowlevel import PartitionConfig, PartitionLimits, PartitionManager
-from pygpukit.runtime import Runtime
+from pygpukit.runtime import Runtime, _book
 from pygpukit.runtime._backends._arena import Arena
+
+
+@pytest.fixture(params=["native book", "python book"], autouse=True)
+def book(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every budget test with the ledger on the C book and on its Python fallback (the
+    one used where the extension is not built; host backend only)."""
+    if request.param == "python book":
+        params = getattr(request.node, "callspec", None)
+        if params is not None and params.params.get("backend") == "cuda":
+            pytest.skip("the Python book is the fallback of machines without the extension")
+        monkeypatch.setattr(_book, "native", None)
+    elif _book.native is None:
+        pytest.skip("the native extension is not built")
+    return str(request.param)
 
 
 def test_allocation_past_max_vram_is_refused_after_asking_handlers(rt: Runtime) -> None:

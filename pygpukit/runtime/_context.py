@@ -253,16 +253,17 @@ class ExecutionContext:
         """Memory and activity now (see :class:`ContextUsage`)."""
         ledger = self._runtime.ledger
         a = self._account
+        held, peak, reserved, max_vram, base_vram, closed = a.state()  # one snapshot
         queued, in_flight = self._counts(self)
         return ContextUsage(
             name=self.name,
             used=self._pool.used_bytes(),
-            held=a.held,
-            peak=a.peak,
-            max=self.max_vram,
-            base=self.base_vram,
-            reserved=a.reserved,
-            available=0 if a.closed else ledger.available(a),
+            held=held,
+            peak=peak,
+            max=max_vram,
+            base=base_vram,
+            reserved=reserved,
+            available=0 if closed else ledger.available(a),
             sessions=self._stats.sessions,
             tasks=self._stats.tasks,
             failed=self._stats.failed,

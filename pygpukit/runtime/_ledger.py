@@ -49,6 +49,7 @@ class Account:
     __slots__ = (
         "_book",
         "charge_hook",
+        "closed",
         "id",
         "name",
         "owner",
@@ -70,6 +71,13 @@ class Account:
         self.charge_hook: Callable[[int], None] = _ignore  # partition memory limits
         self.release_hook: Callable[[int], None] = _ignore
         self.refusals = 0  # allocations refused with VRAMBudgetExceeded
+        #: set by Ledger.close, the one place an account is closed (read on every free,
+        #: so kept here rather than asked of the book)
+        self.closed = False
+
+    def state(self) -> tuple[int, int, int, int, int, bool]:
+        """``(held, peak, reserved, max_vram, base_vram, closed)`` read at once."""
+        return self._book.state(self.id)  # type: ignore[no-any-return]
 
     @property
     def held(self) -> int:
@@ -94,10 +102,6 @@ class Account:
     def base_vram(self) -> int:
         """Burstable: its reserved base."""
         return int(self._book.state(self.id)[4])
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._book.state(self.id)[5])
 
 
 class _Final:
@@ -192,6 +196,7 @@ class Ledger:
         """Release the account's reservation; bytes still held stay charged until freed."""
         with self._lock:
             self.book.close(account.id)
+            account.closed = True
             self._forget_idle()
 
     def _forget_idle(self) -> None:
