@@ -215,3 +215,19 @@ def test_cli_bench_runs_and_renders_in_one_command(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert page.read_text() == render(json.loads(out.read_text()))
+
+
+def test_torch_allocation_is_not_met_when_the_context_charged_nothing() -> None:
+    from pygpukit.benchmarks import torch_memory
+
+    run = {
+        "measured": True,
+        "size": 1 << 20,
+        "ours_us": 1.0,
+        "torch_us": 1.0,
+        "bind_us": 2.0,
+        "bind_streams_us": 1.0,
+        "charged_bytes": 0,  # PyTorch's allocator was not ours: both loops timed torch's
+    }
+    assert torch_memory.summary(run)[0].met is False
+    assert torch_memory.summary({**run, "charged_bytes": 2 << 20})[0].met is True

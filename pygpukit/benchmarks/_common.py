@@ -18,7 +18,16 @@ from typing import Any
 
 from ..runtime import Runtime, Stream
 
-__all__ = ("GcPauses", "Row", "bench_main", "busy_kernel", "noop_kernel", "pct", "utc_day")
+__all__ = (
+    "GcPauses",
+    "Row",
+    "bench_main",
+    "busy_kernel",
+    "noop_kernel",
+    "pct",
+    "per_call",
+    "utc_day",
+)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -27,6 +36,16 @@ def pct(xs: list[float], p: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def per_call(n: int, alloc: Any) -> float:
+    """Seconds per call of ``alloc()`` over ``n`` calls, what it returns dropped at once
+    (an allocate-and-free when it returns an array or a tensor)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a = alloc()
+        del a
+    return (time.perf_counter() - t0) / n
 
 
 def noop_kernel(rt: Runtime) -> Callable[[Stream], None]:

@@ -10,20 +10,10 @@ two alternate for 5 rounds each, and the best round of each is compared.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from ..runtime import QoSPolicy, Runtime, context_session
-from ._common import Row, bench_main
-
-
-def _time(n: int, alloc: Any) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        a = alloc()
-        del a
-    return (time.perf_counter() - t0) / n
-
+from ._common import Row, bench_main, per_call
 
 ROUNDS = 5  # interleaved: ours, raw, ours, raw, ... (best of each)
 
@@ -53,7 +43,7 @@ def run(backend: str, n: int, size: int) -> dict[str, Any]:
             def raw_round(count: int) -> float:
                 cupy.cuda.set_allocator(raw_pool.malloc)
                 try:
-                    return _time(count, plain)
+                    return per_call(count, plain)
                 finally:
                     rt.backend.install_router(rt._route)
 
@@ -63,14 +53,14 @@ def run(backend: str, n: int, size: int) -> dict[str, Any]:
             plain = lambda: np.empty(size, dtype=np.uint8)  # noqa: E731
 
             def raw_round(count: int) -> float:
-                return _time(count, plain)
+                return per_call(count, plain)
 
         with context_session(ctx):
-            _time(100, routed)  # warm both pools
+            per_call(100, routed)  # warm both pools
         raw_round(100)
         for _ in range(ROUNDS):  # drift in the machine's state hits both alike
             with context_session(ctx):
-                ours.append(_time(n, routed))
+                ours.append(per_call(n, routed))
             raw.append(raw_round(n))
         if rt.backend.name == "cuda":
             raw_pool.free_all_blocks()
