@@ -35,7 +35,9 @@ __all__ = (
     "Sentence",
     "build_assistant",
     "build_describe",
+    "describe_contexts",
     "describe_graph",
+    "request_priority",
     "save_assistant_weights",
     "tier_context",
 )
@@ -99,9 +101,24 @@ class Models:
         )
 
 
-def _submit_priority() -> int:
+def request_priority() -> int:
+    """The priority of the request the calling stage serves (0 outside a pipeline): what
+    its ``ctx.submit`` calls pass on."""
     request = current_request()
     return 0 if request is None else request.priority
+
+
+def describe_contexts(rt: Runtime, service: str, max_vram: int) -> dict[str, ExecutionContext]:
+    """The describe pipeline's contexts: ``<service>-llm`` Guaranteed, ``-vision`` and
+    ``-tts`` Burstable, each of ``max_vram``."""
+    return {
+        role: tier_context(rt, f"{service}-{role}", tier, max_vram)
+        for role, tier in (
+            ("llm", QoSPolicy.GUARANTEED),
+            ("vision", QoSPolicy.BURSTABLE),
+            ("tts", QoSPolicy.BURSTABLE),
+        )
+    }
 
 
 def tier_context(rt: Runtime, name: str, tier: QoSPolicy, max_vram: int) -> ExecutionContext:
@@ -155,14 +172,14 @@ def build_assistant(
             inp.prompt, inp.max_new_tokens, temperature=1.0, seed=seed, graph=True
         )
         while True:  # one launcher task per sentence: the loop stays free meanwhile
-            text = await llm_ctx.submit(next, sentences, None, priority=_submit_priority())
+            text = await llm_ctx.submit(next, sentences, None, priority=request_priority())
             if text is None:
                 return
             yield Sentence(text=text)
 
     @stage(f"{service}_tts", context=tts_ctx)
     async def speak(inp: Sentence) -> Audio:
-        samples = await tts_ctx.submit(tts.synthesize, inp.text, priority=_submit_priority())
+        samples = await tts_ctx.submit(tts.synthesize, inp.text, priority=request_priority())
         return Audio(text=inp.text, samples=samples, sample_rate=tts.config.sample_rate)
 
     return Pipeline.chain(service, generate, speak, runtime=rt).build()
@@ -173,14 +190,7 @@ def build_describe(
 ) -> Pipeline:
     """The seed's example: LLM and vision in parallel, then TTS on the combined text."""
     models = models or Models.small()
-    ctxs = {
-        role: tier_context(rt, f"{service}-{role}", tier, 256 << 20)
-        for role, tier in (
-            ("llm", QoSPolicy.GUARANTEED),
-            ("vision", QoSPolicy.BURSTABLE),
-            ("tts", QoSPolicy.BURSTABLE),
-        )
-    }
+    ctxs = describe_contexts(rt, service, 256 << 20)
     with context_session(ctxs["llm"]):
         lm = TinyLM(models.lm, xp=rt.xp, seed=1)
     with context_session(ctxs["vision"]):

@@ -20,6 +20,7 @@ neither until a builder runs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,12 @@ from .examples import (
     ImageRequest,
     Prompt,
     Sentence,
+    describe_contexts,
     describe_graph,
+    request_priority,
     tier_context,
 )
-from .pipeline import Pipeline, current_request, stage
+from .pipeline import Pipeline, stage
 from .runtime import ExecutionContext, QoSPolicy, Runtime, context_session
 
 __all__ = ("HFModels", "build_hf_assistant", "build_hf_describe", "save_hf_weights")
@@ -122,11 +125,6 @@ def _load(
         return model.to(_device(rt))
 
 
-def _priority() -> int:
-    request = current_request()
-    return 0 if request is None else request.priority
-
-
 def _ids(text: str, device: str) -> Any:
     import torch
 
@@ -175,6 +173,7 @@ class _Decoder:
         return _text(new.tolist())
 
 
+@functools.cache  # asked at every decode chunk; the installed transformers does not change
 def _cache_name() -> str:
     """What transformers calls the KV cache generate() continues from and returns:
     ``cache`` in 5.x releases that renamed it, ``past_key_values`` before."""
@@ -235,14 +234,14 @@ def build_hf_assistant(
     async def generate(inp: Prompt) -> AsyncIterator[Sentence]:
         decoder = _Decoder(lm, inp.prompt, inp.max_new_tokens)
         while True:  # one launcher task per sentence: the loop stays free meanwhile
-            text = await llm_ctx.submit(decoder.next, priority=_priority())
+            text = await llm_ctx.submit(decoder.next, priority=request_priority())
             if text is None:
                 return
             yield Sentence(text=text)
 
     @stage(f"{service}_hf_tts", context=tts_ctx)
     async def speak(inp: Sentence) -> Audio:
-        samples = await tts_ctx.submit(_speak, tts, inp.text, priority=_priority())
+        samples = await tts_ctx.submit(_speak, tts, inp.text, priority=request_priority())
         return Audio(text=inp.text, samples=samples, sample_rate=rate)
 
     return Pipeline.chain(service, generate, speak, runtime=rt).build()
@@ -258,14 +257,7 @@ def build_hf_describe(
     """The seed's example on transformers models: GPT-2 and ViT in parallel, then VITS on
     the combined text."""
     models = models or HFModels.small()
-    ctxs = {
-        role: tier_context(rt, f"{service}-{role}", tier, 512 << 20)
-        for role, tier in (
-            ("llm", QoSPolicy.GUARANTEED),
-            ("vision", QoSPolicy.BURSTABLE),
-            ("tts", QoSPolicy.BURSTABLE),
-        )
-    }
+    ctxs = describe_contexts(rt, service, 512 << 20)
     lm = _load(rt, ctxs["llm"], "lm", models, weights, 1)
     vit = _load(rt, ctxs["vision"], "vit", models, weights, 3)
     tts = _load(rt, ctxs["tts"], "tts", models, weights, 2)

@@ -30,10 +30,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pygpukit.examples import Models, Prompt, Sentence, tier_context
+from pygpukit.examples import Models, Prompt, Sentence, request_priority, tier_context
 from pygpukit.integrations.ray import Replica, RequestMeta, remote_stage, request_meta
 from pygpukit.models import TinyLM, TinyTTS
-from pygpukit.pipeline import Pipeline, current_request, stage
+from pygpukit.pipeline import Pipeline, stage
 from pygpukit.runtime import QoSPolicy, Runtime, context_session
 
 TIERS = {"interactive": QoSPolicy.GUARANTEED, "batch": QoSPolicy.BEST_EFFORT}
@@ -92,8 +92,7 @@ class Assistant(Replica):
 def _generate(name: str, ctx: Any, lm: TinyLM) -> Any:
     @stage(name, context=ctx)
     async def generate(inp: Prompt) -> AsyncIterator[Sentence]:
-        request = current_request()
-        priority = 0 if request is None else request.priority
+        priority = request_priority()
         sentences = lm.sentences(inp.prompt, inp.max_new_tokens, temperature=1.0, seed=7)
         while (text := await ctx.submit(next, sentences, None, priority=priority)) is not None:
             yield Sentence(text=text)

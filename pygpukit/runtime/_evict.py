@@ -170,7 +170,7 @@ class EvictableModule(_Handle):
         return self._module
 
     def release(self) -> None:
-        """Stop managing the module (it stays where it is now)."""
+        """Stop managing the module; an evicted one is brought back to the device first."""
         with self._owner._lock:
             self._owner._evictables.discard(self)
             if self.state is EvictableState.EVICTED:

@@ -373,7 +373,7 @@ class Runtime:
 
         if self.backend.name != "cuda":
             return False, "on the host backend PyTorch runs on the CPU"
-        if _torch.torch_ready(self.device.device_id) is None:
+        if _torch.torch_ready() is None:
             return False, _torch.why_not()
         return True, ""
 

@@ -363,7 +363,7 @@ class CudaBackend(Backend):
 
     def route_memory(self, stream: RawStream) -> object:
         memory = stream.memory if type(stream) is CudaStream else None
-        torch = torch_ready(self.device_id) if memory is not None else None
+        torch = torch_ready() if memory is not None else None
         if torch is None or memory is None:
             return None
         return (memory, memory.enter(torch))
@@ -380,7 +380,7 @@ class CudaBackend(Backend):
         ours = stream if type(stream) is CudaStream else None
         own = ours is not None
         torch: Any = sys.modules.get("torch")
-        governed = torch_ready(self.device_id) if torch is not None else None
+        governed = torch_ready() if torch is not None else None
         torch_on = governed is not None or (torch is not None and torch.cuda.is_initialized())
         # Several devices: binding our stream makes our device current (CuPy and PyTorch
         # allocate and launch there), and PyTorch's set_stream makes its stream's device
@@ -515,7 +515,7 @@ class CudaBackend(Backend):
             return mem
 
         token = self.bind_stream(stream)
-        torch = torch_ready(self.device_id) if stream.memory is not None else None
+        torch = torch_ready() if stream.memory is not None else None
         try:
             with contextlib.ExitStack() as scope:
                 scope.enter_context(translated())

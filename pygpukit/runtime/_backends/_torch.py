@@ -68,9 +68,10 @@ class _Process:
 _P = _Process()
 
 
-def torch_ready(device_id: int) -> Any:
+def torch_ready() -> Any:
     """The torch module if PyTorch is imported and its allocations can be charged, else
-    ``None`` (said once in the log, with the reason and the fix)."""
+    ``None`` (said once in the log, with the reason and the fix). Decided once per
+    process: the allocator and the out-of-memory observer serve every device."""
     torch = sys.modules.get("torch")
     if torch is None:
         return None
@@ -78,7 +79,7 @@ def torch_ready(device_id: int) -> Any:
         return _P.torch
     with _P.lock:
         if not _P.decided:
-            _P.torch = _govern(torch, device_id)
+            _P.torch = _govern(torch)
             _P.decided = True
     return _P.torch
 
@@ -88,7 +89,7 @@ def why_not() -> str:
     return _P.why_not
 
 
-def _govern(torch: Any, device_id: int) -> Any:
+def _govern(torch: Any) -> Any:
     reason = ""
     if native is None:
         reason = "pygpukit's native extension is not built (install it with a C compiler)"
