@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 
 def test_demo_runs_under_a_minute_and_writes_its_timeline(tmp_path: Path) -> None:
@@ -48,3 +51,28 @@ def test_demo_runs_under_a_minute_and_writes_its_timeline(tmp_path: Path) -> Non
     assert {e["tid"] for e in slices} == set(rows)
     assert all(e["dur"] >= 0 and e["args"]["context"] == rows[e["tid"]].split()[0] for e in slices)
     assert trace["otherData"]["pygpukit"]["tasks"] == len(slices)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+    reason="torch and transformers are not installed",
+)
+def test_the_torch_demo_serves_every_tier_on_transformers_models(tmp_path: Path) -> None:
+    from pygpukit.demo import run_demo
+
+    trace = tmp_path / "trace.json"
+    report = run_demo(
+        "host",
+        requests={"interactive": 1, "standard": 1, "batch": 1},
+        tokens=12,
+        trace=trace,
+        png=None,
+        torch=True,
+    )
+    assert {r["context"] for r in report.table} >= {
+        f"{s}-{role}" for s in ("interactive", "standard", "batch") for role in ("llm", "tts")
+    }
+    assert all(len(report.latency[s]) == 1 for s in ("interactive", "standard", "batch"))
+    assert all(report.audio_s[s] > 0 for s in ("interactive", "standard", "batch"))
+    slices = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["args"]["context"] for e in slices} >= {"interactive-llm", "batch-tts"}
