@@ -34,6 +34,8 @@ int load_driver(void) {
     pthread_mutex_lock(&cu_lock);
     if (!cu.loaded) {
         void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+        if (lib == NULL) /* as the completion bridge (_cbridge.c) finds it */
+            lib = dlopen("libcuda.so", RTLD_NOW | RTLD_GLOBAL);
         int ok = lib != NULL;
         if (ok) {
             cu.alloc_pool_async = dlsym(lib, "cuMemAllocFromPoolAsync");
